@@ -1,0 +1,29 @@
+# make smoke / make test bootstrap .venv on a fresh machine, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The PyTorch build to install; on another machine, e.g. make TORCH="torch torchvision --index-url ..."
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv smoke test lint clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+smoke: venv
+	$(BIN)/python -m pipeline.train configs/mini.yaml
+
+test: venv
+	$(BIN)/ruff check pipeline launch tests
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check pipeline launch tests
+
+clean:
+	rm -rf runs data/mini-imagenet

@@ -1,0 +1,250 @@
+"""The configuration schema, and loading it from YAML files and ``key=value`` words.
+
+Defaults live in the dataclasses below; a YAML recipe overrides them and command-line
+words override the recipe. Every mistake is reported as a ``ConfigError`` that names the
+key, where it came from, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from pipeline.models.densenet import MODEL_NAMES
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}"  # everything about a run lives here
+    seed: int = 0
+    resume: str = "auto"  # auto | never
+
+
+@dataclass
+class ModelConfig:
+    name: str = "densenet121"  # densenet121/161/169/201/264 or densenet_bc
+    num_classes: int = 1000
+    memory_efficient: bool = False  # recompute concat + BN-ReLU in backward: linear memory
+    drop_rate: float = 0.0
+    depth: int = 100  # densenet_bc only: L = 6n + 4
+    growth_rate: int = 12  # densenet_bc only: k
+
+
+@dataclass
+class GenerateConfig:
+    enabled: bool = False  # write a learnable synthetic JPEG tree at data.root if it is missing
+    train_per_class: int = 64
+    val_per_class: int = 16
+    min_side: int = 40
+    max_side: int = 96
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/imagenet"  # holds train/<class>/*.JPEG and val/<class>/*.JPEG
+    backend: str = "dali"  # dali | synthetic (random tensors made on the device)
+    image_size: int = 224
+    val_resize: int = 0  # shorter side before the centre crop; 0 = image_size * 256 / 224
+    workers: int = 4  # DALI CPU threads per rank
+    prefetch: int = 2  # DALI prefetch queue depth
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    synthetic_steps: int = 100  # steps per epoch with backend=synthetic
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    batch_size: int = 256  # GLOBAL batch, split evenly over ranks
+    precision: str = "bf16"  # bf16 | fp16 (with a grad scaler) | fp32
+    channels_last: bool = True
+    compile: bool = False
+    label_smoothing: float = 0.0
+    log_every_steps: int = 50
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # per 256 images; scaled linearly with train.batch_size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"  # step | cosine
+    milestones: list[int] = field(default_factory=lambda: [30, 60])  # epochs, for step
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from zero, then the schedule
+
+
+@dataclass
+class CheckpointConfig:
+    pass
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"
+
+
+@dataclass
+class SlurmConfig:
+    pass
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.resume": ("auto", "never"),
+    "model.name": MODEL_NAMES,
+    "data.backend": ("dali", "synthetic"),
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "schedule.name": ("step", "cosine"),
+    "tracking.backend": ("none",),
+}
+POSITIVE = (
+    "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",
+    "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
+    "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
+)
+NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
+                "model.drop_rate")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message meant for the person who made it."""
+
+
+def _schema_keys() -> dict[str, Any]:
+    """Every dotted key of the schema, with its default value."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = value
+
+    walk(OmegaConf.to_container(OmegaConf.structured(Config)), "")
+    return flat
+
+
+def _nearest_keys(key: str, valid: list[str]) -> list[str]:
+    leaf = key.rsplit(".", 1)[-1]
+    sections = sorted({v.rsplit(".", 1)[0] for v in valid if "." in v})
+    near = difflib.get_close_matches(key, valid + sections, n=3, cutoff=0.75)
+    # also the same or a similar name in another section (``epochs`` given at the top level, say)
+    near += [v for v in valid if difflib.SequenceMatcher(None, leaf, v.rsplit(".", 1)[-1]).ratio() >= 0.75]
+    return list(dict.fromkeys(near))[:5]
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    defaults = _schema_keys()
+    if isinstance(err, ConfigKeyError) or key not in defaults:
+        near = _nearest_keys(key, list(defaults))
+        hint = f"Did you mean: {', '.join(near)}?" if near else "See `--print-config` for every valid key."
+        return ConfigError(f"Unknown config key '{key}' in {source}. {hint}")
+    expected = type(defaults[key]).__name__ if defaults[key] is not None else "a value"
+    detail = str(err).splitlines()[0]
+    return ConfigError(f"Invalid value for '{key}' in {source}: {detail}. '{key}' expects {expected} "
+                       f"(default: {defaults[key]!r}).")
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+
+
+def _parse_overrides(words: list[str]) -> DictConfig:
+    for word in words:
+        if "=" not in word or word.startswith("="):
+            raise ConfigError(f"Command-line word '{word}' is not a 'key=value' override "
+                              "(for example train.epochs=10).")
+    try:
+        return OmegaConf.from_dotlist(words)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Could not parse the command-line overrides {words}: {err}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values the schema's types cannot: choices, ranges and relations between keys."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' is {value!r}; allowed values: {', '.join(allowed)}.")
+    for key in POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"'{key}' must be greater than 0, got {OmegaConf.select(cfg, key)!r}.")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be 0 or more, got {OmegaConf.select(cfg, key)!r}.")
+    if not 0 <= cfg.train.label_smoothing < 1:
+        raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}.")
+    if cfg.schedule.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"'schedule.warmup_epochs' ({cfg.schedule.warmup_epochs}) must be less than "
+                          f"'train.epochs' ({cfg.train.epochs}).")
+    if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
+        raise ConfigError(f"'schedule.milestones' must be increasing epochs, got {list(cfg.schedule.milestones)}.")
+    if cfg.model.name == "densenet_bc" and (cfg.model.depth < 10 or (cfg.model.depth - 4) % 6):
+        raise ConfigError(f"'model.depth' is {cfg.model.depth}; a DenseNet-BC depth is 6n + 4 with n >= 1 "
+                          "(e.g. 40, 100, 190).")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        raise ConfigError("'data.mean' and 'data.std' must each hold 3 numbers (RGB, 0-1 scale), std > 0.")
+    if cfg.data.generate.max_side < cfg.data.generate.min_side:
+        raise ConfigError("'data.generate.max_side' must be at least 'data.generate.min_side'.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated and resolved."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Pass a YAML recipe such as configs/mini.yaml.")
+        try:
+            recipe = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(recipe, DictConfig):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (run:, model:, ...).")
+        cfg = _merge(cfg, recipe, f"config file '{path}'")
+    cfg = _merge(cfg, _parse_overrides(list(overrides)), "the command-line overrides")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Could not resolve an interpolation in the config: {err}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, as written to ``run.dir/config.yaml``."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

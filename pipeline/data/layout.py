@@ -1,0 +1,59 @@
+"""Checks of an ImageNet-style folder tree, made before any training starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# the extensions DALI's file reader and torchvision's ImageFolder both take
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val")
+
+
+class DatasetError(ValueError):
+    """The dataset on disk does not have the layout or the classes the config expects."""
+
+
+def _has_image(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    """The sorted class folders of one split; each must hold at least one image."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"'{split_dir}' has no class folders. Expected {split_dir}/<class>/<image>.JPEG, "
+                           "one folder per class.")
+    for name in classes:
+        if not _has_image(split_dir / name):
+            raise DatasetError(
+                f"Class folder '{split_dir / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                "Every class needs images in both train/ and val/: restore its files or remove the folder "
+                "from both splits (and set model.num_classes to match)."
+            )
+    return classes
+
+
+def check_image_folder(root: str | Path, num_classes: int) -> list[str]:
+    """Check ``root/train`` and ``root/val`` hold the same ``num_classes`` non-empty class folders."""
+    root = Path(root)
+    hint = ("Point data.root at a folder with train/<class>/*.JPEG and val/<class>/*.JPEG, or set "
+            "data.generate.enabled=true to write a small synthetic dataset there.")
+    if not root.is_dir():
+        raise DatasetError(f"Dataset folder data.root='{root}' does not exist. {hint}")
+    found = {}
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise DatasetError(f"Dataset folder '{root}' has no '{split}/' folder. {hint}")
+        found[split] = list_classes(root / split)
+    train, val = found["train"], found["val"]
+    if train != val:
+        only_train = sorted(set(train) - set(val))[:5]
+        only_val = sorted(set(val) - set(train))[:5]
+        raise DatasetError(f"'{root}/train' and '{root}/val' hold different classes (only in train: {only_train}; "
+                           f"only in val: {only_val}). Both splits need the same class folders.")
+    if len(train) != num_classes:
+        raise DatasetError(f"model.num_classes={num_classes} but '{root}/train' has {len(train)} class folders. "
+                           f"Set model.num_classes={len(train)}, or point data.root at the intended dataset.")
+    return train

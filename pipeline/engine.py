@@ -1,0 +1,136 @@
+"""The training step, the epoch loop and evaluation: AMP, channels-last, and no host sync per step."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pipeline.distributed import all_reduce_sum
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision``; fp32 runs without one."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def build_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A grad scaler, enabled for fp16 only (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.SGD:
+    """SGD with the learning rate scaled linearly from 256 images to the global batch."""
+    return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr * global_batch / 256, momentum=optim_cfg.momentum,
+                           nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule_cfg) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (warm-up, then step or cosine)."""
+    epoch = step / steps_per_epoch
+    warmup = schedule_cfg.warmup_epochs
+    if epoch < warmup:
+        return (step + 1) / (warmup * steps_per_epoch)
+    if schedule_cfg.name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+    return schedule_cfg.gamma ** bisect.bisect_right(list(schedule_cfg.milestones), epoch)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg, epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule over ``epochs`` epochs of ``steps_per_epoch`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, schedule_cfg))
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
+    """One forward, backward and optimizer step; returns the loss as a device tensor (no sync)."""
+    with autocast(images.device, precision):
+        loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
+                    world_size: int, on_log: Callable[[dict], None], progress=None) -> tuple[int, int]:
+    """Train over ``loader`` once; ``on_log`` gets a record every ``train_cfg.log_every_steps`` steps.
+
+    Returns the new global step and the number of images this rank trained on.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    window_images, window_steps, data_wait, images_seen = 0, 0, 0.0, 0
+    window_start = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        fetch_start = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - fetch_start
+        images, labels = _to_device(images, labels, device, train_cfg.channels_last)
+        loss = train_step(model, images, labels, criterion, optimizer, scaler, train_cfg.precision)
+        scheduler.step()
+        loss_sum += loss
+        global_step += 1
+        window_steps += 1
+        window_images += labels.numel()
+        images_seen += labels.numel()
+        if progress is not None:
+            progress.update(1)
+        if global_step % train_cfg.log_every_steps == 0:
+            mean_loss = loss_sum.item() / window_steps  # the one host sync, every log_every_steps steps
+            elapsed = time.perf_counter() - window_start
+            on_log({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": window_images * world_size / elapsed, "data_wait": data_wait / elapsed,
+                    "global_step": global_step})
+            if progress is not None:
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+            loss_sum.zero_()
+            window_images, window_steps, data_wait = 0, 0, 0.0
+            window_start = time.perf_counter()
+    return global_step, images_seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: str,
+             channels_last: bool) -> dict[str, float]:
+    """Top-1 / top-5 (percent) and mean loss over every sample of ``loader`` on all ranks, from summed counts."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, labels),
+                               torch.tensor(labels.numel(), device=device)]).double()
+    all_reduce_sum(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
+            "count": int(totals[3].item())}

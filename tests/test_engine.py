@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.engine import autocast, build_optimizer, build_scaler, build_scheduler, evaluate, lr_factor, train_step
+from pipeline.models.densenet import densenet_bc
+from pipeline.train import per_rank_batch
+
+CPU = torch.device("cpu")
+
+
+def schedule(**kw):
+    return OmegaConf.create({"name": "step", "milestones": [30, 60], "gamma": 0.1, "warmup_epochs": 0.0, **kw})
+
+
+def test_learning_rate_scales_linearly_with_the_global_batch():
+    optim = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
+    model = nn.Linear(2, 2)
+    assert build_optimizer(model, optim, 256).param_groups[0]["lr"] == pytest.approx(0.1)
+    assert build_optimizer(model, optim, 1024).param_groups[0]["lr"] == pytest.approx(0.4)
+    assert build_optimizer(model, optim, 64).param_groups[0]["nesterov"]
+
+
+def test_step_schedule_divides_by_ten_at_the_milestones():
+    factors = [lr_factor(e * 10, 10, 90, schedule()) for e in (0, 29, 30, 59, 60, 89)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cosine_schedule_after_linear_warmup():
+    cfg = schedule(name="cosine", warmup_epochs=2)
+    assert lr_factor(0, 10, 10, cfg) == pytest.approx(1 / 20)
+    assert lr_factor(19, 10, 10, cfg) == pytest.approx(1.0)
+    assert lr_factor(20, 10, 10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 10, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_scheduler_steps_per_optimizer_step():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = build_scheduler(optimizer, schedule(milestones=[1]), epochs=2, steps_per_epoch=3)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1])
+
+
+def test_global_batch_that_does_not_divide_over_ranks_is_a_config_error():
+    assert per_rank_batch(256, 8) == 32
+    with pytest.raises(ConfigError, match="train.batch_size=100.*3 ranks"):
+        per_rank_batch(100, 3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_training_step_runs_and_updates_the_weights(precision):
+    torch.manual_seed(0)
+    model = densenet_bc(10, 4, num_classes=3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = build_scaler(CPU, precision)
+    assert scaler.is_enabled() == (precision == "fp16")
+    before = [p.detach().clone() for p in model.parameters()]
+    images = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    loss = train_step(model, images, torch.tensor([0, 1, 2, 0]), nn.CrossEntropyLoss(), optimizer, scaler,
+                      precision)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with autocast(CPU, precision):
+        out = model(images)
+    assert out.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def test_evaluate_counts_every_sample_and_reports_percentages():
+    class Fixed(nn.Module):
+        def forward(self, x):  # ranks classes by their distance from the first pixel's value
+            return -(torch.arange(6.0) - x[:, 0, 0, 0, None]).abs()
+
+    images = torch.zeros(7, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1])  # 5 of 7 right; the 6th is ranked last of 6
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    result = evaluate(Fixed(), batches, CPU, "fp32", channels_last=False)
+    assert result["count"] == 7
+    assert result["top1"] == pytest.approx(100 * 5 / 7)
+    assert result["top5"] == pytest.approx(100 * 6 / 7)

@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(*words, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *words], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_mini_config_trains_well_above_chance_and_writes_the_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", f"data.root={tmp_path / 'data'}",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "img/s" in result.stdout and "data-wait" in result.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 8 and summary["global_step"] == 8 * 20
+    assert summary["images_seen"] == 8 * 640
+    assert summary["val_top1"] > 40 and summary["best_val_top1"] >= summary["val_top1"]  # chance is 10%
+    assert 0 <= summary["val_top5"] <= 100 and summary["wall_seconds"] > 0
+
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [e["loss"] for e in events if e["event"] == "train"]
+    vals = [e for e in events if e["event"] == "val"]
+    assert len(vals) == 8 and all(v["count"] == 160 for v in vals)
+    assert train_losses[-1] < 0.7 * train_losses[0]
+    assert all(e["images_per_s"] > 0 and 0 <= e["data_wait"] <= 1 for e in events if e["event"] == "train")
+
+    config = (run_dir / "config.yaml").read_text()
+    assert f"dir: {run_dir}" in config and "${" not in config
+    state = torch.load(run_dir / "model_final.pt", weights_only=True)
+    build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).load_state_dict(state, strict=True)
+
+
+def test_model_final_is_a_torchvision_state_dict(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", "model.name=densenet121",
+                   "data.backend=synthetic", "data.synthetic_steps=2", "train.batch_size=2", "train.epochs=1",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(run_dir / "model_final.pt", weights_only=True)
+    torchvision.models.densenet121(num_classes=10).load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_synthetic_backend_trains_with_amp_and_memory_efficient_layers(tmp_path, precision):
+    run_dir = tmp_path / "run"
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", "data.backend=synthetic",
+                   "data.synthetic_steps=4", "train.epochs=2", "train.log_every_steps=2",
+                   f"train.precision={precision}", "model.memory_efficient=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 8 and summary["images_seen"] == 8 * 32
+
+
+@pytest.mark.parametrize("words,needle", [
+    (["data.root={tmp}/missing", "data.generate.enabled=false"], "{tmp}/missing"),
+    (["model.num_classes=7"], "model.num_classes=7"),
+])
+def test_bad_dataset_fails_before_training_and_leaves_no_run_dir(tmp_path, words, needle):
+    from pipeline.data.synthetic import write_synthetic_imagenet
+
+    write_synthetic_imagenet(tmp_path / "data", 3, 2, 1, 16, 24)
+    run_dir = tmp_path / "run"
+    words = [w.format(tmp=tmp_path) for w in words]
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", f"data.root={tmp_path / 'data'}",
+                   *words, cwd=tmp_path)
+    assert result.returncode == 2
+    assert needle.format(tmp=tmp_path) in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_empty_class_folder_fails_before_training(tmp_path):
+    from pipeline.data.synthetic import write_synthetic_imagenet
+
+    root = write_synthetic_imagenet(tmp_path / "data", 10, 2, 1, 16, 24)
+    empty = sorted((root / "val").iterdir())[4]
+    for f in empty.iterdir():
+        f.unlink()
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={tmp_path / 'run'}", f"data.root={root}",
+                   cwd=tmp_path)
+    assert result.returncode == 2 and str(empty) in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_never_refuses_a_run_dir_that_holds_files(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_final.pt").write_bytes(b"precious")
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", "run.resume=never",
+                   "data.backend=synthetic", cwd=tmp_path)
+    assert result.returncode == 2 and "run.resume=never" in result.stderr
+    assert (run_dir / "model_final.pt").read_bytes() == b"precious"
