@@ -50,10 +50,11 @@ class GenerateConfig:
 @dataclass
 class DataConfig:
     root: str = "data/imagenet"  # holds train/<class>/*.JPEG and val/<class>/*.JPEG
-    backend: str = "dali"  # dali | synthetic (random tensors made on the device)
+    backend: str = "dali"  # dali | torchvision (Pillow + DataLoader) | synthetic (random tensors on the device)
     image_size: int = 224
     val_resize: int = 0  # shorter side before the centre crop; 0 = image_size * 256 / 224
-    workers: int = 4  # DALI CPU threads per rank
+    val_batch_size: int = 0  # per rank; 0 = the per-rank training batch
+    workers: int = 4  # DALI CPU threads, or DataLoader worker processes, per rank
     prefetch: int = 2  # DALI prefetch queue depth
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -119,7 +120,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.resume": ("auto", "never"),
     "model.name": MODEL_NAMES,
-    "data.backend": ("dali", "synthetic"),
+    "data.backend": ("dali", "torchvision", "synthetic"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("none",),
@@ -130,7 +131,7 @@ POSITIVE = (
     "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
-                "model.drop_rate")
+                "data.val_batch_size", "model.drop_rate")
 
 
 class ConfigError(ValueError):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating or saving."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """A hash of the exact bytes of every parameter."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def replicas_identical(module: nn.Module) -> bool:
+    """Whether every rank holds bitwise the same parameters (DDP keeps them so; a mismatch is a bug)."""
+    if not dist.is_initialized():
+        return True
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, parameters_digest(module))
+    return len(set(digests)) == 1
 
 
 def shutdown() -> None:

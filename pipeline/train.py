@@ -23,9 +23,18 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import atomic_torch_save, atomic_write_bytes
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.data.layout import DatasetError, check_image_folder
-from pipeline.data.synthetic import RandomBatches, ensure_generated
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from pipeline.data.layout import DatasetError
+from pipeline.data.loaders import build_loaders
+from pipeline.data.synthetic import ensure_generated
+from pipeline.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    replicas_identical,
+    shutdown,
+)
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
 from pipeline.log import setup_logging
 from pipeline.models import build_model
@@ -43,28 +52,11 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def check_data(cfg: DictConfig, dist: DistInfo) -> None:
-    """Generate the synthetic JPEG tree if asked, then check the dataset's layout before any training."""
-    if cfg.data.backend == "synthetic":
-        return
-    if cfg.data.generate.enabled and dist.is_main:
+def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
+    """Write the synthetic JPEG tree at ``data.root`` if the config asks for it and it is missing."""
+    if cfg.data.backend != "synthetic" and cfg.data.generate.enabled and dist.is_main:
         ensure_generated(cfg.data.root, cfg.model.num_classes, cfg.data.generate, cfg.run.seed)
     barrier()
-    check_image_folder(cfg.data.root, cfg.model.num_classes)
-
-
-def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int):
-    """Train and val loaders for this rank, by ``data.backend``."""
-    if cfg.data.backend == "synthetic":
-        args = (batch_size, cfg.data.image_size, cfg.model.num_classes)
-        train = RandomBatches(*args, cfg.data.synthetic_steps, dist.device, cfg.train.channels_last, cfg.run.seed)
-        val = RandomBatches(*args, max(1, cfg.data.synthetic_steps // 10), dist.device, cfg.train.channels_last,
-                            cfg.run.seed + 1)
-        return train, val
-    from pipeline.data.dali import build_dali_loaders  # DALI is needed for this backend only
-
-    return build_dali_loaders(cfg.data, batch_size, dist.rank, dist.world_size, dist.local_rank, dist.device,
-                              cfg.train.channels_last, cfg.run.seed)
 
 
 def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
@@ -86,12 +78,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and ``torch.compile`` wrappers, for a torchvision-layout state_dict."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def main(cfg: DictConfig) -> dict:
     """Train and evaluate as ``cfg`` says; returns the summary (on every rank)."""
     dist = init_distributed()
@@ -104,7 +90,8 @@ def main(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, dist: DistInfo) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
-    check_data(cfg, dist)
+    generate_data(cfg, dist)
+    train_loader, val_loader = build_loaders(cfg, dist, batch_size)
     run_dir = prepare_run_dir(cfg, dist)
     seed_everything(cfg.run.seed)
     device = dist.device
@@ -116,7 +103,6 @@ def _train(cfg: DictConfig, dist: DistInfo) -> dict:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
-    train_loader, val_loader = build_loaders(cfg, dist, batch_size)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
@@ -140,13 +126,16 @@ def _train(cfg: DictConfig, dist: DistInfo) -> dict:
             if metrics:
                 metrics.log("train", epoch=epoch, **record)
 
+        train_loader.set_epoch(epoch)
         show_bar = dist.is_main and sys.stderr.isatty()
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not show_bar, leave=False) as bar:
             global_step, seen = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
                                                 cfg.train, device, global_step, dist.world_size, on_log, bar)
         images_seen += int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
         train_seconds = time.perf_counter() - epoch_start
-        val = evaluate(net, val_loader, device, cfg.train.precision, cfg.train.channels_last)
+        broadcast_buffers(model)
+        # the plain model: each rank evaluates its own share, with no DDP collective per batch
+        val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)
         best_top1 = max(best_top1, val["top1"])
         epoch_seconds = time.perf_counter() - epoch_start
         log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
@@ -157,9 +146,12 @@ def _train(cfg: DictConfig, dist: DistInfo) -> dict:
 
     summary = {"epochs_completed": cfg.train.epochs, "global_step": global_step, "val_top1": val["top1"],
                "val_top5": val["top5"], "best_val_top1": best_top1, "images_seen": images_seen,
-               "wall_seconds": round(time.perf_counter() - start, 2)}
+               "wall_seconds": round(time.perf_counter() - start, 2), "world_size": dist.world_size,
+               "replicas_identical": replicas_identical(model)}
+    if not summary["replicas_identical"]:
+        log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
     if dist.is_main:
-        atomic_torch_save(unwrap(net).state_dict(), run_dir / "model_final.pt")
+        atomic_torch_save(model.state_dict(), run_dir / "model_final.pt")
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         metrics.log("summary", **summary)
         metrics.close()

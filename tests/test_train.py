@@ -103,3 +103,17 @@ def test_resume_never_refuses_a_run_dir_that_holds_files(tmp_path):
                    "data.backend=synthetic", cwd=tmp_path)
     assert result.returncode == 2 and "run.resume=never" in result.stderr
     assert (run_dir / "model_final.pt").read_bytes() == b"precious"
+
+
+def test_without_dali_training_falls_back_to_torchvision_with_a_warning(tmp_path):
+    from pipeline.data.synthetic import write_synthetic_imagenet
+
+    root = write_synthetic_imagenet(tmp_path / "data", 10, 4, 1, 16, 24)
+    run_dir = tmp_path / "run"
+    code = ("import sys; sys.modules['nvidia.dali'] = None; from pipeline.train import cli; "
+            f"sys.exit(cli([{str(ROOT / 'configs/mini.yaml')!r}, 'run.dir={run_dir}', 'data.root={root}', "
+            "'train.epochs=1', 'train.batch_size=8', 'data.workers=1']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NVIDIA DALI could not be imported" in result.stdout and "data.backend=torchvision" in result.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 5

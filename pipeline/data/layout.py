@@ -57,3 +57,23 @@ def check_image_folder(root: str | Path, num_classes: int) -> list[str]:
         raise DatasetError(f"model.num_classes={num_classes} but '{root}/train' has {len(train)} class folders. "
                            f"Set model.num_classes={len(train)}, or point data.root at the intended dataset.")
     return train
+
+
+class DecodeError(DatasetError):
+    """An image file could not be decoded during training or evaluation."""
+
+
+def short_reason(message: str) -> str:
+    """The telling line of a decoder's message (DALI's span many lines of pipeline context)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if line.lower().startswith(("failed", "file mapping failed")) or "failure" in line.lower():
+            return line[:300]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+def decode_error(path: str | None, root: str | Path, detail: str) -> DecodeError:
+    """A message that names the damaged file and the command that finds all of them."""
+    what = f"Could not decode image file {path}" if path else "Could not decode an image file of this rank's data"
+    return DecodeError(f"{what} ({short_reason(detail)}). Run `python -m pipeline.data.imagenet "
+                       f"verify {root}` to list every damaged file; training then leaves them out.")

@@ -73,13 +73,16 @@ def write_synthetic_imagenet(root: str | Path, num_classes: int, train_per_class
 
 
 def ensure_generated(root: str | Path, num_classes: int, gen_cfg, seed: int) -> None:
-    """Generate the synthetic tree at ``root`` on first use; an existing tree is left alone."""
+    """Generate and verify the synthetic tree at ``root`` on first use; an existing tree is left alone."""
     root = Path(root)
     if root.exists():
         return
+    from pipeline.data.imagenet import verify
+
     log.info("Writing a synthetic %d-class JPEG tree to %s (first use)", num_classes, root)
     write_synthetic_imagenet(root, num_classes, gen_cfg.train_per_class, gen_cfg.val_per_class,
                              gen_cfg.min_side, gen_cfg.max_side, seed)
+    verify(root)
 
 
 class RandomBatches:
@@ -93,6 +96,9 @@ class RandomBatches:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.images = images.to(device).contiguous(memory_format=memory_format)
         self.steps = steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """The same batches every epoch."""
 
     def __len__(self) -> int:
         return self.steps

@@ -1,0 +1,77 @@
+"""Train (or evaluate) on this machine's GPUs, or on CPU ranks, through torchrun.
+
+    python -m launch.local CONFIG [--nproc-per-node N] [key=value ...]
+    python -m launch.local CONFIG --nnodes 2 --node-rank 0 --master-addr HOST [--master-port P] [key=value ...]
+    python -m launch.local CONFIG --evaluate WEIGHTS [key=value ...]
+
+The config is checked here, before any process starts; then torchrun replaces this process,
+so signals reach it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.train import per_rank_batch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command line for ``args``; static rendezvous on the master address and port."""
+    port = args.master_port or (free_port() if args.nnodes == 1 else 29500)
+    module = ["-m", "pipeline.evaluate"] if args.evaluate else ["-m", "pipeline.train"]
+    program_args = [args.config, *([args.evaluate] if args.evaluate else []), *args.overrides]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+            f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+            f"--master-port={port}", *module, *program_args]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML recipe, e.g. configs/mini.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value words that override the recipe")
+    parser.add_argument("--nproc-per-node", type=int, default=torch.cuda.device_count() or 1,
+                        help="ranks on this node (default: the number of GPUs, or 1 without one)")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="127.0.0.1", help="host of node rank 0")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="default: a free port on one node, 29500 on several")
+    parser.add_argument("--evaluate", metavar="WEIGHTS", help="evaluate these weights instead of training")
+    args = parser.parse_intermixed_args(argv)
+    if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        parser.error(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes; got "
+                     f"{args.nproc_per_node}, {args.nnodes}, {args.node_rank}")
+    if args.nnodes > 1 and args.master_addr in ("127.0.0.1", "localhost") and not args.master_port:
+        print("note: several nodes on 127.0.0.1 port 29500; pass --master-addr with node 0's host name "
+              "when the nodes are separate machines", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not args.evaluate:
+            per_rank_batch(cfg.train.batch_size, args.nproc_per_node * args.nnodes)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    command = torchrun_command(args)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Real multi-process runs on gloo: torchrun through launch.local, on one and on two "nodes"."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data.synthetic import write_synthetic_imagenet
+from pipeline.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = str(ROOT / "configs/mini.yaml")
+
+
+def launch(*words, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.local", *words], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def mini_data(tmp_path_factory):
+    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
+    from pipeline.data.imagenet import verify
+
+    verify(root)
+    return root
+
+
+@pytest.mark.slow
+def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    result = launch(MINI, "--nproc-per-node", "2", f"run.dir={run_dir}", f"data.root={mini_data}",
+                    "train.epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_identical"] is True
+    assert summary["global_step"] == 2 * 20 and summary["images_seen"] == 2 * 640
+    events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("summary") == 1 and events.count("val") == 2
+    assert "[rank 0/2]" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):
+    port = "29617"
+    run_dir = tmp_path / "run"
+    common = [MINI, "--nnodes", "2", "--nproc-per-node", "1", "--master-port", port, f"run.dir={run_dir}",
+              f"data.root={mini_data}", "train.epochs=1"]
+    node1 = subprocess.Popen([sys.executable, "-m", "launch.local", *common, "--node-rank", "1"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node0 = launch(*common, "--node-rank", "0", cwd=tmp_path)
+    out1, _ = node1.communicate(timeout=300)
+    assert node0.returncode == 0, node0.stdout[-3000:] + node0.stderr[-3000:]
+    assert node1.returncode == 0, out1[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 1 and summary["replicas_identical"]
+
+
+def test_launcher_checks_the_config_before_starting_ranks(tmp_path):
+    result = launch(MINI, "--nproc-per-node", "3", f"run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "train.batch_size=32" in result.stderr and "3 ranks" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path, backend):
+    root = write_synthetic_imagenet(tmp_path / "data", 10, 1, 10, 24, 48)
+    extra = next((root / "val" / "n10000003").iterdir())
+    shutil.copy(extra, extra.with_name("extra.JPEG"))  # 101 validation images
+    torch.manual_seed(0)
+    weights = tmp_path / "model_final.pt"
+    torch.save(build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).state_dict(), weights)
+    results = []
+    for world in (1, 2, 3):
+        result = launch(MINI, "--nproc-per-node", str(world), "--evaluate", str(weights), f"data.root={root}",
+                        f"data.backend={backend}", "data.val_batch_size=8", "data.workers=1",
+                        "data.generate.enabled=false", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        results.append(json.loads((tmp_path / "eval.json").read_text()))
+    assert [r["count"] for r in results] == [101, 101, 101]
+    assert [r["world_size"] for r in results] == [1, 2, 3]
+    assert len({(r["top1"], r["top5"]) for r in results}) == 1
+    assert max(r["loss"] for r in results) - min(r["loss"] for r in results) < 1e-4
