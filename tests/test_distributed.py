@@ -33,8 +33,9 @@ def mini_data(tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_data):
     run_dir = tmp_path / "run"
+    # memory-efficient layers too: their non-reentrant checkpointing must work under DDP
     result = launch(MINI, "--nproc-per-node", "2", f"run.dir={run_dir}", f"data.root={mini_data}",
-                    "train.epochs=2", cwd=tmp_path)
+                    "train.epochs=2", "model.memory_efficient=true", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_identical"] is True

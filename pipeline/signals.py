@@ -1,0 +1,35 @@
+"""Stop signals (SIGTERM, SIGUSR1, SIGUSR2): the handler only notes the time; the loop acts on it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopSignals:
+    """Installs handlers that record the first stop signal; ``received`` is when it came (or None)."""
+
+    def __init__(self) -> None:
+        self.received: float | None = None
+        self.name = ""
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = time.monotonic()
+            self.name = signal.Signals(signum).name
+
+    def install(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
