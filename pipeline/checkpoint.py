@@ -1,13 +1,40 @@
-"""Writing run files so that a reader never sees half of one."""
+"""Checkpoints that a crash cannot damage, and finding the newest good one on resume.
+
+A checkpoint is written by rank 0 to ``run.dir/checkpoints/`` as a temporary file in that
+folder, flushed, fsynced and renamed; a small JSON sidecar with its SHA-256 follows the same way,
+and only then the ``latest`` pointer. A reader never sees half a checkpoint; one that fails to
+load or fails its checksum is reported and the one before it is used. The file holds plain
+containers only and loads with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import io
+import json
+import logging
 import os
+import platform
+import random
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+POINTER = "latest"
+NAME = re.compile(r"^step-(\d{9})\.pt$")
+# a run stopped by a signal after checkpointing exits with this status: "start me again to resume"
+RESUME_EXIT_CODE = 75
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, or a resume that would not continue the same run."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -19,10 +46,146 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_write_bytes`."""
+def atomic_torch_save(obj: Any, path: str | Path) -> bytes:
+    """``torch.save`` through :func:`atomic_write_bytes`; returns the bytes written."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return data
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, global_step: int, keep_last: int,
+                    best_step: int | None) -> Path:
+    """Write ``state`` as ``step-NNNNNNNNN.pt`` with its checksum sidecar, move the pointer, prune old ones."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{global_step:09d}.pt"
+    data = atomic_torch_save(state, path)
+    meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "global_step": global_step, "epoch": state["progress"]["epoch"],
+            "step_in_epoch": state["progress"]["step_in_epoch"]}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+    atomic_write_bytes(folder / POINTER, json.dumps(meta).encode())
+    _prune(folder, keep_last, best_step)
+    return path
+
+
+def _steps(folder: Path) -> list[int]:
+    """Steps of the checkpoint files present, newest first."""
+    return sorted((int(m.group(1)) for p in folder.iterdir() if (m := NAME.match(p.name))), reverse=True)
+
+
+def _prune(folder: Path, keep_last: int, best_step: int | None) -> None:
+    for step in _steps(folder)[keep_last:]:
+        if step != best_step:
+            for suffix in (".pt", ".json"):
+                (folder / f"step-{step:09d}{suffix}").unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load one checkpoint, checking its sidecar's SHA-256 when there is one; plain containers only."""
+    path = Path(path)
+    data = path.read_bytes()
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        expected = json.loads(sidecar.read_text())["sha256"]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"checksum mismatch (the file is damaged): {path}")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        lines = str(err).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"cannot be loaded ({reason[:300]}): {path}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"not a checkpoint of this pipeline (format {FORMAT_VERSION}): {path}")
+    return state
+
+
+def find_and_load_latest(run_dir: str | Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint of ``run_dir`` that loads and passes its checksum; older ones on failure."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return None
+    candidates = [folder / f"step-{s:09d}.pt" for s in _steps(folder)]
+    try:  # the pointer names the newest; files newer than it were never completed
+        pointed = folder / json.loads((folder / POINTER).read_text())["file"]
+        candidates = [pointed] + [c for c in candidates if c != pointed and c.name < pointed.name]
+    except (OSError, ValueError, KeyError):
+        pass
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path
+        except (OSError, CheckpointError) as err:
+            log.warning("Skipping checkpoint %s: %s. Trying the one before it.", path.name, err)
+    if candidates:
+        raise CheckpointError(f"None of the {len(candidates)} checkpoints in {folder} could be loaded. Remove "
+                              "them to start over, or set run.resume to a good checkpoint file.")
+    return None
+
+
+def rng_state() -> dict:
+    """This process's random generators (python, numpy, torch, CUDA) as plain containers and tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def library_versions() -> dict:
+    versions = {"torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version()}
+    for name in ("torchvision", "nvidia.dali"):
+        try:
+            versions[name.split(".")[-1]] = str(importlib.import_module(name).__version__)
+        except ImportError:
+            versions[name.split(".")[-1]] = None
+    return versions
+
+
+# keys that define the model and the data of a run: a resume must not change them
+MUST_MATCH = ("model.", "data.root", "data.backend", "data.image_size", "data.val_resize", "data.mean", "data.std",
+              "data.generate.", "train.batch_size", "run.seed")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
+    """Refuse a resume whose config changes the model or the data; other changes (epochs, logging) are fine."""
+    old, new = _flatten(saved_config), _flatten(config)
+    changed = [k for k in sorted(set(old) | set(new))
+               if (k.startswith(MUST_MATCH) or k in MUST_MATCH) and old.get(k) != new.get(k)]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise CheckpointError(f"Cannot resume from {path}: the config changes {details}. These keys define the "
+                              "model and the data of the run. Set them back, or start a new run with another "
+                              "run.dir (or run.resume=never in an empty one).")

@@ -25,7 +25,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 class RunConfig:
     dir: str = "runs/${model.name}"  # everything about a run lives here
     seed: int = 0
-    resume: str = "auto"  # auto | never
+    resume: str = "auto"  # auto: from the newest good checkpoint in dir | never: refuse a non-empty dir | a file
 
 
 @dataclass
@@ -91,7 +91,9 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    pass
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 30.0  # 0: off
+    keep_last: int = 2  # the best by val top-1 is kept too
 
 
 @dataclass
@@ -118,7 +120,6 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "run.resume": ("auto", "never"),
     "model.name": MODEL_NAMES,
     "data.backend": ("dali", "torchvision", "synthetic"),
     "train.precision": ("bf16", "fp16", "fp32"),
@@ -129,9 +130,10 @@ POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
+    "checkpoint.keep_last",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
-                "data.val_batch_size", "model.drop_rate")
+                "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes")
 
 
 class ConfigError(ValueError):
@@ -218,6 +220,10 @@ def validate(cfg: DictConfig) -> None:
                           "(e.g. 40, 100, 190).")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         raise ConfigError("'data.mean' and 'data.std' must each hold 3 numbers (RGB, 0-1 scale), std > 0.")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_file():
+        raise ConfigError(f"'run.resume' is {cfg.run.resume!r}: use auto (the newest good checkpoint in run.dir), "
+                          "never (start fresh, refuse a run.dir that holds files), or the path of a checkpoint file "
+                          "that exists.")
     if cfg.data.generate.max_side < cfg.data.generate.min_side:
         raise ConfigError("'data.generate.max_side' must be at least 'data.generate.min_side'.")
 

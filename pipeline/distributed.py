@@ -35,7 +35,40 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        global _control
+        # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
+        _control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistInfo(rank, world_size, local_rank, device)
+
+
+_control = None
+
+
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag is true on every rank if it is true on any: one small all-reduce, so ranks never disagree."""
+    if not dist.is_initialized():
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control)
+    return tuple(bool(v) for v in tensor.tolist())
+
+
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); None on the other ranks."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=_control)
+    return out
+
+
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
 
 
 def barrier() -> None:
@@ -70,7 +103,7 @@ def replicas_identical(module: nn.Module) -> bool:
     if not dist.is_initialized():
         return True
     digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, parameters_digest(module))
+    dist.all_gather_object(digests, parameters_digest(module), group=_control)
     return len(set(digests)) == 1
 
 

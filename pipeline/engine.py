@@ -72,14 +72,16 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cri
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
-                    world_size: int, on_log: Callable[[dict], None], progress=None) -> tuple[int, int]:
-    """Train over ``loader`` once; ``on_log`` gets a record every ``train_cfg.log_every_steps`` steps.
+                    world_size: int, on_log: Callable[[dict], None], on_step: Callable[[int], bool],
+                    progress=None) -> tuple[int, bool]:
+    """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
-    Returns the new global step and the number of images this rank trained on.
+    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step)``
+    runs after every step (checkpoints, stop signals) and returns True to stop.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
-    window_images, window_steps, data_wait, images_seen = 0, 0, 0.0, 0
+    window_images, window_steps, data_wait = 0, 0, 0.0
     window_start = time.perf_counter()
     batches = iter(loader)
     while True:
@@ -87,7 +89,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         try:
             images, labels = next(batches)
         except StopIteration:
-            break
+            return global_step, False
         data_wait += time.perf_counter() - fetch_start
         images, labels = _to_device(images, labels, device, train_cfg.channels_last)
         loss = train_step(model, images, labels, criterion, optimizer, scaler, train_cfg.precision)
@@ -96,7 +98,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         global_step += 1
         window_steps += 1
         window_images += labels.numel()
-        images_seen += labels.numel()
         if progress is not None:
             progress.update(1)
         if global_step % train_cfg.log_every_steps == 0:
@@ -110,7 +111,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             loss_sum.zero_()
             window_images, window_steps, data_wait = 0, 0, 0.0
             window_start = time.perf_counter()
-    return global_step, images_seen
+        if on_step(global_step):
+            return global_step, True
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """Train DenseNet-BC: ``python -m pipeline.train CONFIG [key=value ...] [--print-config]``.
 
 Every rank runs :func:`main`; rank 0 alone writes the run directory: ``config.yaml`` (resolved),
-``metrics.jsonl``, ``model_final.pt`` (a torchvision-layout state_dict) and ``summary.json``.
+``metrics.jsonl``, ``checkpoints/``, ``model_final.pt`` (a torchvision-layout state_dict) and
+``summary.json``. Started again with the same command, a run resumes from its newest good
+checkpoint exactly where it stopped. A stop signal (SIGTERM, SIGUSR1, SIGUSR2) checkpoints at the
+next step boundary and exits with status 75: "start me again to resume".
 """
 
 from __future__ import annotations
@@ -12,25 +15,41 @@ import logging
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.checkpoint import atomic_torch_save, atomic_write_bytes
+from pipeline.checkpoint import (
+    FORMAT_VERSION,
+    RESUME_EXIT_CODE,
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_resumable,
+    find_and_load_latest,
+    library_versions,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import (
     DistInfo,
-    all_reduce_sum,
+    agree,
     barrier,
     broadcast_buffers,
+    broadcast_from_main,
+    gather_to_main,
     init_distributed,
     replicas_identical,
     shutdown,
@@ -38,9 +57,27 @@ from pipeline.distributed import (
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
 from pipeline.log import setup_logging
 from pipeline.models import build_model
+from pipeline.signals import StopSignals
 from pipeline.tracking import MetricsFile
 
 log = logging.getLogger("pipeline.train")
+
+
+class StopRequested(Exception):
+    """A stop signal arrived; the run checkpointed and should be started again to resume."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress, or the next to start
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0
+    best_val_top1: float = 0.0
+    best_step: int = -1
+    val: dict = field(default_factory=lambda: {"top1": 0.0, "top5": 0.0})
+    wall_seconds: float = 0.0  # over all attempts
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
@@ -59,13 +96,40 @@ def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
     barrier()
 
 
+def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo) -> dict | None:
+    """The checkpoint to resume from, by ``run.resume``; rank 0 chooses, every rank loads the same file."""
+    choice: tuple[str | None, str | None] = (None, None)  # (path, error)
+    if dist.is_main:
+        try:
+            run_dir = Path(cfg.run.dir)
+            if cfg.run.resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
+                raise ConfigError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new "
+                                  "run.dir, or set run.resume=auto to continue the run in it.")
+            if cfg.run.resume == "auto":
+                found = find_and_load_latest(run_dir)
+                choice = (str(found[1]) if found else None, None)
+            elif cfg.run.resume != "never":
+                choice = (cfg.run.resume, None)
+        except (CheckpointError, ConfigError) as err:
+            choice = (None, str(err))
+    path, error = broadcast_from_main(choice)
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    check_resumable(state["config"], OmegaConf.to_container(cfg), Path(path))
+    if state["world_size"] != dist.world_size:
+        raise CheckpointError(f"{path} was saved by {state['world_size']} ranks and this run has "
+                              f"{dist.world_size}. Resume with the same number of ranks.")
+    state["path"] = path
+    return state
+
+
 def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
-    """Create ``run.dir`` and write the resolved config there (rank 0), once the config and data are valid."""
+    """Create ``run.dir`` and write the resolved config there (rank 0), once config, data and resume are valid."""
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
-        if cfg.run.resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
-            raise ConfigError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new "
-                              "run.dir, or set run.resume=auto.")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
     barrier()
@@ -79,74 +143,144 @@ def seed_everything(seed: int) -> None:
 
 
 def main(cfg: DictConfig) -> dict:
-    """Train and evaluate as ``cfg`` says; returns the summary (on every rank)."""
+    """Train and evaluate as ``cfg`` says; returns the summary (on every rank).
+
+    Raises :class:`StopRequested` after checkpointing when a stop signal arrived.
+    """
     dist = init_distributed()
     setup_logging(dist.rank, dist.world_size)
+    signals = StopSignals().install()
     try:
-        return _train(cfg, dist)
+        return _train(cfg, dist, signals)
     finally:
+        signals.uninstall()
         shutdown()
 
 
-def _train(cfg: DictConfig, dist: DistInfo) -> dict:
+def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, dist, batch_size)
+    steps_per_epoch = len(train_loader)
+    resume = find_resume_checkpoint(cfg, dist)
     run_dir = prepare_run_dir(cfg, dist)
+
     seed_everything(cfg.run.seed)
     device = dist.device
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient, cfg.model.drop_rate,
                         cfg.model.depth, cfg.model.growth_rate).to(device, memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    scaler = build_scaler(device, cfg.train.precision)
+    progress = Progress()
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        progress = Progress(**resume["progress"])
+        mine = resume["ranks"][dist.rank]
+        if mine["loader"].keys() != train_loader.state_dict().keys():
+            raise CheckpointError(f"{resume['path']} was written with another data loader (data.backend). Resume "
+                                  "with the backend it was trained with.")
+        if 0 < progress.step_in_epoch < steps_per_epoch:
+            train_loader.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+        log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"], progress.epoch + 1,
+                 progress.step_in_epoch, steps_per_epoch, progress.global_step)
     net: nn.Module = model
     if dist.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
-    steps_per_epoch = len(train_loader)
-    optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    scaler = build_scaler(device, cfg.train.precision)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    metrics = MetricsFile(run_dir / "metrics.jsonl") if dist.is_main else None
+    metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
+        if dist.is_main else None
     params = sum(p.numel() for p in model.parameters())
     log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
              cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
              cfg.train.channels_last, cfg.train.batch_size, steps_per_epoch, run_dir)
 
-    start = time.perf_counter()
-    global_step, images_seen, best_top1, val = 0, 0, 0.0, {"top1": 0.0, "top5": 0.0}
-    for epoch in range(cfg.train.epochs):
+    attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
+    last_save = time.monotonic()
+    save_seconds = 0.0
+
+    def wall_seconds() -> float:
+        return wall_before + time.perf_counter() - attempt_start
+
+    def save(reason: str) -> None:
+        nonlocal last_save, save_seconds
+        began = time.perf_counter()
+        ranks = gather_to_main({"loader": train_loader.state_dict(), "rng": rng_state()})
+        if dist.is_main:
+            progress.wall_seconds = wall_seconds()
+            state = {"format": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": asdict(progress),
+                     "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
+                     "config": OmegaConf.to_container(cfg), "versions": library_versions()}
+            path = save_checkpoint(state, run_dir, progress.global_step, cfg.checkpoint.keep_last,
+                                   progress.best_step)
+            save_seconds = time.perf_counter() - began
+            log.info("Saved %s (%s) in %.2fs", path.name, reason, save_seconds)
+        barrier()  # no rank leaves (or exits) before the checkpoint is on disk
+        last_save = time.monotonic()
+
+    def on_step(global_step: int) -> bool:
+        progress.global_step = global_step
+        progress.step_in_epoch += 1
+        every = cfg.checkpoint.every_steps
+        timed = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+        timed, stop = agree(timed, signals.received is not None)
+        if stop:
+            save(f"stop signal {signals.name or 'on another rank'}")
+            if signals.received is not None:
+                log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
+            return True
+        if (every and global_step % every == 0) or timed:
+            save("every_steps" if every and global_step % every == 0 else "every_minutes")
+        return False
+
+    def on_log(record: dict) -> None:
+        log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  data-wait %.0f%%", progress.epoch + 1,
+                 progress.step_in_epoch + 1, steps_per_epoch, record["loss"], record["lr"],
+                 record["images_per_s"], 100 * record["data_wait"])
+        if metrics:
+            metrics.log("train", epoch=progress.epoch, **record)
+
+    while progress.epoch < cfg.train.epochs:
+        epoch = progress.epoch
         epoch_start = time.perf_counter()
-
-        def on_log(record: dict, epoch: int = epoch) -> None:
-            log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  data-wait %.0f%%", epoch + 1,
-                     record["global_step"] - epoch * steps_per_epoch, steps_per_epoch, record["loss"],
-                     record["lr"], record["images_per_s"], 100 * record["data_wait"])
-            if metrics:
-                metrics.log("train", epoch=epoch, **record)
-
-        train_loader.set_epoch(epoch)
-        show_bar = dist.is_main and sys.stderr.isatty()
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not show_bar, leave=False) as bar:
-            global_step, seen = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
-                                                cfg.train, device, global_step, dist.world_size, on_log, bar)
-        images_seen += int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
-        train_seconds = time.perf_counter() - epoch_start
+        if progress.step_in_epoch == 0:
+            train_loader.set_epoch(epoch)
+        if progress.step_in_epoch < steps_per_epoch:
+            show_bar = dist.is_main and sys.stderr.isatty()
+            with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
+                      disable=not show_bar, leave=False) as bar:
+                _, stopped = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, cfg.train,
+                                             device, progress.global_step, dist.world_size, on_log, on_step, bar)
+            if stopped:
+                raise StopRequested()
         broadcast_buffers(model)
         # the plain model: each rank evaluates its own share, with no DDP collective per batch
         val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)
-        best_top1 = max(best_top1, val["top1"])
+        progress.val = val
+        if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
+            progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
         epoch_seconds = time.perf_counter() - epoch_start
         log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
                  epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
         if metrics:
-            metrics.log("val", epoch=epoch, global_step=global_step, **val, epoch_seconds=epoch_seconds,
-                        train_images_per_s=seen * dist.world_size / train_seconds)
+            metrics.log("val", epoch=epoch, global_step=progress.global_step, **val, epoch_seconds=epoch_seconds,
+                        checkpoint_seconds=save_seconds)
+        progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        save("end of epoch")
 
-    summary = {"epochs_completed": cfg.train.epochs, "global_step": global_step, "val_top1": val["top1"],
-               "val_top5": val["top5"], "best_val_top1": best_top1, "images_seen": images_seen,
-               "wall_seconds": round(time.perf_counter() - start, 2), "world_size": dist.world_size,
+    progress.wall_seconds = wall_seconds()
+    summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
+               "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
+               "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * cfg.train.batch_size,
+               "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
                "replicas_identical": replicas_identical(model)}
     if not summary["replicas_identical"]:
         log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
@@ -156,7 +290,7 @@ def _train(cfg: DictConfig, dist: DistInfo) -> dict:
         metrics.log("summary", **summary)
         metrics.close()
         log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
-                 best_top1, images_seen, summary["wall_seconds"], run_dir)
+                 progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
     return summary
 
 
@@ -172,9 +306,11 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StopRequested:
+        return RESUME_EXIT_CODE
     return 0
 
 

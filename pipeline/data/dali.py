@@ -63,19 +63,28 @@ class DaliLoader:
 
     ``files_for(epoch)`` gives the rank's file list of an epoch; the pipeline is rebuilt when it
     changes. The reader pads the list's last batch and the iterator drops the padding
-    (``LastBatchPolicy.PARTIAL``): every listed file is read exactly once per epoch.
+    (``LastBatchPolicy.PARTIAL``): every listed file is read exactly once per epoch. ``state_dict``
+    holds DALI's own checkpoint (reader position and random state, prefetched batches accounted
+    for), so a restored loader yields exactly the batches the interrupted one would have.
     """
 
-    def __init__(self, make_pipeline: Callable[[FileList, int], object], files_for: Callable[[int], FileList],
+    def __init__(self, make_pipeline: Callable[..., object], files_for: Callable[[int], FileList],
                  batch_size: int, channels_last: bool, root: str):
         self._make_pipeline, self._files_for = make_pipeline, files_for
         self.batch_size, self.channels_last, self.root = batch_size, channels_last, root
         self.epoch = 0
         self._files: FileList | None = None
         self._it = None
+        self._restore: bytes | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._restore = epoch, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "dali": self._it.checkpoints()[0] if self._it is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._restore, self._files = state["epoch"], state["dali"], None
 
     def __len__(self) -> int:
         return -(-len(self._files_for(self.epoch)) // self.batch_size)
@@ -85,11 +94,11 @@ class DaliLoader:
         if files is not self._files:
             self._it = None  # releases the previous pipeline's threads and buffers
             if len(files):
-                pipe = self._make_pipeline(files, self.epoch)
+                pipe = self._make_pipeline(files, self.epoch, self._restore)
                 pipe.build()
                 self._it = DALIClassificationIterator(pipe, reader_name=READER,
                                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-            self._files = files
+            self._files, self._restore = files, None
         return self._it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,11 +130,12 @@ def build_dali_loaders(data_cfg, train_files: Callable[[int], FileList], val_fil
                   std=list(data_cfg.std), on_gpu=on_gpu)
     resize = data_cfg.val_resize or round(data_cfg.image_size * 256 / 224)
 
-    def make_train(files: FileList, epoch: int):
+    def make_train(files: FileList, epoch: int, checkpoint: bytes | None):
         # augmentation randomness is a function of (seed, epoch): the same run draws the same crops
-        return train_pipeline(files=files, batch_size=batch_size, seed=(seed * 1_000_003 + epoch) % 2**31, **common)
+        return train_pipeline(files=files, batch_size=batch_size, seed=(seed * 1_000_003 + epoch) % 2**31,
+                              enable_checkpointing=True, checkpoint=checkpoint, **common)
 
-    def make_val(files: FileList, epoch: int):
+    def make_val(files: FileList, epoch: int, checkpoint: bytes | None):
         return val_pipeline(files=files, batch_size=val_batch_size, resize=resize, seed=seed, **common)
 
     root = str(data_cfg.root)

@@ -26,7 +26,8 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, sample_seed = key
         path = self.files.paths[index]
         try:
             with Image.open(path) as image:
@@ -34,7 +35,10 @@ class ImageFiles(Dataset):
         except Exception as err:  # Pillow raises several types for damaged files
             # the path travels back from the worker inside the message, between markers
             raise DecodeError(f"{_MARK}{path}\n{type(err).__name__}: {err}") from None
-        return self.transform(image), self.files.labels[index]
+        with torch.random.fork_rng(devices=[]):
+            # each sample's crop and flip follow from its own seed, whichever worker draws them
+            torch.manual_seed(sample_seed)
+            return self.transform(image), self.files.labels[index]
 
 
 def stack(samples: list[tuple[torch.Tensor, int]], channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,34 +48,50 @@ def stack(samples: list[tuple[torch.Tensor, int]], channels_last: bool) -> tuple
     return images, torch.tensor([label for _, label in samples])
 
 
-class EpochIndices(Sampler[int]):
-    """Yields ``indices_for(epoch)``, for the epoch last given to ``set_epoch``."""
+class EpochIndices(Sampler[tuple[int, int]]):
+    """Yields ``(index, sample seed)`` for ``indices_for(epoch)``, from position ``start`` on."""
 
-    def __init__(self, indices_for: Callable[[int], list[int]]):
-        self.indices_for, self.epoch = indices_for, 0
+    def __init__(self, indices_for: Callable[[int], list[int]], seed: int):
+        self.indices_for, self.seed, self.epoch, self.start = indices_for, seed, 0, 0
 
     def __len__(self) -> int:
-        return len(self.indices_for(self.epoch))
+        return len(self.indices_for(self.epoch)) - self.start
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices_for(self.epoch))
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self.indices_for(self.epoch)
+        base = (self.seed * 1_000_003 + self.epoch) * 2**24
+        for position in range(self.start, len(indices)):
+            yield indices[position], (base + position) % 2**63
 
 
 class FolderLoader:
-    """Iterates ``(images, labels)`` batches of one rank; a decode failure names the file."""
+    """Iterates ``(images, labels)`` batches of one rank; a decode failure names the file.
+
+    Its state is the epoch and the number of samples consumed; with per-sample seeds that is all
+    a restored loader needs to yield exactly the batches the interrupted one would have.
+    """
 
     def __init__(self, loader: DataLoader, sampler: EpochIndices, root: str):
         self.loader, self.sampler, self.root = loader, sampler, root
+        self._consumed = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+        self.sampler.epoch, self.sampler.start, self._consumed = epoch, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "position": self.sampler.start + self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch, self.sampler.start, self._consumed = state["epoch"], state["position"], 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
-            yield from self.loader
+            for images, labels in self.loader:
+                self._consumed += labels.numel()
+                yield images, labels
         except DecodeError as err:
             found = re.search(re.escape(_MARK) + r"(.+)\n(.*)", str(err))
             raise decode_error(found and found.group(1), self.root, found.group(2) if found else str(err)) from None
@@ -105,10 +125,10 @@ def build_folder_loaders(data_cfg, all_train: FileList, train_indices: Callable[
                   collate_fn=functools.partial(stack, channels_last=channels_last),
                   persistent_workers=data_cfg.workers > 0,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
-    train_sampler = EpochIndices(train_indices)
+    train_sampler = EpochIndices(train_indices, seed)
     train = DataLoader(ImageFiles(all_train, train_transform(size, mean, std)), sampler=train_sampler,
-                       batch_size=batch_size, generator=torch.Generator().manual_seed(seed), **common)
-    val_sampler = EpochIndices(lambda epoch: list(range(len(val_files))))
+                       batch_size=batch_size, **common)
+    val_sampler = EpochIndices(lambda epoch: list(range(len(val_files))), seed)
     val = DataLoader(ImageFiles(val_files, val_transform(size, resize, mean, std)), sampler=val_sampler,
                      batch_size=val_batch_size, **common)
     root = str(data_cfg.root)

@@ -96,13 +96,23 @@ class RandomBatches:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.images = images.to(device).contiguous(memory_format=memory_format)
         self.steps = steps
+        self.epoch, self.start, self._consumed = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         """The same batches every epoch."""
+        self.epoch, self.start, self._consumed = epoch, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.start + self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start, self._consumed = state["epoch"], state["position"], 0
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(self.steps):
+        self._consumed = 0
+        for _ in range(self.start, self.steps):
+            self._consumed += 1
             yield self.images, self.labels

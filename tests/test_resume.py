@@ -1,0 +1,152 @@
+"""Kill or signal real training processes mid-epoch, start them again, and compare with an uninterrupted run."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import RESUME_EXIT_CODE, load_checkpoint
+from pipeline.data.imagenet import verify
+from pipeline.data.synthetic import write_synthetic_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = str(ROOT / "configs/mini.yaml")
+STEPS_PER_EPOCH = 10  # 640 images, global batch 64
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
+    verify(root)
+    return root
+
+
+def command(run_dir, data, ranks, backend, *extra):
+    words = [f"run.dir={run_dir}", f"data.root={data}", f"data.backend={backend}", "train.epochs=2",
+             "train.batch_size=64", "checkpoint.every_steps=4", "train.log_every_steps=1", "data.workers=1", *extra]
+    if ranks == 1:
+        return [sys.executable, "-m", "pipeline.train", MINI, *words]
+    return [sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", str(ranks), *words]
+
+
+def run(cmd, log):
+    with open(log, "a") as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+
+
+def logged_steps(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [e["global_step"] for e in lines if e["event"] == "train"]
+
+
+def interrupt(cmd, run_dir, at_step, sig, log):
+    """Start ``cmd``, and once it has logged ``at_step`` send ``sig`` to its whole process group."""
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while max(logged_steps(run_dir), default=0) < at_step:
+        assert proc.poll() is None, Path(log).read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig)
+    return proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted runs, by (ranks, backend)."""
+    cache = {}
+
+    def get(ranks, backend):
+        if (ranks, backend) not in cache:
+            run_dir = tmp_path_factory.mktemp("reference") / "run"
+            assert run(command(run_dir, data, ranks, backend), run_dir.parent / "log") == 0
+            cache[ranks, backend] = run_dir
+        return cache[ranks, backend]
+
+    return get
+
+
+def assert_same_run(reference_dir, run_dir):
+    assert (run_dir / "model_final.pt").read_bytes() == (reference_dir / "model_final.pt").read_bytes()
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # each step once, in order
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference_dir))
+    assert ours["val_top1"] == theirs["val_top1"] and ours["images_seen"] == theirs["images_seen"]
+
+
+def mid_epoch_step():
+    step = random.randint(STEPS_PER_EPOCH + 2, 2 * STEPS_PER_EPOCH - 2)
+    print(f"interrupting at global step {step}")
+    return step
+
+
+@pytest.mark.parametrize("ranks,backend", [(1, "dali"), (1, "torchvision"), (2, "dali")])
+def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, data, reference, ranks, backend):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = command(run_dir, data, ranks, backend)
+    interrupt(cmd, run_dir, mid_epoch_step(), signal.SIGKILL, log)
+    assert not (run_dir / "model_final.pt").exists()
+    assert run(cmd, log) == 0, log.read_text()[-3000:]
+    assert "Resuming from" in log.read_text()
+    assert_same_run(reference(ranks, backend), run_dir)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_checkpoints_at_the_next_step_and_exits_to_be_resumed(tmp_path, data, reference, ranks):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = command(run_dir, data, ranks, "dali")
+    at_step = mid_epoch_step()
+    status = interrupt(cmd, run_dir, at_step, signal.SIGTERM, log)
+    if ranks == 1:
+        assert status == RESUME_EXIT_CODE
+    pointer = json.loads((run_dir / "checkpoints" / "latest").read_text())
+    assert at_step <= pointer["global_step"] <= at_step + 2  # the next step boundary, not the next every_steps
+    assert "Checkpoint on disk" in log.read_text() and "after SIGTERM" in log.read_text()
+    assert run(cmd, log) == 0, log.read_text()[-3000:]
+    assert_same_run(reference(ranks, "dali"), run_dir)
+
+
+def test_resume_with_more_epochs_continues_and_with_another_model_is_refused(tmp_path, data, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference(1, "dali"), run_dir)
+    other = run(command(run_dir, data, 1, "dali", "model.name=densenet121"), tmp_path / "log")
+    assert other == 2 and "model.name: 'densenet_bc' -> 'densenet121'" in (tmp_path / "log").read_text()
+    assert run(command(run_dir, data, 1, "dali", "train.epochs=3"), tmp_path / "log") == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3 and summary["global_step"] == 3 * STEPS_PER_EPOCH
+    assert logged_steps(run_dir) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+
+
+def test_killing_during_checkpoint_writes_never_leaves_the_pointer_on_a_bad_file(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    folder = run_dir / "checkpoints"
+    # densenet121's checkpoints take about as long to write as a step takes: kills land mid-write
+    cmd = [sys.executable, "-m", "pipeline.train", MINI, f"run.dir={run_dir}", "model.name=densenet121",
+           "data.backend=synthetic", "data.synthetic_steps=1000", "data.image_size=32", "train.batch_size=2",
+           "checkpoint.every_steps=1", "checkpoint.keep_last=1", "train.log_every_steps=1"]
+    for _ in range(3):
+        with open(log, "a") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        # until one checkpoint of this attempt is complete and the next is being written
+        while not (list(folder.glob("step-*.json")) and list(folder.glob(".step-*.pt.tmp-*"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.002)
+        time.sleep(random.uniform(0, 0.05))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pointer = json.loads((folder / "latest").read_text())
+        state = load_checkpoint(folder / pointer["file"])  # complete, and its checksum matches
+        assert state["progress"]["global_step"] == pointer["global_step"]
