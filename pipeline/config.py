@@ -98,7 +98,14 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"
+    backend: str = "mlflow"  # mlflow | none
+    uri: str = ""  # a tracking server URL, or "" for sqlite:///<the folder holding run.dir>/mlflow.db
+    experiment: str = "densenet"
+    run_name: str = ""  # "" = the name of run.dir
+    required: bool = False  # unreachable server at start: stop (true) or train without tracking (false)
+    system_metrics: bool = True  # CPU, memory, GPU utilisation and memory
+    register_model: str = ""  # a model registry name: register model_final.pt under it
+    flush_timeout_s: float = 60.0  # at the end, how long to wait for unsent metrics
 
 
 @dataclass
@@ -124,7 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("dali", "torchvision", "synthetic"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "schedule.name": ("step", "cosine"),
-    "tracking.backend": ("none",),
+    "tracking.backend": ("mlflow", "none"),
 }
 POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",

@@ -15,3 +15,10 @@ def setup_logging(rank: int, world_size: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def add_log_file(path) -> None:
+    """Also write this process's log lines to ``path`` (the run's ``train.log``), appending."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().addHandler(handler)

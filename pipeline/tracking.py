@@ -1,13 +1,42 @@
-"""Where a run's numbers go: ``metrics.jsonl`` in the run directory, written by rank 0."""
+"""Where a run's numbers go: ``metrics.jsonl`` in the run directory, and an MLflow run (rank 0 only).
+
+MLflow logging never blocks the training loop: metrics go to a queue that a background thread
+sends in batches. When the server is unreachable the thread warns once, keeps what it holds and
+retries; the end of the run flushes and says what could not be sent (and keeps it in
+``run.dir/unsent_metrics.jsonl``). A restarted run reopens the same MLflow run (its id lives in
+``run.dir/mlflow_run.json``) and skips the steps that run already holds, so every metric's steps
+stay strictly increasing.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import platform
+import queue
+import re
+import socket
+import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import atomic_write_bytes
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.checkpoint import atomic_write_bytes, library_versions
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run.json"
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+class TrackingError(RuntimeError):
+    """The tracking server is required (``tracking.required``) and cannot be reached."""
 
 
 class MetricsFile:
@@ -30,3 +59,221 @@ class MetricsFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def redact(text: str) -> str:
+    """``text`` without the values of secret-looking environment variables or credentials in URLs."""
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 4:
+            text = text.replace(value, "***")
+    return USERINFO.sub(r"\1***@", text)
+
+
+def default_uri(run_dir: str | Path) -> str:
+    """An SQLite store beside the run directories (absolute, so any working directory finds it)."""
+    return f"sqlite:///{Path(run_dir).absolute().parent / 'mlflow.db'}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = redact(str(value))[:6000]
+    return flat
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def attempt_tags(world_size: int, hosts: list[str]) -> dict[str, str]:
+    """Where and with what this attempt runs; tags, since they may change from one restart to the next."""
+    import torch
+
+    versions = library_versions()
+    tags = {"world_size": str(world_size), "hosts": ",".join(sorted(set(hosts))),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+            "git_commit": _git_commit() or "unknown", "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "python": platform.python_version()}
+    tags.update({f"version.{name}": str(version) for name, version in versions.items()})
+    return {k: redact(v) for k, v in tags.items() if v != ""}
+
+
+class _Sender(threading.Thread):
+    """Sends queued metrics in batches; holds them through an outage and retries."""
+
+    def __init__(self, client, run_id: str, uri: str, retry_s: float = 2.0):
+        super().__init__(name="mlflow-sender", daemon=True)
+        self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
+        self.queue: queue.Queue = queue.Queue()
+        self.pending: list = []
+        self.down_since: float | None = None
+        self._closing = threading.Event()
+        self._deadline = 0.0
+
+    def run(self) -> None:
+        while True:
+            self._drain(timeout=0.5)
+            if self.pending and not self._send():
+                if self._closing.is_set() and time.monotonic() > self._deadline:
+                    return  # the server is still away: close() reports what is left
+                time.sleep(self.retry_s)
+            elif self._closing.is_set() and self.queue.empty() and not self.pending:
+                return
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            self.pending.append(self.queue.get(timeout=timeout))
+            while True:
+                self.pending.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _send(self) -> bool:
+        try:
+            while self.pending:
+                batch = self.pending[:1000]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending[:len(batch)]
+        except Exception as err:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("MLflow server %s is unreachable (%s). Training goes on; metrics are kept and sent "
+                            "when it is back.", redact(self.uri), str(err).splitlines()[0][:200])
+            return False
+        if self.down_since is not None:
+            log.warning("MLflow server %s is back after %.0fs; buffered metrics sent.", redact(self.uri),
+                        time.monotonic() - self.down_since)
+            self.down_since = None
+        return True
+
+    def close(self, timeout: float) -> list:
+        """Stop after sending what is queued (waiting at most ``timeout`` seconds); returns what was not sent."""
+        self._deadline = time.monotonic() + timeout
+        self._closing.set()
+        self.join(timeout + self.retry_s + 15)
+        self._drain(timeout=0)
+        return list(self.pending)
+
+
+class Tracker:
+    """Rank 0's MLflow run: params once, tags per attempt, metrics in the background, artifacts at the end."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str]):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg, self.run_dir = cfg.tracking, run_dir
+        self.uri = cfg.tracking.uri or default_uri(run_dir)
+        # one failed request must not hold the sender for minutes: it retries by itself
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the URL may hold credentials
+        self.client = MlflowClient(self.uri)
+        self.client.search_experiments(max_results=1)  # reachable? raises if not
+        self.run_id, resumed = self._open_run(cfg)
+        self.skip_until = self._logged_steps() if resumed else {}
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.system_metrics)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # outages are reported once, below
+        for key, value in attempt_tags(world_size, hosts).items():
+            self.client.set_tag(self.run_id, key, value)
+        self.sender = _Sender(self.client, self.run_id, self.uri)
+        self.sender.start()
+        log.info("MLflow run %s in experiment '%s' at %s%s", self.run_id, self.cfg.experiment, redact(self.uri),
+                 " (reopened)" if resumed else "")
+
+    def _open_run(self, cfg: DictConfig) -> tuple[str, bool]:
+        """Reopen the run named in ``run.dir`` or create it, logging the params once."""
+        id_file = self.run_dir / RUN_ID_FILE
+        if id_file.is_file():
+            return json.loads(id_file.read_text())["run_id"], True
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            location = None
+            if self.uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in the cwd
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(self.cfg.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name or Path(cfg.run.dir).name)
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
+                                                "tracking_uri": redact(self.uri)}).encode())
+        return run.info.run_id, False
+
+    def _logged_steps(self) -> dict[str, int]:
+        """The last step the reopened run holds, per metric."""
+        keys = self.client.get_run(self.run_id).data.metrics.keys()
+        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step``; steps an earlier attempt already sent are skipped."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self.skip_until.get(key, -1):
+                self.sender.queue.put(Metric(key, float(value), now, step))
+
+    def finish(self, artifacts: list[Path], status: str = "FINISHED") -> None:
+        """Flush the metrics, upload the artifacts (secrets redacted from text files), end the run."""
+        import mlflow
+
+        unsent = self.sender.close(timeout=self.cfg.flush_timeout_s)
+        if unsent:
+            path = self.run_dir / "unsent_metrics.jsonl"
+            atomic_write_bytes(path, "".join(json.dumps({"key": m.key, "value": m.value, "step": m.step,
+                                                         "timestamp": m.timestamp}) + "\n" for m in unsent).encode())
+            log.warning("%d metric values could not be sent to %s; they are kept in %s", len(unsent),
+                        redact(self.uri), path)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in artifacts:
+                    if not path.is_file():
+                        continue
+                    if path.suffix in (".yaml", ".json", ".log", ".jsonl", ".txt"):
+                        clean = Path(tmp) / path.name
+                        clean.write_text(redact(path.read_text()))
+                        path = clean
+                    self.client.log_artifact(self.run_id, str(path))
+            if self.cfg.register_model and status == "FINISHED":
+                mlflow.register_model(f"runs:/{self.run_id}/model_final.pt", self.cfg.register_model)
+        except Exception as err:
+            log.warning("Could not upload the artifacts to %s (%s); they stay in %s.", redact(self.uri),
+                        str(err).splitlines()[0][:200], self.run_dir)
+        try:
+            mlflow.end_run(status=status)
+        except Exception as err:
+            log.warning("Could not mark the MLflow run %s as %s: %s", self.run_id, status, err)
+
+
+def open_tracker(cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str]) -> Tracker | None:
+    """The MLflow tracker (rank 0, ``tracking.backend=mlflow``), or None; an unreachable server is explained."""
+    if cfg.tracking.backend != "mlflow":
+        return None
+    try:
+        return Tracker(cfg, run_dir, world_size, hosts)
+    except Exception as err:
+        uri = redact(cfg.tracking.uri or default_uri(run_dir))
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        message = (f"Cannot reach the MLflow tracking server at {uri} ({reason}). Start it (mlflow server ...), "
+                   "fix tracking.uri, or set tracking.backend=none")
+        if cfg.tracking.required:
+            raise TrackingError(message + ".") from None
+        log.warning("%s. Training goes on WITHOUT tracking (tracking.required=false).", message)
+        return None
+
+
+def this_host() -> str:
+    return socket.gethostname()

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import random
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,10 +56,10 @@ from pipeline.distributed import (
     shutdown,
 )
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
-from pipeline.log import setup_logging
+from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopSignals
-from pipeline.tracking import MetricsFile
+from pipeline.tracking import MetricsFile, TrackingError, open_tracker
 
 log = logging.getLogger("pipeline.train")
 
@@ -132,8 +133,24 @@ def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+        add_log_file(run_dir / "train.log")
     barrier()
     return run_dir
+
+
+def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
+    """Rank 0's MLflow tracker (or None); a required server that cannot be reached stops every rank."""
+    hosts = gather_to_main(socket.gethostname())
+    tracker, error = None, None
+    if dist.is_main:
+        try:
+            tracker = open_tracker(cfg, run_dir, dist.world_size, hosts)
+        except TrackingError as err:
+            error = str(err)
+    error = broadcast_from_main(error)
+    if error:
+        raise TrackingError(error)
+    return tracker
 
 
 def seed_everything(seed: int) -> None:
@@ -187,8 +204,12 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         if 0 < progress.step_in_epoch < steps_per_epoch:
             train_loader.load_state_dict(mine["loader"])
         set_rng_state(mine["rng"])
-        log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"], progress.epoch + 1,
-                 progress.step_in_epoch, steps_per_epoch, progress.global_step)
+        if progress.epoch >= cfg.train.epochs:
+            log.info("The run in %s already completed %d of %d epochs: nothing to train. Raise train.epochs to "
+                     "continue it, or choose a new run.dir.", cfg.run.dir, progress.epoch, cfg.train.epochs)
+        else:
+            log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"],
+                     progress.epoch + 1, progress.step_in_epoch, steps_per_epoch, progress.global_step)
     net: nn.Module = model
     if dist.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -197,6 +218,23 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
         if dist.is_main else None
+    tracker = start_tracking(cfg, dist, run_dir)
+    try:
+        return _loop(cfg, dist, signals, run_dir, model, net, optimizer, scheduler, scaler, criterion, train_loader,
+                     val_loader, steps_per_epoch, progress, metrics, tracker)
+    except StopRequested:
+        if tracker:
+            tracker.finish([], status="KILLED")
+        raise
+    except BaseException:
+        if tracker:
+            tracker.finish([run_dir / "train.log"], status="FAILED")
+        raise
+
+
+def _loop(cfg, dist, signals, run_dir, model, net, optimizer, scheduler, scaler, criterion, train_loader, val_loader,
+          steps_per_epoch, progress, metrics, tracker) -> dict:
+    device = dist.device
     params = sum(p.numel() for p in model.parameters())
     log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
              cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
@@ -218,6 +256,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             state = {"format": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": asdict(progress),
                      "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
+                     "mlflow_run_id": tracker.run_id if tracker else None,
                      "config": OmegaConf.to_container(cfg), "versions": library_versions()}
             path = save_checkpoint(state, run_dir, progress.global_step, cfg.checkpoint.keep_last,
                                    progress.best_step)
@@ -247,6 +286,9 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                  record["images_per_s"], 100 * record["data_wait"])
         if metrics:
             metrics.log("train", epoch=progress.epoch, **record)
+        if tracker:
+            tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait")},
+                                record["global_step"])
 
     while progress.epoch < cfg.train.epochs:
         epoch = progress.epoch
@@ -273,6 +315,10 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         if metrics:
             metrics.log("val", epoch=epoch, global_step=progress.global_step, **val, epoch_seconds=epoch_seconds,
                         checkpoint_seconds=save_seconds)
+        if tracker:
+            tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
+                                 "epoch_seconds": epoch_seconds, "checkpoint_seconds": save_seconds},
+                                progress.global_step)
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         save("end of epoch")
 
@@ -289,6 +335,9 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         metrics.log("summary", **summary)
         metrics.close()
+        if tracker:
+            tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
+                                                         "train.log")])
         log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
                  progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
     return summary
@@ -306,7 +355,7 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except (ConfigError, DatasetError, CheckpointError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested:

@@ -17,8 +17,8 @@ MINI = str(ROOT / "configs/mini.yaml")
 
 
 def launch(*words, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launch.local", *words], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "launch.local", *words, "tracking.backend=none"], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):
     port = "29617"
     run_dir = tmp_path / "run"
     common = [MINI, "--nnodes", "2", "--nproc-per-node", "1", "--master-port", port, f"run.dir={run_dir}",
-              f"data.root={mini_data}", "train.epochs=1"]
+              f"data.root={mini_data}", "train.epochs=1", "tracking.backend=none"]
     node1 = subprocess.Popen([sys.executable, "-m", "launch.local", *common, "--node-rank", "1"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node0 = launch(*common, "--node-rank", "0", cwd=tmp_path)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.checkpoint import RESUME_EXIT_CODE, load_checkpoint
@@ -31,7 +32,8 @@ def data(tmp_path_factory):
 
 def command(run_dir, data, ranks, backend, *extra):
     words = [f"run.dir={run_dir}", f"data.root={data}", f"data.backend={backend}", "train.epochs=2",
-             "train.batch_size=64", "checkpoint.every_steps=4", "train.log_every_steps=1", "data.workers=1", *extra]
+             "train.batch_size=64", "checkpoint.every_steps=4", "train.log_every_steps=1", "data.workers=1",
+             "tracking.backend=none", *extra]
     if ranks == 1:
         return [sys.executable, "-m", "pipeline.train", MINI, *words]
     return [sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", str(ranks), *words]
@@ -59,7 +61,10 @@ def interrupt(cmd, run_dir, at_step, sig, log):
         assert proc.poll() is None, Path(log).read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    os.killpg(proc.pid, sig)
+    # the launcher and every rank it started, as a scheduler signals all of a job's processes
+    parent = psutil.Process(proc.pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        process.send_signal(sig)
     return proc.wait(timeout=120)
 
 
@@ -135,7 +140,8 @@ def test_killing_during_checkpoint_writes_never_leaves_the_pointer_on_a_bad_file
     # densenet121's checkpoints take about as long to write as a step takes: kills land mid-write
     cmd = [sys.executable, "-m", "pipeline.train", MINI, f"run.dir={run_dir}", "model.name=densenet121",
            "data.backend=synthetic", "data.synthetic_steps=1000", "data.image_size=32", "train.batch_size=2",
-           "checkpoint.every_steps=1", "checkpoint.keep_last=1", "train.log_every_steps=1"]
+           "checkpoint.every_steps=1", "checkpoint.keep_last=1", "train.log_every_steps=1",
+           "tracking.backend=none"]
     for _ in range(3):
         with open(log, "a") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

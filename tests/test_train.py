@@ -12,9 +12,10 @@ from pipeline.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(*words, cwd):
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *words], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+def train(config, *words, cwd):
+    # tracking is tested against a real server in test_tracking.py
+    return subprocess.run([sys.executable, "-m", "pipeline.train", config, "tracking.backend=none", *words], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -112,6 +113,7 @@ def test_without_dali_training_falls_back_to_torchvision_with_a_warning(tmp_path
     run_dir = tmp_path / "run"
     code = ("import sys; sys.modules['nvidia.dali'] = None; from pipeline.train import cli; "
             f"sys.exit(cli([{str(ROOT / 'configs/mini.yaml')!r}, 'run.dir={run_dir}', 'data.root={root}', "
+            "'tracking.backend=none', "
             "'train.epochs=1', 'train.batch_size=8', 'data.workers=1']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -113,7 +113,8 @@ def test_verify_finds_each_planted_file_and_nothing_else(damaged_tree, decoder):
 
 
 def train(*words, cwd):
-    return subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"), *words],
+    return subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"),
+                           "tracking.backend=none", *words],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 

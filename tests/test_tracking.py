@@ -1,0 +1,185 @@
+"""MLflow tracking against a real ``mlflow server`` (SQLite backend) started here on 127.0.0.1."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.data.imagenet import verify
+from pipeline.data.synthetic import write_synthetic_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = str(ROOT / "configs/mini.yaml")
+SECRET = "hunter2-s3cret-value"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``mlflow server`` on 127.0.0.1 with an SQLite store; stop() and start() keep the store."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=open(self.folder / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
+    verify(root)
+    return root
+
+
+def words(run_dir, data, uri, experiment, *extra):
+    return [f"run.dir={run_dir}", f"data.root={data}", "tracking.backend=mlflow", f"tracking.uri={uri}",
+            f"tracking.experiment={experiment}", "train.epochs=2", "train.batch_size=64", "train.log_every_steps=2",
+            "checkpoint.every_steps=4", "data.workers=1", "tracking.flush_timeout_s=30", *extra]
+
+
+def runs_of(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def assert_steps_strictly_increase(client, run_id):
+    for key in client.get_run(run_id).data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert steps == sorted(set(steps)), (key, steps)
+
+
+def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_secret(tmp_path, server, data):
+    run_dir = tmp_path / "run"
+    # credentials in the URI and in the environment must never reach MLflow
+    uri = server.uri.replace("http://", f"http://user:{SECRET}@")
+    # system metrics are sampled every 10 s by default: sooner here, as the run is short
+    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    result = subprocess.run([sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", "2",
+                             *words(run_dir, data, uri, "two-ranks")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, runs = runs_of(server.uri, "two-ranks")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["train.epochs"] == "2" and params["model.name"] == "densenet_bc"
+    assert params["train.batch_size"] == "64" and "optim.lr" in params
+    assert tags["world_size"] == "2" and tags["version.torch"] and tags["version.dali"]
+    assert tags["hosts"] == socket.gethostname() and tags["gpu"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metrics["val/top1"] == pytest.approx(summary["val_top1"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "val/top5", "val/loss",
+            "epoch_seconds", "checkpoint_seconds"} <= set(metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(2, 21, 2))
+    assert any(key.startswith("system/") for key in metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "train.log", "summary.json", "model_final.pt"} <= artifacts
+
+    everything = json.dumps([params, tags]) + (run_dir / "metrics.jsonl").read_text()
+    for name in ("config.yaml", "train.log", "summary.json"):
+        everything += Path(client.download_artifacts(run.info.run_id, name, str(tmp_path))).read_text()
+    assert SECRET not in everything
+
+
+def test_a_killed_and_restarted_run_continues_the_same_mlflow_run(tmp_path, server, data):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, data, server.uri, "resumed",
+                                                                 "train.log_every_steps=1")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    metrics_file = run_dir / "metrics.jsonl"
+    while not (metrics_file.exists() and '"global_step": 14' in metrics_file.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(1.5)  # let the sender deliver what it holds, so the restart has steps to skip
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=600).returncode == 0
+    client, runs = runs_of(server.uri, "resumed")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert_steps_strictly_increase(client, runs[0].info.run_id)
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, 21))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert runs[0].data.metrics["val/top1"] == pytest.approx(summary["val_top1"])
+
+
+def test_training_survives_the_server_going_away_and_coming_back(tmp_path, data):
+    server = Server(tmp_path / "server")
+    server.folder.mkdir()
+    server.start()
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, data, server.uri, "outage",
+                                                                 "train.log_every_steps=1", "train.epochs=3")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    while not ((run_dir / "metrics.jsonl").exists() and '"global_step": 3' in (run_dir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    server.stop()
+    time.sleep(6)
+    assert proc.poll() is None, "training must go on while the server is away"
+    server.start()
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("is unreachable") == 1 and "is back" in text
+    client, runs = runs_of(server.uri, "outage")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, 31))
+    server.stop()
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_an_unreachable_server_at_start_is_explained(tmp_path, data, required):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI,
+                             *words(tmp_path / "run", data, uri, "none", f"tracking.required={required}",
+                                    "train.epochs=1")], capture_output=True, text=True, timeout=600)
+    assert "Cannot reach the MLflow tracking server at " + uri in result.stdout + result.stderr
+    if required:
+        assert result.returncode == 2 and not (tmp_path / "run" / "summary.json").exists()
+    else:
+        assert result.returncode == 0 and "WITHOUT tracking" in result.stdout
