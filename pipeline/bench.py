@@ -2,6 +2,7 @@
 
     checkpoint   save and load time and size of a full training checkpoint (model, SGD momentum,
                  schedule, grad scaler, per-rank loader and RNG state), written the way training writes it
+    tracking     images/s of the mini config with MLflow tracking off and on (an SQLite store), and their ratio
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +56,28 @@ def bench_checkpoint(args: argparse.Namespace) -> dict:
             "repeat": args.repeat, "folder": str(Path(args.dir or tempfile.gettempdir()).absolute())}
 
 
+def _mini_images_per_s(run_dir: Path, words: list[str]) -> float:
+    """Train the mini config once; the median images/s of its logged windows after the first."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "mini.yaml"
+    subprocess.run([sys.executable, "-m", "pipeline.train", str(config), f"run.dir={run_dir}", *words], check=True,
+                   capture_output=True, timeout=1800)
+    rates = [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    return statistics.median(rates[1:] or rates)
+
+
+def bench_tracking(args: argparse.Namespace) -> dict:
+    rates: dict[str, list[float]] = {"none": [], "mlflow": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [f"train.epochs={args.epochs}", f"data.root={tmp}/data", "train.log_every_steps=2"]
+        for i in range(args.repeat):
+            for backend in ("none", "mlflow"):  # alternated, so drifts in machine load hit both alike
+                run_dir = Path(tmp) / f"{backend}-{i}"
+                rates[backend].append(_mini_images_per_s(run_dir, [*common, f"tracking.backend={backend}"]))
+    off, on = statistics.mean(rates["none"]), statistics.mean(rates["mlflow"])
+    return {"images_per_s_off": off, "images_per_s_on": on, "ratio": on / off, "runs": rates}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--repeat", type=int, default=5)
     ckpt.add_argument("--dir", default=None, help="where to write (default: the temp folder)")
     ckpt.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    track = sub.add_parser("tracking", help="mini config images/s with tracking off and on")
+    track.add_argument("--epochs", type=int, default=4)
+    track.add_argument("--repeat", type=int, default=2)
+    track.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.command == "tracking":
+        result = bench_tracking(args)
+        print(f"{'tracking':<10}{'images/s':>10}")
+        print(f"{'off':<10}{result['images_per_s_off']:>10.1f}\n{'on':<10}{result['images_per_s_on']:>10.1f}")
+        print(f"ratio on/off: {result['ratio']:.3f} (mean of {args.repeat} alternated runs each)")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return 0
     result = bench_checkpoint(args)
     print(f"{'model':<14}{'ranks':>6}{'size MB':>10}{'save s':>9}{'load s':>9}{'save MB/s':>11}")
     print(f"{result['model']:<14}{result['world_size']:>6}{result['bytes'] / 1e6:>10.1f}{result['save_s']:>9.3f}"

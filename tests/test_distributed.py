@@ -68,8 +68,8 @@ def test_launcher_checks_the_config_before_starting_ranks(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
-def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path, backend):
+def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
+    # the torchvision loader's exact-once validation at these world sizes: tests/data/test_loaders.py
     root = write_synthetic_imagenet(tmp_path / "data", 10, 1, 10, 24, 48)
     extra = next((root / "val" / "n10000003").iterdir())
     shutil.copy(extra, extra.with_name("extra.JPEG"))  # 101 validation images
@@ -79,7 +79,7 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path, bac
     results = []
     for world in (1, 2, 3):
         result = launch(MINI, "--nproc-per-node", str(world), "--evaluate", str(weights), f"data.root={root}",
-                        f"data.backend={backend}", "data.val_batch_size=8", "data.workers=1",
+                        "data.val_batch_size=8", "data.workers=1",
                         "data.generate.enabled=false", cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         results.append(json.loads((tmp_path / "eval.json").read_text()))
