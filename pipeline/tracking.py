@@ -226,6 +226,18 @@ class Tracker:
             if step > self.skip_until.get(key, -1):
                 self.sender.queue.put(Metric(key, float(value), now, step))
 
+    def _register(self, name: str) -> None:
+        """Register the uploaded ``model_final.pt`` as a new version of the model ``name``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name)
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model_final.pt"
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        log.info("Registered model_final.pt as model '%s' version %s", name, version.version)
+
     def finish(self, artifacts: list[Path], status: str = "FINISHED") -> None:
         """Flush the metrics, upload the artifacts (secrets redacted from text files), end the run."""
         import mlflow
@@ -248,7 +260,7 @@ class Tracker:
                         path = clean
                     self.client.log_artifact(self.run_id, str(path))
             if self.cfg.register_model and status == "FINISHED":
-                mlflow.register_model(f"runs:/{self.run_id}/model_final.pt", self.cfg.register_model)
+                self._register(self.cfg.register_model)
         except Exception as err:
             log.warning("Could not upload the artifacts to %s (%s); they stay in %s.", redact(self.uri),
                         str(err).splitlines()[0][:200], self.run_dir)

@@ -96,7 +96,8 @@ def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_se
     # system metrics are sampled every 10 s by default: sooner here, as the run is short
     env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     result = subprocess.run([sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", "2",
-                             *words(run_dir, data, uri, "two-ranks")], env=env, capture_output=True, text=True,
+                             *words(run_dir, data, uri, "two-ranks", "tracking.register_model=densenet-mini")],
+                            env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client, runs = runs_of(server.uri, "two-ranks")
@@ -117,6 +118,8 @@ def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_se
     assert any(key.startswith("system/") for key in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "train.log", "summary.json", "model_final.pt"} <= artifacts
+    versions = client.search_model_versions("name='densenet-mini'")
+    assert [v.run_id for v in versions] == [run.info.run_id] and versions[0].source.endswith("model_final.pt")
 
     everything = json.dumps([params, tags]) + (run_dir / "metrics.jsonl").read_text()
     for name in ("config.yaml", "train.log", "summary.json"):
