@@ -11,6 +11,10 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
+class StopRequested(Exception):
+    """A stop signal arrived; the run checkpointed and should be started again to resume."""
+
+
 class StopSignals:
     """Installs handlers that record the first stop signal; ``received`` is when it came (or None)."""
 

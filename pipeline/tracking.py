@@ -16,17 +16,19 @@ import os
 import platform
 import queue
 import re
-import socket
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, library_versions
+from pipeline.signals import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -287,5 +289,16 @@ def open_tracker(cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[st
         return None
 
 
-def this_host() -> str:
-    return socket.gethostname()
+@contextmanager
+def finish_on_error(tracker: Tracker | None, log_file: Path) -> Iterator[None]:
+    """Ends the MLflow run if training stops early: KILLED after a stop signal, FAILED on an error."""
+    try:
+        yield
+    except StopRequested:
+        if tracker:
+            tracker.finish([], status="KILLED")
+        raise
+    except BaseException:
+        if tracker:
+            tracker.finish([log_file], status="FAILED")
+        raise

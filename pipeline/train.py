@@ -58,14 +58,10 @@ from pipeline.distributed import (
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
-from pipeline.signals import StopSignals
-from pipeline.tracking import MetricsFile, TrackingError, open_tracker
+from pipeline.signals import StopRequested, StopSignals
+from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
 
 log = logging.getLogger("pipeline.train")
-
-
-class StopRequested(Exception):
-    """A stop signal arrived; the run checkpointed and should be started again to resume."""
 
 
 @dataclass
@@ -219,128 +215,115 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
         if dist.is_main else None
     tracker = start_tracking(cfg, dist, run_dir)
-    try:
-        return _loop(cfg, dist, signals, run_dir, model, net, optimizer, scheduler, scaler, criterion, train_loader,
-                     val_loader, steps_per_epoch, progress, metrics, tracker)
-    except StopRequested:
-        if tracker:
-            tracker.finish([], status="KILLED")
-        raise
-    except BaseException:
-        if tracker:
-            tracker.finish([run_dir / "train.log"], status="FAILED")
-        raise
+    with finish_on_error(tracker, run_dir / "train.log"):
+        params = sum(p.numel() for p in model.parameters())
+        log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
+                 cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
+                 cfg.train.channels_last, cfg.train.batch_size, steps_per_epoch, run_dir)
 
-
-def _loop(cfg, dist, signals, run_dir, model, net, optimizer, scheduler, scaler, criterion, train_loader, val_loader,
-          steps_per_epoch, progress, metrics, tracker) -> dict:
-    device = dist.device
-    params = sum(p.numel() for p in model.parameters())
-    log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
-             cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
-             cfg.train.channels_last, cfg.train.batch_size, steps_per_epoch, run_dir)
-
-    attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
-    last_save = time.monotonic()
-    save_seconds = 0.0
-
-    def wall_seconds() -> float:
-        return wall_before + time.perf_counter() - attempt_start
-
-    def save(reason: str) -> None:
-        nonlocal last_save, save_seconds
-        began = time.perf_counter()
-        ranks = gather_to_main({"loader": train_loader.state_dict(), "rng": rng_state()})
-        if dist.is_main:
-            progress.wall_seconds = wall_seconds()
-            state = {"format": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": asdict(progress),
-                     "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
-                     "mlflow_run_id": tracker.run_id if tracker else None,
-                     "config": OmegaConf.to_container(cfg), "versions": library_versions()}
-            path = save_checkpoint(state, run_dir, progress.global_step, cfg.checkpoint.keep_last,
-                                   progress.best_step)
-            save_seconds = time.perf_counter() - began
-            log.info("Saved %s (%s) in %.2fs", path.name, reason, save_seconds)
-        barrier()  # no rank leaves (or exits) before the checkpoint is on disk
+        attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
         last_save = time.monotonic()
+        save_seconds = 0.0
 
-    def on_step(global_step: int) -> bool:
-        progress.global_step = global_step
-        progress.step_in_epoch += 1
-        every = cfg.checkpoint.every_steps
-        timed = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
-        timed, stop = agree(timed, signals.received is not None)
-        if stop:
-            save(f"stop signal {signals.name or 'on another rank'}")
-            if signals.received is not None:
-                log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
-            return True
-        if (every and global_step % every == 0) or timed:
-            save("every_steps" if every and global_step % every == 0 else "every_minutes")
-        return False
+        def wall_seconds() -> float:
+            return wall_before + time.perf_counter() - attempt_start
 
-    def on_log(record: dict) -> None:
-        log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  data-wait %.0f%%", progress.epoch + 1,
-                 progress.step_in_epoch + 1, steps_per_epoch, record["loss"], record["lr"],
-                 record["images_per_s"], 100 * record["data_wait"])
-        if metrics:
-            metrics.log("train", epoch=progress.epoch, **record)
-        if tracker:
-            tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait")},
-                                record["global_step"])
+        def save(reason: str) -> None:
+            nonlocal last_save, save_seconds
+            began = time.perf_counter()
+            ranks = gather_to_main({"loader": train_loader.state_dict(), "rng": rng_state()})
+            if dist.is_main:
+                progress.wall_seconds = wall_seconds()
+                state = {"format": FORMAT_VERSION, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "progress": asdict(progress),
+                         "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
+                         "mlflow_run_id": tracker.run_id if tracker else None,
+                         "config": OmegaConf.to_container(cfg), "versions": library_versions()}
+                path = save_checkpoint(state, run_dir, progress.global_step, cfg.checkpoint.keep_last,
+                                       progress.best_step)
+                save_seconds = time.perf_counter() - began
+                log.info("Saved %s (%s) in %.2fs", path.name, reason, save_seconds)
+            barrier()  # no rank leaves (or exits) before the checkpoint is on disk
+            last_save = time.monotonic()
 
-    while progress.epoch < cfg.train.epochs:
-        epoch = progress.epoch
-        epoch_start = time.perf_counter()
-        if progress.step_in_epoch == 0:
-            train_loader.set_epoch(epoch)
-        if progress.step_in_epoch < steps_per_epoch:
-            show_bar = dist.is_main and sys.stderr.isatty()
-            with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
-                      disable=not show_bar, leave=False) as bar:
-                _, stopped = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, cfg.train,
-                                             device, progress.global_step, dist.world_size, on_log, on_step, bar)
-            if stopped:
-                raise StopRequested()
-        broadcast_buffers(model)
-        # the plain model: each rank evaluates its own share, with no DDP collective per batch
-        val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)
-        progress.val = val
-        if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
-            progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
-        epoch_seconds = time.perf_counter() - epoch_start
-        log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
-                 epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
-        if metrics:
-            metrics.log("val", epoch=epoch, global_step=progress.global_step, **val, epoch_seconds=epoch_seconds,
-                        checkpoint_seconds=save_seconds)
-        if tracker:
-            tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
-                                 "epoch_seconds": epoch_seconds, "checkpoint_seconds": save_seconds},
-                                progress.global_step)
-        progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        save("end of epoch")
+        def on_step(global_step: int) -> bool:
+            progress.global_step = global_step
+            progress.step_in_epoch += 1
+            every = cfg.checkpoint.every_steps
+            minutes = cfg.checkpoint.every_minutes
+            timed = minutes > 0 and time.monotonic() - last_save >= 60 * minutes
+            timed, stop = agree(timed, signals.received is not None)
+            if stop:
+                save(f"stop signal {signals.name or 'on another rank'}")
+                if signals.received is not None:
+                    log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
+                return True
+            if (every and global_step % every == 0) or timed:
+                save("every_steps" if every and global_step % every == 0 else "every_minutes")
+            return False
 
-    progress.wall_seconds = wall_seconds()
-    summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
-               "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
-               "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * cfg.train.batch_size,
-               "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
-               "replicas_identical": replicas_identical(model)}
-    if not summary["replicas_identical"]:
-        log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
-    if dist.is_main:
-        atomic_torch_save(model.state_dict(), run_dir / "model_final.pt")
-        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        metrics.log("summary", **summary)
-        metrics.close()
-        if tracker:
-            tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
-                                                         "train.log")])
-        log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
-                 progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
-    return summary
+        def on_log(record: dict) -> None:
+            log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  data-wait %.0f%%", progress.epoch + 1,
+                     progress.step_in_epoch + 1, steps_per_epoch, record["loss"], record["lr"],
+                     record["images_per_s"], 100 * record["data_wait"])
+            if metrics:
+                metrics.log("train", epoch=progress.epoch, **record)
+            if tracker:
+                tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait")},
+                                    record["global_step"])
+
+        while progress.epoch < cfg.train.epochs:
+            epoch = progress.epoch
+            epoch_start = time.perf_counter()
+            if progress.step_in_epoch == 0:
+                train_loader.set_epoch(epoch)
+            if progress.step_in_epoch < steps_per_epoch:
+                show_bar = dist.is_main and sys.stderr.isatty()
+                with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
+                          disable=not show_bar, leave=False) as bar:
+                    _, stopped = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, cfg.train,
+                                                 device, progress.global_step, dist.world_size, on_log, on_step, bar)
+                if stopped:
+                    raise StopRequested()
+            broadcast_buffers(model)
+            # the plain model: each rank evaluates its own share, with no DDP collective per batch
+            val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)
+            progress.val = val
+            if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
+                progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
+            epoch_seconds = time.perf_counter() - epoch_start
+            log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
+                     epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
+            if metrics:
+                metrics.log("val", epoch=epoch, global_step=progress.global_step, **val, epoch_seconds=epoch_seconds,
+                            checkpoint_seconds=save_seconds)
+            if tracker:
+                tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
+                                     "epoch_seconds": epoch_seconds, "checkpoint_seconds": save_seconds},
+                                    progress.global_step)
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            save("end of epoch")
+
+        progress.wall_seconds = wall_seconds()
+        summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
+                   "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
+                   "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * cfg.train.batch_size,
+                   "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
+                   "replicas_identical": replicas_identical(model)}
+        if not summary["replicas_identical"]:
+            log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
+        if dist.is_main:
+            atomic_torch_save(model.state_dict(), run_dir / "model_final.pt")
+            atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+            metrics.log("summary", **summary)
+            metrics.close()
+            if tracker:
+                tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
+                                                             "train.log")])
+            log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
+                     progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
+        return summary
 
 
 def cli(argv: list[str] | None = None) -> int:
