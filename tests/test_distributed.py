@@ -21,15 +21,6 @@ def launch(*words, cwd, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def mini_data(tmp_path_factory):
-    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
-    from pipeline.data.imagenet import verify
-
-    verify(root)
-    return root
-
-
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_data):
     run_dir = tmp_path / "run"

@@ -14,20 +14,11 @@ import psutil
 import pytest
 
 from pipeline.checkpoint import RESUME_EXIT_CODE, load_checkpoint
-from pipeline.data.imagenet import verify
-from pipeline.data.synthetic import write_synthetic_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
 STEPS_PER_EPOCH = 10  # 640 images, global batch 64
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
-    verify(root)
-    return root
 
 
 def command(run_dir, data, ranks, backend, *extra):
@@ -69,14 +60,14 @@ def interrupt(cmd, run_dir, at_step, sig, log):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(mini_data, tmp_path_factory):
     """Uninterrupted runs, by (ranks, backend)."""
     cache = {}
 
     def get(ranks, backend):
         if (ranks, backend) not in cache:
             run_dir = tmp_path_factory.mktemp("reference") / "run"
-            assert run(command(run_dir, data, ranks, backend), run_dir.parent / "log") == 0
+            assert run(command(run_dir, mini_data, ranks, backend), run_dir.parent / "log") == 0
             cache[ranks, backend] = run_dir
         return cache[ranks, backend]
 
@@ -98,9 +89,9 @@ def mid_epoch_step():
 
 
 @pytest.mark.parametrize("ranks,backend", [(1, "dali"), (1, "torchvision"), (2, "dali")])
-def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, data, reference, ranks, backend):
+def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_data, reference, ranks, backend):
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = command(run_dir, data, ranks, backend)
+    cmd = command(run_dir, mini_data, ranks, backend)
     interrupt(cmd, run_dir, mid_epoch_step(), signal.SIGKILL, log)
     assert not (run_dir / "model_final.pt").exists()
     assert run(cmd, log) == 0, log.read_text()[-3000:]
@@ -109,9 +100,9 @@ def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, data, r
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_sigterm_checkpoints_at_the_next_step_and_exits_to_be_resumed(tmp_path, data, reference, ranks):
+def test_sigterm_checkpoints_at_the_next_step_and_exits_to_be_resumed(tmp_path, mini_data, reference, ranks):
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = command(run_dir, data, ranks, "dali")
+    cmd = command(run_dir, mini_data, ranks, "dali")
     at_step = mid_epoch_step()
     status = interrupt(cmd, run_dir, at_step, signal.SIGTERM, log)
     if ranks == 1:
@@ -123,12 +114,12 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_to_be_resumed(tmp_path, 
     assert_same_run(reference(ranks, "dali"), run_dir)
 
 
-def test_resume_with_more_epochs_continues_and_with_another_model_is_refused(tmp_path, data, reference):
+def test_resume_with_more_epochs_continues_and_with_another_model_is_refused(tmp_path, mini_data, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference(1, "dali"), run_dir)
-    other = run(command(run_dir, data, 1, "dali", "model.name=densenet121"), tmp_path / "log")
+    other = run(command(run_dir, mini_data, 1, "dali", "model.name=densenet121"), tmp_path / "log")
     assert other == 2 and "model.name: 'densenet_bc' -> 'densenet121'" in (tmp_path / "log").read_text()
-    assert run(command(run_dir, data, 1, "dali", "train.epochs=3"), tmp_path / "log") == 0
+    assert run(command(run_dir, mini_data, 1, "dali", "train.epochs=3"), tmp_path / "log") == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_completed"] == 3 and summary["global_step"] == 3 * STEPS_PER_EPOCH
     assert logged_steps(run_dir) == list(range(1, 3 * STEPS_PER_EPOCH + 1))

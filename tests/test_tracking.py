@@ -13,9 +13,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.data.imagenet import verify
-from pipeline.data.synthetic import write_synthetic_imagenet
-
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
 SECRET = "hunter2-s3cret-value"
@@ -64,13 +61,6 @@ def server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = write_synthetic_imagenet(tmp_path_factory.mktemp("mini") / "data", 10, 64, 16, 40, 96)
-    verify(root)
-    return root
-
-
 def words(run_dir, data, uri, experiment, *extra):
     return [f"run.dir={run_dir}", f"data.root={data}", "tracking.backend=mlflow", f"tracking.uri={uri}",
             f"tracking.experiment={experiment}", "train.epochs=2", "train.batch_size=64", "train.log_every_steps=2",
@@ -89,14 +79,14 @@ def assert_steps_strictly_increase(client, run_id):
         assert steps == sorted(set(steps)), (key, steps)
 
 
-def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_secret(tmp_path, server, data):
+def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_secret(tmp_path, server, mini_data):
     run_dir = tmp_path / "run"
     # credentials in the URI and in the environment must never reach MLflow
     uri = server.uri.replace("http://", f"http://user:{SECRET}@")
     # system metrics are sampled every 10 s by default: sooner here, as the run is short
     env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     result = subprocess.run([sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", "2",
-                             *words(run_dir, data, uri, "two-ranks", "tracking.register_model=densenet-mini")],
+                             *words(run_dir, mini_data, uri, "two-ranks", "tracking.register_model=densenet-mini")],
                             env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -127,9 +117,9 @@ def test_two_ranks_give_one_run_with_params_tags_metrics_and_artifacts_and_no_se
     assert SECRET not in everything
 
 
-def test_a_killed_and_restarted_run_continues_the_same_mlflow_run(tmp_path, server, data):
+def test_a_killed_and_restarted_run_continues_the_same_mlflow_run(tmp_path, server, mini_data):
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, data, server.uri, "resumed",
+    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, mini_data, server.uri, "resumed",
                                                                  "train.log_every_steps=1")]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -150,12 +140,12 @@ def test_a_killed_and_restarted_run_continues_the_same_mlflow_run(tmp_path, serv
     assert runs[0].data.metrics["val/top1"] == pytest.approx(summary["val_top1"])
 
 
-def test_training_survives_the_server_going_away_and_coming_back(tmp_path, data):
+def test_training_survives_the_server_going_away_and_coming_back(tmp_path, mini_data):
     server = Server(tmp_path / "server")
     server.folder.mkdir()
     server.start()
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, data, server.uri, "outage",
+    cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, mini_data, server.uri, "outage",
                                                                  "train.log_every_steps=1", "train.epochs=3")]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -176,10 +166,10 @@ def test_training_survives_the_server_going_away_and_coming_back(tmp_path, data)
 
 
 @pytest.mark.parametrize("required", [True, False])
-def test_an_unreachable_server_at_start_is_explained(tmp_path, data, required):
+def test_an_unreachable_server_at_start_is_explained(tmp_path, mini_data, required):
     uri = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI,
-                             *words(tmp_path / "run", data, uri, "none", f"tracking.required={required}",
+                             *words(tmp_path / "run", mini_data, uri, "none", f"tracking.required={required}",
                                     "train.epochs=1")], capture_output=True, text=True, timeout=600)
     assert "Cannot reach the MLflow tracking server at " + uri in result.stdout + result.stderr
     if required:
