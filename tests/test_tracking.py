@@ -140,16 +140,26 @@ def test_a_killed_and_restarted_run_continues_the_same_mlflow_run(tmp_path, serv
     assert runs[0].data.metrics["val/top1"] == pytest.approx(summary["val_top1"])
 
 
-def test_training_survives_the_server_going_away_and_coming_back(tmp_path, mini_data):
+@pytest.fixture
+def own_server(tmp_path):
+    """A server this test may stop and start again; always stopped at the end."""
     server = Server(tmp_path / "server")
     server.folder.mkdir()
     server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def test_training_survives_the_server_going_away_and_coming_back(tmp_path, own_server, mini_data):
+    server = own_server
     run_dir, log = tmp_path / "run", tmp_path / "log"
     cmd = [sys.executable, "-m", "pipeline.train", MINI, *words(run_dir, mini_data, server.uri, "outage",
                                                                  "train.log_every_steps=1", "train.epochs=3")]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    while not ((run_dir / "metrics.jsonl").exists() and '"global_step": 3' in (run_dir / "metrics.jsonl").read_text()):
+    metrics_file = run_dir / "metrics.jsonl"
+    while not (metrics_file.exists() and '"global_step": 3' in metrics_file.read_text()):
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
     server.stop()
@@ -162,7 +172,6 @@ def test_training_survives_the_server_going_away_and_coming_back(tmp_path, mini_
     client, runs = runs_of(server.uri, "outage")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, 31))
-    server.stop()
 
 
 @pytest.mark.parametrize("required", [True, False])
