@@ -147,3 +147,16 @@ def test_killing_during_checkpoint_writes_never_leaves_the_pointer_on_a_bad_file
         pointer = json.loads((folder / "latest").read_text())
         state = load_checkpoint(folder / pointer["file"])  # complete, and its checksum matches
         assert state["progress"]["global_step"] == pointer["global_step"]
+
+
+def test_resume_from_a_named_checkpoint_file_in_a_new_run_dir(tmp_path, mini_data, reference):
+    source = reference(1, "dali") / "checkpoints"
+    # a checkpoint kept from the second epoch of the reference run
+    checkpoint = next(p for p in sorted(source.glob("step-*.pt"))
+                      if json.loads(p.with_suffix(".json").read_text())["global_step"] >= STEPS_PER_EPOCH)
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    assert run(command(run_dir, mini_data, 1, "dali", f"run.resume={checkpoint}"), log) == 0, log.read_text()
+    assert f"Resuming from {checkpoint}" in log.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 2 * STEPS_PER_EPOCH
+    assert min(logged_steps(run_dir)) > STEPS_PER_EPOCH  # only what came after the checkpoint was trained here
