@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import flatten
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -169,19 +171,9 @@ MUST_MATCH = ("model.", "data.root", "data.backend", "data.image_size", "data.va
               "data.generate.", "train.batch_size", "run.seed")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
     """Refuse a resume whose config changes the model or the data; other changes (epochs, logging) are fine."""
-    old, new = _flatten(saved_config), _flatten(config)
+    old, new = flatten(saved_config), flatten(config)
     changed = [k for k in sorted(set(old) | set(new))
                if (k.startswith(MUST_MATCH) or k in MUST_MATCH) and old.get(k) != new.get(k)]
     if changed:

@@ -147,20 +147,20 @@ class ConfigError(ValueError):
     """A configuration mistake, with a message meant for the person who made it."""
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as plain containers, keyed by dotted names (``train.epochs``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _schema_keys() -> dict[str, Any]:
     """Every dotted key of the schema, with its default value."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, name + ".")
-            else:
-                flat[name] = value
-
-    walk(OmegaConf.to_container(OmegaConf.structured(Config)), "")
-    return flat
+    return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
 
 
 def _nearest_keys(key: str, valid: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, library_versions
+from pipeline.config import flatten
 from pipeline.signals import StopRequested
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,6 @@ def redact(text: str) -> str:
 def default_uri(run_dir: str | Path) -> str:
     """An SQLite store beside the run directories (absolute, so any working directory finds it)."""
     return f"sqlite:///{Path(run_dir).absolute().parent / 'mlflow.db'}"
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = redact(str(value))[:6000]
-    return flat
 
 
 def _git_commit() -> str | None:
@@ -207,7 +198,8 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=self.cfg.run_name or Path(cfg.run.dir).name)
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+        params = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[start:start + 100])
         atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
