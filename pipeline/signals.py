@@ -11,6 +11,16 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def default_signal_handlers(*_) -> None:
+    """For a forked worker process (a pool's or a DataLoader's initializer).
+
+    The parent's handlers only take notes, so a worker that inherited them would outlive SIGTERM and
+    hang its pool's shutdown or a scheduler's kill; with the defaults back, it dies of the signal.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class StopRequested(Exception):
     """A stop signal arrived; the run checkpointed and should be started again to resume."""
 

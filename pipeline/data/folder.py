@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from pipeline.data.files import FileList
 from pipeline.data.layout import DecodeError, decode_error
+from pipeline.signals import default_signal_handlers
 
 _MARK = "undecodable image file: "
 
@@ -123,7 +124,7 @@ def build_folder_loaders(data_cfg, all_train: FileList, train_indices: Callable[
     resize = data_cfg.val_resize or round(size * 256 / 224)
     common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
                   collate_fn=functools.partial(stack, channels_last=channels_last),
-                  persistent_workers=data_cfg.workers > 0,
+                  persistent_workers=data_cfg.workers > 0, worker_init_fn=default_signal_handlers,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
     train_sampler = EpochIndices(train_indices, seed)
     train = DataLoader(ImageFiles(all_train, train_transform(size, mean, std)), sampler=train_sampler,

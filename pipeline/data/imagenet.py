@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import atomic_write_bytes
 from pipeline.data.files import REPORT_NAME, scan_split
 from pipeline.data.layout import SPLITS, DatasetError, check_image_folder, short_reason
+from pipeline.signals import default_signal_handlers
 
 IMAGENET_1K = {"train": 1_281_167, "val": 50_000, "classes": 1000}
 DECODE_BATCH = 64
@@ -140,8 +141,13 @@ def verify(root: str | Path, decoder: str | None = None, workers: int | None = N
     log.info("Verifying %d images in %s with the %s decoder on %d cores", len(paths), root, decoder, workers)
 
     per_file = _decode_with_pillow if decoder == "pillow" else _inspect
-    with Pool(workers) as pool:
+    # close + join, never terminate: the workers finish their queue and exit on their own
+    pool = Pool(workers, initializer=default_signal_handlers)
+    try:
         headers = dict(zip(paths, pool.imap(per_file, paths, chunksize=64), strict=True))
+    finally:
+        pool.close()
+        pool.join()
     if decoder == "pillow":
         failures = {p: err for p, (_, _, err) in headers.items() if err}
     else:

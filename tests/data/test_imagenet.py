@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -138,3 +140,23 @@ def test_a_damaged_file_stops_training_by_name_until_verify_lists_it(damaged_tre
     summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
     # 45 training files, 2 left out: 43, of which 8 full batches of 5 per epoch
     assert summary["epochs_completed"] == 2 and summary["images_seen"] == 2 * 40
+
+
+def test_verify_under_the_training_stop_handlers_always_returns(tmp_path):
+    """verify runs inside training, where SIGTERM only takes a note: its pool must still shut down every time."""
+    script = (
+        "import sys\n"
+        "from pipeline.data.imagenet import verify\n"
+        "from pipeline.data.synthetic import write_synthetic_imagenet\n"
+        "from pipeline.signals import StopSignals\n"
+        "root = write_synthetic_imagenet(sys.argv[1], 2, 4, 2, 32, 40)\n"
+        "StopSignals().install()\n"
+        "for _ in range(120):\n"
+        "    verify(root, decoder='pillow', workers=2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], start_new_session=True)
+    try:
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
