@@ -110,7 +110,28 @@ class TrackingConfig:
 
 @dataclass
 class SlurmConfig:
-    pass
+    """How ``python -m launch.slurm`` asks SLURM for the job; ignored by local runs."""
+
+    profile: str = ""  # a cluster profile, configs/slurm/<profile>.yaml (or a YAML path), merged over the recipe
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 1  # 0 = CPU ranks over gloo
+    tasks_per_node: int = 0  # 0 = one per GPU (or 1 without GPUs)
+    cpus_per_task: int = 8  # also the cap for data.workers
+    mem_gb: int = 0  # per node; 0 = the partition's default
+    time_min: str = "60"  # minutes, or a SLURM time: MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+    constraint: str = ""
+    exclusive: bool = False
+    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint, then requeue
+    max_requeues: int = 10  # time-outs and preemptions; then the job fails, saying so
+    setup: list[str] = field(default_factory=list)  # shell lines before the tasks start, e.g. module loads
+    container_image: str = ""  # pyxis/enroot: run every task in this image
+    container_mounts: str = ""  # pyxis: SRC:DST[,SRC:DST...]; run.dir and data.root must be visible inside
+    additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {mail-type: END}
+    array_parallelism: int = 16  # sweeps: how many points run at once
+    job_name: str = ""  # "" = the name of run.dir
 
 
 @dataclass
@@ -137,10 +158,12 @@ POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
-    "checkpoint.keep_last",
+    "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
-                "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes")
+                "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
+                "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
+                "slurm.max_requeues")
 
 
 class ConfigError(ValueError):
@@ -235,21 +258,46 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'data.generate.max_side' must be at least 'data.generate.min_side'.")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated and resolved."""
+PROFILES = Path(__file__).resolve().parents[1] / "configs" / "slurm"
+
+
+def profile_path(profile: str) -> Path:
+    """``slurm.profile``: a name in configs/slurm/ or the path of a YAML file."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = PROFILES / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise ConfigError(f"Unknown 'slurm.profile' {profile!r}. Profiles in {PROFILES}: {', '.join(known) or 'none'}; "
+                          "or give the path of a YAML file.")
+    return path
+
+
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    try:
+        tree = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+    if not isinstance(tree, DictConfig):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections (run:, model:, ...).")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                profiles: bool = True) -> DictConfig:
+    """Schema defaults, the YAML recipe at ``path``, the SLURM profile it names (``slurm.profile``), then
+    ``key=value`` overrides; validated and resolved. ``profiles=False`` reads a resolved config as it is."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise ConfigError(f"Config file '{path}' does not exist. Pass a YAML recipe such as configs/mini.yaml.")
-        try:
-            recipe = OmegaConf.load(path)
-        except Exception as err:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(recipe, DictConfig):
-            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (run:, model:, ...).")
-        cfg = _merge(cfg, recipe, f"config file '{path}'")
-    cfg = _merge(cfg, _parse_overrides(list(overrides)), "the command-line overrides")
+        cfg = _merge(cfg, _load_yaml(Path(path), "Config file"), f"config file '{path}'")
+    words = _parse_overrides(list(overrides))
+    profile = OmegaConf.select(_merge(cfg, words, "the command-line overrides"), "slurm.profile", default="")
+    if profile and profiles:
+        cfg = _merge(cfg, _load_yaml(profile_path(profile), "SLURM profile"), f"SLURM profile '{profile}'")
+    cfg = _merge(cfg, words, "the command-line overrides")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

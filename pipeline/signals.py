@@ -22,7 +22,14 @@ def default_signal_handlers(*_) -> None:
 
 
 class StopRequested(Exception):
-    """A stop signal arrived; the run checkpointed and should be started again to resume."""
+    """A stop signal arrived; the run checkpointed and should be started again to resume.
+
+    ``signal`` names it (SIGTERM, SIGUSR1, SIGUSR2) as the first rank to receive it saw it.
+    """
+
+    def __init__(self, signal_name: str = ""):
+        super().__init__(signal_name or "stop signal")
+        self.signal = signal_name
 
 
 class StopSignals:

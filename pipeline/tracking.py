@@ -155,6 +155,49 @@ class _Sender(threading.Thread):
         return list(self.pending)
 
 
+def tracking_uri(cfg: DictConfig) -> str:
+    return cfg.tracking.uri or default_uri(cfg.run.dir)
+
+
+def open_run(client, cfg: DictConfig, run_dir: Path, uri: str, status: str | None = None) -> tuple[str, bool]:
+    """Reopen the run named in ``run_dir/mlflow_run.json`` or create it, logging the params once.
+
+    Returns (run id, reopened). ``status`` (e.g. SCHEDULED, for a job still in the queue) is set on a new run.
+    """
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        return json.loads(id_file.read_text())["run_id"], True
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in the cwd
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.run.dir).name)
+    from mlflow.entities import Param
+
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    if status:
+        client.update_run(run.info.run_id, status=status)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
+                                            "tracking_uri": redact(uri)}).encode())
+    return run.info.run_id, False
+
+
+def run_link(uri: str, run_dir: Path) -> str:
+    """Where a person finds the run of ``run_dir``: a UI address, or the command that serves a local store."""
+    ids = json.loads((run_dir / RUN_ID_FILE).read_text())
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}"
+    return f"run {ids['run_id']}: mlflow ui --backend-store-uri {redact(uri)}"
+
+
 class Tracker:
     """Rank 0's MLflow run: params once, tags per attempt, metrics in the background, artifacts at the end."""
 
@@ -163,14 +206,14 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.cfg, self.run_dir = cfg.tracking, run_dir
-        self.uri = cfg.tracking.uri or default_uri(run_dir)
+        self.uri = tracking_uri(cfg)
         # one failed request must not hold the sender for minutes: it retries by itself
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the URL may hold credentials
         self.client = MlflowClient(self.uri)
         self.client.search_experiments(max_results=1)  # reachable? raises if not
-        self.run_id, resumed = self._open_run(cfg)
+        self.run_id, resumed = open_run(self.client, cfg, run_dir, self.uri)
         self.skip_until = self._logged_steps() if resumed else {}
         mlflow.set_tracking_uri(self.uri)
         mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.system_metrics)
@@ -181,30 +224,6 @@ class Tracker:
         self.sender.start()
         log.info("MLflow run %s in experiment '%s' at %s%s", self.run_id, self.cfg.experiment, redact(self.uri),
                  " (reopened)" if resumed else "")
-
-    def _open_run(self, cfg: DictConfig) -> tuple[str, bool]:
-        """Reopen the run named in ``run.dir`` or create it, logging the params once."""
-        id_file = self.run_dir / RUN_ID_FILE
-        if id_file.is_file():
-            return json.loads(id_file.read_text())["run_id"], True
-        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            location = None
-            if self.uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in the cwd
-                location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(self.cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name or Path(cfg.run.dir).name)
-        from mlflow.entities import Param
-
-        flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-        params = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
-        atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
-                                                "tracking_uri": redact(self.uri)}).encode())
-        return run.info.run_id, False
 
     def _logged_steps(self) -> dict[str, int]:
         """The last step the reopened run holds, per metric."""

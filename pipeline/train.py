@@ -224,6 +224,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
         last_save = time.monotonic()
         save_seconds = 0.0
+        stop_signal = ""
 
         def wall_seconds() -> float:
             return wall_before + time.perf_counter() - attempt_start
@@ -248,6 +249,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             last_save = time.monotonic()
 
         def on_step(global_step: int) -> bool:
+            nonlocal stop_signal
             progress.global_step = global_step
             progress.step_in_epoch += 1
             every = cfg.checkpoint.every_steps
@@ -255,6 +257,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             timed = minutes > 0 and time.monotonic() - last_save >= 60 * minutes
             timed, stop = agree(timed, signals.received is not None)
             if stop:
+                names = gather_to_main(signals.name)  # which signal, wherever it arrived
+                stop_signal = next((n for n in names if n), "") if names else signals.name
                 save(f"stop signal {signals.name or 'on another rank'}")
                 if signals.received is not None:
                     log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
@@ -285,7 +289,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                     _, stopped = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, cfg.train,
                                                  device, progress.global_step, dist.world_size, on_log, on_step, bar)
                 if stopped:
-                    raise StopRequested()
+                    raise StopRequested(stop_signal)
             broadcast_buffers(model)
             # the plain model: each rank evaluates its own share, with no DDP collective per batch
             val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)

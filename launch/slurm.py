@@ -1,0 +1,501 @@
+"""Submit training to SLURM with submitit: one task per GPU on every node, requeued and resumed after a
+time-out or a preemption.
+
+    python -m launch.slurm CONFIG [key=value ...] [--dry-run] [--wait] [--sweep KEY=V1,V2 ...]
+    python -m launch.slurm status RUN_DIR
+    python -m launch.slurm cancel RUN_DIR
+
+Everything is checked on the login node before anything is submitted. ``run.dir`` is fixed once,
+as an absolute path, and the resolved config is written there; every attempt of the job (first
+start, requeue after USR2, restart after a node failure) reads it from there and resumes from the
+newest checkpoint in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.checkpoint import POINTER, atomic_write_bytes, checkpoint_dir
+from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.train import per_rank_batch
+
+JOB_FILE = "slurm/job.json"  # in run.dir: job id, logs, MLflow link; read by `status` and `cancel`
+CONFIG_FILE = "config.yaml"  # in run.dir: the resolved config every attempt of the job reads
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")  # SLURM's time-limit warning and submitit's preemption signal
+
+
+class LaunchError(RuntimeError):
+    """A problem found before submitting, with a message meant for the person submitting."""
+
+
+# ---------------------------------------------------------------- checks on the login node
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def time_minutes(text: str) -> int:
+    """A SLURM time limit in whole minutes (rounded up): M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+    text = str(text).strip()
+    match = _TIME.match(text)
+    if not match:
+        raise LaunchError(f"'slurm.time_min' is {text!r}, not a SLURM time. Use minutes (90) or "
+                          "MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (e.g. 2-00:00:00).")
+    days, a, b, c = match.groups()
+    fields = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (fields + [0, 0])[:3]
+        seconds = ((int(days) * 24 + h) * 60 + m) * 60 + s
+        minor = fields[1:]
+    elif len(fields) == 3:  # H:M:S
+        seconds, minor = (fields[0] * 60 + fields[1]) * 60 + fields[2], fields[1:]
+    else:  # M or M:S
+        seconds, minor = fields[0] * 60 + (fields[1] if len(fields) > 1 else 0), fields[1:]
+    if any(x >= 60 for x in minor) or seconds <= 0:
+        raise LaunchError(f"'slurm.time_min' is {text!r}: minutes and seconds go up to 59 and the limit must be "
+                          "longer than 0.")
+    return -(-seconds // 60)
+
+
+def tasks_per_node(cfg: DictConfig) -> int:
+    return cfg.slurm.tasks_per_node or cfg.slurm.gpus_per_node or 1
+
+
+def check_job(cfg: DictConfig) -> int:
+    """The checks that need no cluster; returns the time limit in minutes."""
+    s = cfg.slurm
+    if s.gpus_per_node and s.tasks_per_node not in (0, s.gpus_per_node):
+        raise LaunchError(f"'slurm.tasks_per_node' is {s.tasks_per_node} with slurm.gpus_per_node="
+                          f"{s.gpus_per_node}: one task runs per GPU. Leave tasks_per_node at 0.")
+    world = s.nodes * tasks_per_node(cfg)
+    try:
+        per_rank_batch(cfg.train.batch_size, world)
+    except ConfigError as err:
+        raise LaunchError(f"{err} (slurm.nodes={s.nodes} x {tasks_per_node(cfg)} tasks per node)") from None
+    minutes = time_minutes(s.time_min)
+    if s.signal_delay_s >= minutes * 60:
+        raise LaunchError(f"'slurm.signal_delay_s' ({s.signal_delay_s}) must be shorter than the time limit "
+                          f"({minutes} min): the job checkpoints that long before SLURM stops it.")
+    if cfg.data.backend != "synthetic" and cfg.data.workers > s.cpus_per_task:
+        raise LaunchError(f"'data.workers' ({cfg.data.workers}) is more than 'slurm.cpus_per_task' "
+                          f"({s.cpus_per_task}): the loader would fight over the task's cores. Raise "
+                          "slurm.cpus_per_task or lower data.workers.")
+    if bool(s.container_mounts) and not s.container_image:
+        raise LaunchError("'slurm.container_mounts' is set without 'slurm.container_image'.")
+    return minutes
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_environment())
+
+
+def check_cluster(cfg: DictConfig) -> None:
+    """The checks that ask the cluster: its tools are here, and it knows the partition and account."""
+    missing = [tool for tool in ("sbatch", "squeue", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        raise LaunchError(f"{', '.join(missing)} not found on PATH: run this on a SLURM login node (or load the "
+                          "cluster's slurm module). Use --dry-run to see the job script without submitting.")
+    s = cfg.slurm
+    if s.partition and shutil.which("sinfo"):
+        result = _run(["sinfo", "-h", "-o", "%R"])
+        known = sorted(set(result.stdout.split()))
+        if result.returncode == 0 and s.partition not in known:
+            raise LaunchError(f"Unknown partition 'slurm.partition={s.partition}'. This cluster has: "
+                              f"{', '.join(known)}.")
+    if s.account and shutil.which("sacctmgr"):
+        user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+        result = _run(["sacctmgr", "-n", "-P", "show", "associations", f"user={user}", "format=account"])
+        accounts = sorted({line.strip() for line in result.stdout.splitlines() if line.strip()})
+        if result.returncode == 0 and accounts and s.account not in accounts:
+            raise LaunchError(f"Unknown account 'slurm.account={s.account}' for user {user}. Your accounts: "
+                              f"{', '.join(accounts)}.")
+
+
+def clean_environment() -> dict[str, str]:
+    """This environment without the job and distributed variables of an enclosing job (SLURM_CONF stays:
+    it says where the cluster's configuration is, not which job this is)."""
+    drop = ("SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "SUBMITIT_")
+    dist = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not (k.startswith(drop) or k in dist)}
+
+
+@contextmanager
+def clean_env():
+    """Submit with :func:`clean_environment`: a job submitted from inside a job must not inherit its SLURM_*."""
+    saved, clean = os.environ.copy(), clean_environment()
+    os.environ.clear()
+    os.environ.update(clean)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---------------------------------------------------------------- the job script
+
+def sbatch_parameters(cfg: DictConfig, minutes: int) -> dict:
+    """submitit's SlurmExecutor parameters for ``cfg.slurm`` (mem in GB, as submitit takes it)."""
+    s = cfg.slurm
+    params = {
+        "job_name": s.job_name or Path(cfg.run.dir).name,
+        "nodes": s.nodes,
+        "ntasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": s.cpus_per_task,
+        "time": minutes,
+        "signal_delay_s": s.signal_delay_s,
+        "array_parallelism": s.array_parallelism,
+        "stderr_to_stdout": False,
+    }
+    optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
+                "gpus_per_node": s.gpus_per_node, "mem": s.mem_gb, "exclusive": s.exclusive or None}
+    params.update({k: v for k, v in optional.items() if v})
+    if s.setup:
+        params["setup"] = list(s.setup)
+    if s.additional:
+        params["additional_parameters"] = OmegaConf.to_container(s.additional)
+    if s.container_image:
+        params["srun_args"] = [f"--container-image={s.container_image}"] + (
+            [f"--container-mounts={s.container_mounts}"] if s.container_mounts else [])
+    return params
+
+
+def job_python(cfg: DictConfig) -> str:
+    """The interpreter the tasks run: this one, or the container's own ``python``."""
+    return "python" if cfg.slurm.container_image else shlex.quote(sys.executable)
+
+
+def sbatch_script(cfg: DictConfig, folder: Path, minutes: int, array_size: int | None = None) -> str:
+    """The sbatch script submitit would write for ``cfg``, for --dry-run."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = sbatch_parameters(cfg, minutes)
+    if "mem" in params:
+        params["mem"] = f"{params['mem']}GB"
+    command = f"{job_python(cfg)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
+
+
+# ---------------------------------------------------------------- what runs in each task
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (checkpoint_dir(run_dir) / POINTER).is_file()
+
+
+class Training(submitit.helpers.Checkpointable):
+    """One task of the job: the torch.distributed environment from SLURM, then ``train.main``.
+
+    Holds only the run dir: every attempt reads the config written there at submission and resumes
+    from the newest checkpoint in it, never from state pickled at submit time.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        from pipeline.checkpoint import RESUME_EXIT_CODE
+        from pipeline.signals import StopRequested
+        from pipeline.train import main
+
+        job = submitit.JobEnvironment()
+        # MASTER_ADDR: the first host; MASTER_PORT: from the job id; RANK, WORLD_SIZE, LOCAL_RANK
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        run_dir = Path(self.run_dir)
+        cfg = load_config(run_dir / CONFIG_FILE, profiles=False)
+        if cfg.run.resume == "never" or has_checkpoint(run_dir):
+            cfg = OmegaConf.merge(cfg, {"run": {"resume": "auto"}})
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, run dir "
+              f"{run_dir}", flush=True)
+        try:
+            summary = main(cfg)
+        except StopRequested as stop:
+            if stop.signal not in REQUEUE_SIGNALS:
+                # scancel, or a preemption that SLURM itself requeues: the checkpoint is on disk, stop here
+                print(f"Stopped by {stop.signal or 'a signal'} after checkpointing; resubmit the same command "
+                      f"to resume from {run_dir}.", flush=True)
+                sys.exit(RESUME_EXIT_CODE)
+            if job.global_rank == 0:
+                if restarts >= cfg.slurm.max_requeues:
+                    raise RuntimeError(
+                        f"Not requeued: the job was already requeued {restarts} times (slurm.max_requeues="
+                        f"{cfg.slurm.max_requeues}). The checkpoint is in {run_dir}: submit again with the same "
+                        "run.dir (or raise slurm.max_requeues) to go on.") from None
+                # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
+                signal.raise_signal(submitit.JobEnvironment._usr_sig())
+                time.sleep(60)  # not reached: the handler exits
+            return {}
+        # a late time-limit signal must not requeue a finished job
+        signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
+        return summary
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # the checkpoint itself was written by the training loop at the step the signal arrived
+        return submitit.helpers.DelayedSubmission(Training(self.run_dir))
+
+
+# ---------------------------------------------------------------- submitting
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """``['optim.lr=0.05,0.1', 'model.name=a,b']`` -> the cartesian product as lists of key=value words."""
+    axes = []
+    for sweep in sweeps:
+        key, sep, values = sweep.partition("=")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not items:
+            raise LaunchError(f"--sweep {sweep!r} is not KEY=V1,V2,... (for example --sweep optim.lr=0.05,0.1).")
+        axes.append([f"{key.strip()}={v}" for v in items])
+    return [list(words) for words in itertools.product(*axes)]
+
+
+def point_name(words: list[str]) -> str:
+    """A folder name for one sweep point: ``optim.lr=0.05 model.name=x`` -> ``lr-0.05_name-x``."""
+    parts = []
+    for word in words:
+        key, _, value = word.partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", "_".join(parts))
+
+
+def resolve_runs(config: str, overrides: list[str], sweeps: list[str]) -> list[DictConfig]:
+    """One validated config per job (one, or one per sweep point), each with its absolute run.dir."""
+    base = load_config(config, overrides)
+    root = Path(base.run.dir).absolute()
+    points = sweep_points(sweeps) if sweeps else [[]]
+    cfgs = []
+    for words in points:
+        run_dir = root / point_name(words) if words else root
+        cfg = load_config(config, [*overrides, *words, f"run.dir={run_dir}"])
+        if cfg.run.resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
+            raise LaunchError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new run.dir, "
+                              "or set run.resume=auto to continue the run in it.")
+        cfgs.append(cfg)
+    return cfgs
+
+
+def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Create (or reopen) the job's MLflow run now, so its link can be shown; None without tracking."""
+    if cfg.tracking.backend != "mlflow":
+        return None
+    from pipeline.tracking import open_run, redact, run_link, tracking_uri
+
+    uri = tracking_uri(cfg)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        open_run(client, cfg, run_dir, uri, status="SCHEDULED")
+    except Exception as err:
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        message = (f"Cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Start it, fix "
+                   "tracking.uri, or set tracking.backend=none")
+        if cfg.tracking.required:
+            raise LaunchError(message + ".") from None
+        print(f"warning: {message}; the job will try again when it starts.", file=sys.stderr)
+        return None
+    return run_link(uri, run_dir)
+
+
+def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
+    """Write each run dir's config, create the MLflow runs, submit one job (or one array); returns job records."""
+    folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
+    links = []
+    for cfg in cfgs:
+        run_dir = Path(cfg.run.dir)
+        (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / CONFIG_FILE, to_yaml(cfg).encode())
+        links.append(open_mlflow_run(cfg, run_dir))
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfgs[0].slurm.max_requeues,
+                                      python=job_python(cfgs[0]))
+    executor.update_parameters(**sbatch_parameters(cfgs[0], minutes))
+    try:
+        with clean_env():
+            if len(cfgs) == 1:
+                jobs = [executor.submit(Training(cfgs[0].run.dir))]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(Training(cfg.run.dir)) for cfg in cfgs]
+    except submitit.core.utils.FailedJobError as err:
+        raise LaunchError(f"sbatch refused the job: {str(err).strip()}") from None
+    records = []
+    for cfg, job, link in zip(cfgs, jobs, links, strict=True):
+        run_dir = Path(cfg.run.dir)
+        record = {"job_id": job.job_id, "run_dir": str(run_dir), "submitted": datetime.now(timezone.utc).isoformat(),
+                  "stdout": str(job.paths.stdout).replace("%t", "0"),
+                  "stderr": str(job.paths.stderr).replace("%t", "0"),
+                  "train_log": str(run_dir / "train.log"), "mlflow": link,
+                  "tasks": cfg.slurm.nodes * tasks_per_node(cfg)}
+        atomic_write_bytes(run_dir / JOB_FILE, json.dumps(record, indent=1).encode())
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------- status and cancel
+
+def read_job(run_dir: str | Path) -> dict:
+    path = Path(run_dir).absolute() / JOB_FILE
+    if not path.is_file():
+        raise LaunchError(f"{path} does not exist: '{run_dir}' is not the run dir of a job submitted with "
+                          "python -m launch.slurm.")
+    return json.loads(path.read_text())
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """State, restarts and reason from the controller (scontrol), falling back to squeue and sacct."""
+    result = _run(["scontrol", "show", "job", "-o", job_id])
+    if result.returncode == 0 and result.stdout.strip():
+        fields = dict(re.findall(r"(\w+)=(\S*)", result.stdout.splitlines()[0]))
+        return {"state": fields.get("JobState", "?"), "restarts": fields.get("Restarts", "?"),
+                "reason": fields.get("Reason", ""), "nodes": fields.get("NodeList", "")}
+    if shutil.which("sacct"):
+        result = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Restarts"])
+        if result.returncode == 0 and result.stdout.strip():
+            state, _, restarts = result.stdout.splitlines()[0].partition("|")
+            return {"state": state, "restarts": restarts or "?", "reason": "", "nodes": ""}
+    return {"state": "UNKNOWN (no longer known to the controller; see the logs)", "restarts": "?", "reason": "",
+            "nodes": ""}
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    if not path.is_file():
+        return []
+    return path.read_text(errors="replace").splitlines()[-lines:]
+
+
+def status(run_dir: str | Path, lines: int = 10) -> str:
+    record = read_job(run_dir)
+    run_dir = Path(record["run_dir"])
+    state = job_state(record["job_id"])
+    out = [f"job {record['job_id']}: {state['state']}"
+           + (f" ({state['reason']})" if state["reason"] not in ("", "None") else "")
+           + f", restarts {state['restarts']}" + (f", nodes {state['nodes']}" if state["nodes"] else ""),
+           f"run dir    {run_dir}"]
+    events = [json.loads(line) for line in _tail(run_dir / "metrics.jsonl", 50) if line.strip()]
+    progress = [e for e in events if "global_step" in e]
+    if progress:
+        last = progress[-1]
+        out.append(f"progress   epoch {last.get('epoch', 0) + 1}, global step {last['global_step']} "
+                   f"(last {last['event']} record)")
+    pointer = checkpoint_dir(run_dir) / POINTER
+    if pointer.is_file():
+        newest = json.loads(pointer.read_text())
+        out.append(f"checkpoint {checkpoint_dir(run_dir) / newest['file']} (global step {newest['global_step']})")
+    else:
+        out.append("checkpoint none yet")
+    if record.get("mlflow"):
+        out.append(f"mlflow     {record['mlflow']}")
+    log = Path(record["train_log"])
+    if not log.is_file():
+        log = Path(record["stderr"].replace("%j", record["job_id"]))
+    out.append(f"log        {log}")
+    out += [f"  {line}" for line in _tail(log, lines)]
+    return "\n".join(out)
+
+
+def cancel(run_dir: str | Path) -> str:
+    record = read_job(run_dir)
+    if shutil.which("scancel") is None:
+        raise LaunchError("scancel not found on PATH: run this on a SLURM login node.")
+    result = _run(["scancel", record["job_id"]])
+    if result.returncode != 0:
+        raise LaunchError(f"scancel {record['job_id']} failed: {result.stderr.strip()}")
+    return (f"cancelled job {record['job_id']}; its checkpoints stay in {record['run_dir']}: submit the same command "
+            "again to resume.")
+
+
+def wait(records: list[dict], poll_s: float = 5.0) -> int:
+    """Poll until every job has left the queue; 0 if each run wrote summary.json."""
+    pending = {r["job_id"] for r in records}
+    while pending:
+        time.sleep(poll_s)
+        for job_id in list(pending):
+            result = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+            if result.returncode != 0 or not result.stdout.strip():
+                pending.discard(job_id)
+    failed = 0
+    for record in records:
+        summary = Path(record["run_dir"]) / "summary.json"
+        if summary.is_file():
+            print(f"{record['job_id']}: {summary.read_text().strip()}")
+        else:
+            failed += 1
+            print(f"{record['job_id']}: no summary.json; see python -m launch.slurm status {record['run_dir']}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] in ("status", "cancel"):
+        parser = argparse.ArgumentParser(prog=f"python -m launch.slurm {argv[0]}")
+        parser.add_argument("run_dir", help="the run dir the job was submitted with")
+        parser.add_argument("--lines", type=int, default=10, help="how many log lines to show (status)")
+        args = parser.parse_args(argv[1:])
+        args.command = argv[0]
+        return args
+    parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML recipe, e.g. configs/densenet121.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value words, e.g. slurm.profile=gpu-8 slurm.nodes=4")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("--wait", action="store_true", help="wait for the job(s) to end")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one job array over the cartesian product of all --sweep options")
+    args = parser.parse_intermixed_args(argv)
+    args.command = "submit"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "status":
+            print(status(args.run_dir, args.lines))
+            return 0
+        if args.command == "cancel":
+            print(cancel(args.run_dir))
+            return 0
+        cfgs = resolve_runs(args.config, args.overrides, args.sweep)
+        minutes = check_job(cfgs[0])
+        if args.dry_run:
+            folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
+            print(sbatch_script(cfgs[0], folder, minutes, len(cfgs) if len(cfgs) > 1 else None))
+            for cfg in cfgs:
+                print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
+            return 0
+        check_cluster(cfgs[0])
+        records = submit(cfgs, minutes)
+    except (ConfigError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for record in records:
+        print(f"submitted job {record['job_id']} ({record['tasks']} tasks)")
+        print(f"  run dir  {record['run_dir']}")
+        print(f"  logs     {record['stdout'].replace('%j', record['job_id'])}")
+        print(f"           {record['stderr'].replace('%j', record['job_id'])}")
+        print(f"           {record['train_log']} (once training starts)")
+        if record["mlflow"]:
+            print(f"  mlflow   {record['mlflow']}")
+        print(f"  status   python -m launch.slurm status {record['run_dir']}")
+    return wait(records) if args.wait else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The SLURM launcher against a real one-node SLURM cluster (tests/slurm/cluster.sh), with CPU ranks on gloo."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import LaunchError, time_minutes
+
+ROOT = Path(__file__).resolve().parents[2]
+MINI = str(ROOT / "configs/mini.yaml")
+CLUSTER = Path(__file__).with_name("cluster.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The test cluster, started if it is not running; SLURM_CONF points the clients at it."""
+    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+        if os.environ.get("CI"):
+            pytest.fail("SLURM is not installed: .ci/run installs it with tests/slurm/cluster.sh install")
+        pytest.skip("needs SLURM: run tests/slurm/cluster.sh install (as root)")
+    out = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    conf = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+
+
+def launch(*words, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "launch.slurm", *words], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def job_words(run_dir, data, *extra):
+    return [MINI, "slurm.profile=cpu-test", f"run.dir={run_dir}", f"data.root={data}", "train.epochs=1",
+            "train.log_every_steps=1", "tracking.backend=none", *extra]
+
+
+def submitted_id(result) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.search(r"submitted job (\S+)", result.stdout).group(1)
+
+
+def queue() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def job_logs(run_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted((run_dir / "slurm").glob("*_log.*")))
+
+
+def wait_done(job_id: str, run_dir: Path, timeout: float = 300) -> None:
+    """Until the job has left the queue; its run dir must then hold summary.json."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job_id} still queued after {timeout}s\n" + job_logs(run_dir)
+        time.sleep(1)
+    assert (run_dir / "summary.json").is_file(), job_logs(run_dir)
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and re.search(f'"global_step": {step}[,}}]', metrics.read_text())):
+        assert time.monotonic() < deadline, f"step {step} not reached\n" + job_logs(run_dir)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory, mini_data):
+    """An uninterrupted 2-rank job: the run every interrupted one must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(*job_words(run_dir, mini_data))
+    job_id = submitted_id(result)
+    wait_done(job_id, run_dir)
+    return run_dir, job_id, result.stdout
+
+
+def test_two_cpu_ranks_train_the_mini_config_and_report_where_everything_is(reference):
+    run_dir, job_id, stdout = reference
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_identical"] and summary["epochs_completed"] == 1
+    for shown in (str(run_dir), f"{run_dir}/slurm/{job_id}_0_log.out", f"launch.slurm status {run_dir}"):
+        assert shown in stdout
+    job = json.loads((run_dir / "slurm/job.json").read_text())
+    assert job["job_id"] == job_id and job["tasks"] == 2
+    # the ranks found each other from SLURM's variables alone
+    out = (run_dir / f"slurm/{job_id}_1_log.out").read_text()
+    assert f"job {job_id}, task 1 of 2, attempt 1" in out
+
+
+@pytest.mark.parametrize("case", ["preemption", "time-out"])
+def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(reference, tmp_path, mini_data, case):
+    run_dir = tmp_path / "run"
+    # submitit counts a USR2 as a time-out when the job ran past min(0.8 T, T - 10 min)
+    limit = "5" if case == "time-out" else "30"
+    tracking = ["tracking.backend=mlflow"] if case == "preemption" else []
+    result = launch(*job_words(run_dir, mini_data, f"slurm.time_min={limit}", *tracking))
+    job_id = submitted_id(result)
+    if tracking:
+        assert "mlflow   run " in result.stdout  # the run exists (SCHEDULED) before the job starts
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    wait_for_step(run_dir, 7)
+    status = launch("status", str(run_dir))
+    assert f"job {job_id}: RUNNING, restarts 0" in status.stdout and "progress   epoch 1, global step" in status.stdout
+    assert "INFO pipeline.train: epoch 1 step" in status.stdout
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what submitit's job._interrupt() does
+    wait_done(job_id, run_dir)
+
+    err = (run_dir / f"slurm/{job_id}_0_log.err").read_text()
+    assert f"this job is {'timed-out' if case == 'time-out' else 'preempted'}" in err
+    log = (run_dir / "train.log").read_text()
+    assert "(stop signal SIGUSR2)" in log and "Resuming from" in log and "epoch 1, step" in log
+    out = (run_dir / f"slurm/{job_id}_0_log.out").read_text()
+    assert f"job {job_id}, task 0 of 2, attempt 2" in out
+    assert (run_dir / "model_final.pt").read_bytes() == (reference[0] / "model_final.pt").read_bytes()
+    steps = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"event": "train"' in line]
+    assert steps == sorted(set(steps)) and len(steps) == 20
+
+    if tracking:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("densenet").experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 21))
+
+
+def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.max_requeues=0")))
+    wait_for_step(run_dir, 3)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.monotonic() + 120
+    while job_id in queue():
+        assert time.monotonic() < deadline, job_logs(run_dir)
+        time.sleep(1)
+    assert not (run_dir / "summary.json").exists()
+    err = (run_dir / f"slurm/{job_id}_0_log.err").read_text()
+    assert "Not requeued: the job was already requeued 0 times (slurm.max_requeues=0)" in err
+    status = launch("status", str(run_dir))
+    assert status.returncode == 0 and re.search(r"checkpoint .*step-0+[3-6]\.pt", status.stdout)
+
+
+def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_data):
+    base = tmp_path / "sweep"
+    result = launch(*job_words(base, mini_data, "slurm.tasks_per_node=1"), "--sweep", "optim.lr=0.05,0.1", "--wait",
+                    timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = re.findall(r"submitted job (\S+)", result.stdout)
+    assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two tasks
+    for point, lr in (("lr-0.05", 0.05), ("lr-0.1", 0.1)):
+        run_dir = base / point
+        assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
+        assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+
+
+def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data)))
+    wait_for_step(run_dir, 3)
+    cancelled = launch("cancel", str(run_dir))
+    assert cancelled.returncode == 0 and f"cancelled job {job_id}" in cancelled.stdout
+    deadline = time.monotonic() + 60
+    while job_id in queue():
+        assert time.monotonic() < deadline, job_logs(run_dir)
+        time.sleep(1)
+    assert "(stop signal SIGTERM)" in (run_dir / "train.log").read_text()  # scancel's SIGTERM, then KillWait
+    status = launch("status", str(run_dir))
+    assert f"job {job_id}: CANCELLED" in status.stdout and re.search(r"checkpoint .*step-0+[3-9]\.pt", status.stdout)
+
+
+def test_dry_run_prints_the_reviewed_script_for_four_nodes_of_eight_gpus():
+    result = launch(str(ROOT / "configs/densenet121.yaml"), "slurm.profile=pyxis-4x8", "slurm.partition=gpu",
+                    "slurm.account=vision", "--dry-run", env={**os.environ, "USER": "alice"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (Path(__file__).with_name("expected-pyxis-4x8.sbatch")).read_text()
+    assert not Path("/checkpoints/alice").exists()
+
+
+@pytest.mark.parametrize("words, message", [
+    (["train.batch_size=33"], "train.batch_size=33 (the global batch) does not divide evenly over 2 ranks"),
+    (["slurm.time_min=1:99"], "'slurm.time_min' is '1:99'"),
+    (["slurm.time_min=two hours"], "not a SLURM time"),
+    (["slurm.partition=nope"], "Unknown partition 'slurm.partition=nope'. This cluster has: debug"),
+    (["slurm.profile=nope"], "Unknown 'slurm.profile' 'nope'"),
+    (["data.workers=4"], "'data.workers' (4) is more than 'slurm.cpus_per_task' (1)"),
+])
+def test_bad_input_is_explained_and_nothing_is_submitted(slurm, tmp_path, mini_data, words, message):
+    run_dir = tmp_path / "run"
+    before = queue()
+    result = launch(*job_words(run_dir, mini_data, *words))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert queue() == before and not run_dir.exists()
+
+
+def test_without_slurm_on_path_nothing_is_submitted(tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = launch(*job_words(run_dir, mini_data), env=env)
+    assert result.returncode == 2 and "sbatch, squeue, scontrol not found on PATH" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_submitting_from_inside_a_job_drops_its_slurm_variables(tmp_path, monkeypatch):
+    from launch.slurm import clean_env
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    with clean_env():
+        assert "SLURM_JOB_ID" not in os.environ and "MASTER_PORT" not in os.environ
+        assert os.environ["SLURM_CONF"] == "/etc/slurm/slurm.conf"
+    assert os.environ["SLURM_JOB_ID"] == "41"
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("01:00:00", 60), ("2-00:00:00", 2880),
+                                           ("1-12", 2160), ("0-00:30", 30)])
+def test_slurm_time_formats(text, minutes):
+    assert time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "1h", "1:60", "0", "-5", "1:2:3:4"])
+def test_bad_slurm_times_are_refused(text):
+    with pytest.raises(LaunchError, match="slurm.time_min"):
+        time_minutes(text)
