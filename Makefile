@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The PyTorch build to install; on another machine, e.g. make TORCH="torch torchvision --index-url ..."
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv smoke test lint clean
+.PHONY: venv smoke test test-slow lint clean
 
 venv: $(BIN)/.installed
 
@@ -18,9 +18,14 @@ $(BIN)/.installed: pyproject.toml
 smoke: venv
 	$(BIN)/python -m pipeline.train configs/mini.yaml
 
+# test: lint, then everything but the multi-process, server and cluster runs (marked slow)
 test: venv
 	$(BIN)/ruff check pipeline launch tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# test-slow: real torchrun, mlflow server and SLURM runs (the SLURM ones need tests/slurm/cluster.sh install)
+test-slow: venv
+	$(BIN)/python -m pytest -m slow
 
 lint: venv
 	$(BIN)/ruff check pipeline launch tests

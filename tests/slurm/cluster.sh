@@ -77,7 +77,8 @@ start() {
     if ! pgrep -x munged >/dev/null; then
         runuser -u munge -- munged
     fi
-    running slurmctld || slurmctld -f "$CONF"
+    # -c: a fresh controller state, so no job of an earlier session comes back
+    running slurmctld || slurmctld -c -f "$CONF"
     running slurmd || slurmd -f "$CONF"
     export SLURM_CONF="$CONF"
     for _ in $(seq 60); do

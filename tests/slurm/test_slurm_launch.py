@@ -45,6 +45,10 @@ def job_words(run_dir, data, *extra):
             "train.log_every_steps=1", "tracking.backend=none", *extra]
 
 
+# random tensors instead of JPEGs, for the tests about the job rather than the run
+SYNTHETIC = ("data.backend=synthetic", "data.synthetic_steps=40", "train.batch_size=8", "data.val_batch_size=8")
+
+
 def submitted_id(result) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     return re.search(r"submitted job (\S+)", result.stdout).group(1)
@@ -85,6 +89,7 @@ def reference(slurm, tmp_path_factory, mini_data):
     return run_dir, job_id, result.stdout
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_the_mini_config_and_report_where_everything_is(reference):
     run_dir, job_id, stdout = reference
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -98,6 +103,7 @@ def test_two_cpu_ranks_train_the_mini_config_and_report_where_everything_is(refe
     assert f"job {job_id}, task 1 of 2, attempt 1" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["preemption", "time-out"])
 def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(reference, tmp_path, mini_data, case):
     run_dir = tmp_path / "run"
@@ -136,9 +142,10 @@ def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(referenc
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 21))
 
 
+@pytest.mark.slow
 def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
     run_dir = tmp_path / "run"
-    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.max_requeues=0")))
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.max_requeues=0", *SYNTHETIC)))
     wait_for_step(run_dir, 3)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     deadline = time.monotonic() + 120
@@ -152,10 +159,11 @@ def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
     assert status.returncode == 0 and re.search(r"checkpoint .*step-0+[3-6]\.pt", status.stdout)
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_data):
     base = tmp_path / "sweep"
-    result = launch(*job_words(base, mini_data, "slurm.tasks_per_node=1"), "--sweep", "optim.lr=0.05,0.1", "--wait",
-                    timeout=600)
+    result = launch(*job_words(base, mini_data, "slurm.tasks_per_node=1", *SYNTHETIC, "data.synthetic_steps=4"),
+                    "--sweep", "optim.lr=0.05,0.1", "--wait", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r"submitted job (\S+)", result.stdout)
     assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two tasks
@@ -165,9 +173,10 @@ def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_dat
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, tmp_path, mini_data):
     run_dir = tmp_path / "run"
-    job_id = submitted_id(launch(*job_words(run_dir, mini_data)))
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, *SYNTHETIC)))
     wait_for_step(run_dir, 3)
     cancelled = launch("cancel", str(run_dir))
     assert cancelled.returncode == 0 and f"cancelled job {job_id}" in cancelled.stdout
@@ -188,6 +197,7 @@ def test_dry_run_prints_the_reviewed_script_for_four_nodes_of_eight_gpus():
     assert not Path("/checkpoints/alice").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("words, message", [
     (["train.batch_size=33"], "train.batch_size=33 (the global batch) does not divide evenly over 2 ranks"),
     (["slurm.time_min=1:99"], "'slurm.time_min' is '1:99'"),
