@@ -1,5 +1,10 @@
 """Benchmarks that print figures: ``python -m pipeline.bench SUBCOMMAND [options] [--json FILE]``.
 
+    model        forward + backward + optimizer step on synthetic tensors already on the device: images/s,
+                 step time, peak memory; --compare torchvision (same settings) or memory_efficient (off vs on)
+    loader       the train pipeline over a JPEG tree, DALI against torchvision on the same files and cores,
+                 with the decode-only rate of those files as the limit
+    train        the real training loop (mini config, random batches) against a bare forward/backward/step loop
     checkpoint   save and load time and size of a full training checkpoint (model, SGD momentum,
                  schedule, grad scaler, per-rank loader and RNG state), written the way training writes it
     tracking     images/s of the mini config with MLflow tracking off and on (an SQLite store), and their ratio
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,9 +84,111 @@ def bench_tracking(args: argparse.Namespace) -> dict:
     return {"images_per_s_off": off, "images_per_s_on": on, "ratio": on / off, "runs": rates}
 
 
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as a fixed-width table; ``columns`` are (key, header, format)."""
+    widths = [max(len(header), 10) for _, header, _ in columns]
+    lines = ["  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths, strict=True))]
+    for row in rows:
+        lines.append("  ".join(f"{format(row[key], fmt):>{w}}" for (key, _, fmt), w in zip(columns, widths,
+                                                                                              strict=True)))
+    return "\n".join(lines)
+
+
+def bench_model(args: argparse.Namespace) -> dict:
+    from pipeline.perf import run_isolated
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = {"impl": "ours", "model": args.model, "batch": args.batch, "image_size": args.image_size,
+            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+            "memory_efficient": args.memory_efficient, "steps": args.steps, "warmup": args.warmup, "device": device}
+    specs = {"ours": spec}
+    if args.compare == "torchvision":
+        specs["torchvision"] = {**spec, "impl": "torchvision", "compile": False}
+    elif args.compare == "memory_efficient":
+        specs["memory_efficient"] = {**spec, "memory_efficient": not args.memory_efficient}
+    tries: dict[str, list[dict]] = {name: [] for name in specs}
+    for _ in range(args.repeat):  # alternated, so drifts in machine load hit each alike
+        for name, one in specs.items():
+            tries[name].append(run_isolated("model", one))
+    # per configuration, the run with the median images/s
+    runs = {name: sorted(t, key=lambda r: r["images_per_s"])[len(t) // 2] for name, t in tries.items()}
+    result: dict = {"runs": runs, "device_name": runs["ours"]["device_name"], "repeat": args.repeat}
+    if args.compare == "torchvision":
+        result["ratio"] = runs["ours"]["images_per_s"] / runs["torchvision"]["images_per_s"]
+    elif args.compare == "memory_efficient":
+        plain, lean = (runs["ours"], runs["memory_efficient"]) if not args.memory_efficient else \
+            (runs["memory_efficient"], runs["ours"])
+        result["ratio"] = lean["step_MB"] / plain["step_MB"]  # memory with recompute / without
+        result["time_ratio"] = lean["step_ms"] / plain["step_ms"]
+    return result
+
+
+def bench_loader(args: argparse.Namespace) -> dict:
+    from pipeline.perf import run_isolated, write_jpegs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root) if args.root else write_jpegs(Path(tmp) / "jpegs", args.images)
+        common = {"root": str(root), "workers": args.workers, "epochs": args.epochs}
+        loader = {**common, "image_size": args.image_size, "batch": args.batch, "classes": len(
+            [d for d in (root / "train").iterdir() if d.is_dir()])}
+        runs = {"decode_only": run_isolated("decode", common)}
+        for backend in ("dali", "torchvision"):
+            runs[backend] = run_isolated("loader", {**loader, "backend": backend})
+    return {"runs": runs, "ratio": runs["dali"]["images_per_s"] / runs["torchvision"]["images_per_s"],
+            "dali_of_decode_only": runs["dali"]["images_per_s"] / runs["decode_only"]["images_per_s"],
+            "torchvision_of_decode_only": runs["torchvision"]["images_per_s"] / runs["decode_only"]["images_per_s"]}
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    from pipeline.perf import run_isolated
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mini.yaml")
+    overrides = ["data.backend=synthetic", f"data.synthetic_steps={args.steps}", f"train.epochs={args.epochs}",
+                 f"train.log_every_steps={args.window}", "tracking.backend=none", *args.overrides]
+    windows = args.steps * args.epochs // args.window - 1
+    runs: dict[str, list[dict]] = {"bare_loop": [], "train_loop": []}
+    for _ in range(args.repeat):  # alternated, so drifts in machine load hit both alike
+        runs["train_loop"].append(run_isolated("train_loop", {"config": config, "overrides": overrides}))
+        runs["bare_loop"].append(run_isolated("bare_loop", {"config": config, "overrides": overrides,
+                                                            "windows": windows}))
+    train = statistics.median(r["images_per_s"] for r in runs["train_loop"])
+    bare = statistics.median(r["images_per_s"] for r in runs["bare_loop"])
+    return {"runs": runs, "train_loop_images_per_s": train, "bare_loop_images_per_s": bare, "ratio": train / bare}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    model = sub.add_parser("model", help="training-step speed and peak memory of a model on synthetic tensors")
+    model.add_argument("--model", default="densenet121")
+    model.add_argument("--batch", type=int, default=32)
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="fp32")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    model.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=False)
+    model.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    model.add_argument("--warmup", type=int, default=3)
+    model.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if there is one")
+    model.add_argument("--compare", choices=("torchvision", "memory_efficient"), default=None)
+    model.add_argument("--repeat", type=int, default=1, help="alternated runs of each; the median run is shown")
+    loader = sub.add_parser("loader", help="train-loader images/s: DALI vs torchvision vs decode alone")
+    loader.add_argument("--root", default=None, help="a JPEG tree (train/<class>/...); default: 400 generated "
+                        "500x375 JPEGs")
+    loader.add_argument("--images", type=int, default=400)
+    loader.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="DALI threads, DataLoader processes and decode processes alike (default: the cores)")
+    loader.add_argument("--batch", type=int, default=32)
+    loader.add_argument("--image-size", type=int, default=224)
+    loader.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
+    train = sub.add_parser("train", help="the training loop's overhead over a bare forward/backward/step loop")
+    train.add_argument("--steps", type=int, default=100, help="steps per epoch")
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--window", type=int, default=10, help="steps per logged window")
+    train.add_argument("--repeat", type=int, default=3)
+    train.add_argument("overrides", nargs="*", help="key=value words for the mini config")
+    for p in (model, loader, train):
+        p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     ckpt = sub.add_parser("checkpoint", help="save/load time and size of a training checkpoint")
     ckpt.add_argument("--model", default="densenet121")
     ckpt.add_argument("--world-size", type=int, default=8, help="ranks whose loader/RNG state it carries")
@@ -92,6 +200,38 @@ def main(argv: list[str] | None = None) -> int:
     track.add_argument("--repeat", type=int, default=2)
     track.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.command == "model":
+        result = bench_model(args)
+        columns = [("impl", "model", ""), ("memory_efficient", "mem-eff", ""), ("images_per_s", "images/s", ".1f"),
+                   ("step_ms", "step ms", ".1f"), ("peak_MB", "peak MB", ".0f"), ("step_MB", "step MB", ".0f")]
+        rows = list(result["runs"].values())
+        print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.precision}, channels_last="
+              f"{args.channels_last}, compile={args.compile} on {result['device_name']}")
+        print(_table([{**r, "impl": r["impl"], "memory_efficient": str(r["memory_efficient"])} for r in rows],
+                     columns))
+        print(f"(median of the timed steps, median of {args.repeat} run(s); step MB: the step's peak minus the "
+              "memory held before it)")
+        if args.compare == "torchvision":
+            print(f"ratio ours/torchvision images/s: {result['ratio']:.3f}")
+        elif args.compare == "memory_efficient":
+            print(f"memory_efficient: step memory x{result['ratio']:.3f}, step time x{result['time_ratio']:.3f}")
+    elif args.command == "loader":
+        result = bench_loader(args)
+        rows = [{"what": k, **v} for k, v in result["runs"].items()]
+        print(_table(rows, [("what", "pipeline", ""), ("images_per_s", "images/s", ".1f")]))
+        print(f"DALI / torchvision: {result['ratio']:.2f}x; DALI at {100 * result['dali_of_decode_only']:.0f}% and "
+              f"torchvision at {100 * result['torchvision_of_decode_only']:.0f}% of the decode-only rate "
+              f"({args.workers} workers)")
+    elif args.command == "train":
+        result = bench_train(args)
+        print(_table([{"what": "train loop", "v": result["train_loop_images_per_s"]},
+                      {"what": "bare loop", "v": result["bare_loop_images_per_s"]}],
+                     [("what", "loop", ""), ("v", "images/s", ".1f")]))
+        print(f"ratio train/bare: {result['ratio']:.3f} (median of {args.repeat} alternated runs each)")
+    if args.command in ("model", "loader", "train"):
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return 0
     if args.command == "tracking":
         result = bench_tracking(args)
         print(f"{'tracking':<10}{'images/s':>10}")

@@ -1,0 +1,221 @@
+"""Speed and memory measurements behind ``python -m pipeline.bench model|loader|train``.
+
+Each measured configuration runs in a fresh Python process (``python -m pipeline.perf JSON``), so one
+configuration's allocator caches, compiled graphs or threads never flatter or burden another, and a
+CPU peak of resident memory belongs to that configuration alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.engine import build_scaler, train_step
+from pipeline.models import build_model
+
+
+class PeakRSS(threading.Thread):
+    """Samples this process's resident memory every millisecond; ``peak`` is the highest seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_bench_model(impl: str, name: str, num_classes: int, memory_efficient: bool) -> nn.Module:
+    """Ours (``pipeline.models``) or torchvision's model of the same name and settings."""
+    if impl == "torchvision":
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=num_classes, memory_efficient=memory_efficient)
+    return build_model(name, num_classes, memory_efficient)
+
+
+def measure_model(spec: dict) -> dict:
+    """Forward + backward + SGD step on one batch already on the device; median of ``steps`` timed steps."""
+    device = torch.device("cuda" if spec["device"] == "cuda" else "cpu")
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    model = build_bench_model(spec["impl"], spec["model"], 1000, spec["memory_efficient"])
+    model = model.to(device, memory_format=memory_format).train()
+    net = torch.compile(model) if spec["compile"] else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    scaler = build_scaler(device, spec["precision"])
+    criterion = nn.CrossEntropyLoss()
+    batch, size = spec["batch"], spec["image_size"]
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    for _ in range(spec["warmup"]):
+        train_step(net, images, labels, criterion, optimizer, scaler, spec["precision"])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        sampler = None
+    else:
+        baseline = psutil.Process().memory_info().rss
+        sampler = PeakRSS()
+        sampler.start()
+    times = []
+    for _ in range(spec["steps"]):
+        began = time.perf_counter()
+        train_step(net, images, labels, criterion, optimizer, scaler, spec["precision"])
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    peak = torch.cuda.max_memory_allocated(device) if sampler is None else sampler.stop()
+    step = statistics.median(times)
+    return {**spec, "images_per_s": batch / step, "step_ms": 1000 * step, "peak_MB": peak / 2**20,
+            "step_MB": (peak - baseline) / 2**20, "device_name": _device_name(device)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+
+
+# ---------------------------------------------------------------- loaders
+
+def write_jpegs(root: Path, count: int, classes: int = 4, width: int = 500, height: int = 375, seed: int = 0) -> Path:
+    """``count`` JPEGs of width x height (quality 90) in an ImageNet-style tree, with a small val split."""
+    from pipeline.data.synthetic import class_names, render_image
+
+    rng = np.random.default_rng(seed)
+    names = class_names(classes)
+    for split, n in (("train", count), ("val", classes)):
+        for i in range(n):
+            label = i % classes
+            folder = root / split / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image = render_image(label, classes, rng, width, width).resize((width, height))
+            image.save(folder / f"{split}_{i:06d}.JPEG", quality=90)
+    return root
+
+
+def _decode(path: str) -> int:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.load()
+        return image.size[0]
+
+
+def measure_decode(spec: dict) -> dict:
+    """Full JPEG decode (Pillow's libjpeg-turbo) of the train files in ``workers`` processes, nothing else."""
+    paths = sorted(str(p) for p in (Path(spec["root"]) / "train").rglob("*.JPEG"))
+    with Pool(spec["workers"]) as pool:
+        list(pool.imap_unordered(_decode, paths[:64], chunksize=8))  # warm-up
+        began = time.perf_counter()
+        for _ in range(spec["epochs"]):
+            list(pool.imap_unordered(_decode, paths, chunksize=8))
+        elapsed = time.perf_counter() - began
+    return {**spec, "images_per_s": spec["epochs"] * len(paths) / elapsed}
+
+
+def measure_loader(spec: dict) -> dict:
+    """The real train loader (config, file lists, augmentation, normalisation) over ``epochs`` epochs."""
+    from pipeline.config import load_config
+    from pipeline.data.loaders import build_loaders
+    from pipeline.distributed import DistInfo
+
+    cfg = load_config(None, [f"data.root={spec['root']}", f"data.backend={spec['backend']}",
+                             f"data.workers={spec['workers']}", f"data.image_size={spec['image_size']}",
+                             f"model.num_classes={spec['classes']}", f"train.batch_size={spec['batch']}"])
+    train, _ = build_loaders(cfg, DistInfo(0, 1, 0, torch.device("cpu")), spec["batch"])
+    counts, began = 0, None
+    for epoch in range(spec["epochs"] + 1):  # epoch 0 warms up: pipeline build, worker start
+        train.set_epoch(epoch)
+        for images, labels in train:
+            assert images.shape[-1] == spec["image_size"] and images.dtype == torch.float32
+            if began is not None:
+                counts += labels.numel()
+        if began is None:
+            began = time.perf_counter()
+    elapsed = time.perf_counter() - began
+    return {**spec, "images_per_s": counts / elapsed}
+
+
+# ---------------------------------------------------------------- training loop overhead
+
+def measure_bare_loop(spec: dict) -> dict:
+    """The mini model's forward/backward/step on one synthetic batch, timed in windows like training's log."""
+    from pipeline.config import load_config
+
+    cfg = load_config(spec["config"], spec["overrides"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.run.seed)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient, cfg.model.drop_rate,
+                        cfg.model.depth, cfg.model.growth_rate).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = build_scaler(device, cfg.train.precision)
+    criterion = nn.CrossEntropyLoss()
+    batch, size = cfg.train.batch_size, cfg.data.image_size
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
+    window, rates = cfg.train.log_every_steps, []
+    for _ in range(spec["windows"] + 1):
+        began = time.perf_counter()
+        for _ in range(window):
+            loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision)
+        loss.item()
+        rates.append(window * batch / (time.perf_counter() - began))
+    return {**spec, "images_per_s": statistics.median(rates[1:])}
+
+
+def measure_train_loop(spec: dict) -> dict:
+    """``python -m pipeline.train`` itself with random batches; the median of its logged images/s after the first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        subprocess.run([sys.executable, "-m", "pipeline.train", spec["config"], *spec["overrides"],
+                        f"run.dir={run_dir}"], check=True, capture_output=True, timeout=3600)
+        rates = [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "train"]
+    return {**spec, "images_per_s": statistics.median(rates[1:] or rates), "windows": len(rates)}
+
+
+MEASURES = {"model": measure_model, "decode": measure_decode, "loader": measure_loader,
+            "bare_loop": measure_bare_loop, "train_loop": measure_train_loop}
+
+
+def run_isolated(kind: str, spec: dict, timeout: float = 3600) -> dict:
+    """``MEASURES[kind](spec)`` in a fresh Python process; its result as a dict."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.perf", kind, json.dumps(spec)], capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {kind} {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(MEASURES[sys.argv[1]](json.loads(sys.argv[2]))))

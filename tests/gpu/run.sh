@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a machine with a CUDA GPU and PyTorch (DALI is not needed):
+# the gpu-marked tests, then the densenet121 training step, ours at its best against torchvision's
+# eager model (batch 256, 224 px, bf16, channels-last), and memory_efficient off vs on.
+# The last lines printed are the table. BATCH, STEPS and PYTHON override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON="${PYTHON:-python3}"
+BATCH="${BATCH:-256}"
+STEPS="${STEPS:-20}"
+OUT="${OUT:-$(mktemp -d)}"
+
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || echo "GPU TESTS FAILED"
+
+bench() { "$PYTHON" -m pipeline.bench model --model densenet121 --batch "$BATCH" --image-size 224 \
+          --precision bf16 --channels-last --steps "$STEPS" --warmup 5 "$@"; }
+bench --compare torchvision --json "$OUT/eager.json"
+bench --compile --compare torchvision --json "$OUT/compiled.json"
+bench --compare memory_efficient --json "$OUT/memory.json"
+
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+eager, compiled, memory = (json.loads((out / f"{n}.json").read_text()) for n in ("eager", "compiled", "memory"))
+tv = eager["runs"]["torchvision"]
+print(f"\n{'densenet121 bf16 channels-last':<34}{'images/s':>10}{'step ms':>9}{'peak MB':>9}  on {eager['device_name']}")
+for name, run in (("torchvision eager", tv), ("ours eager", eager["runs"]["ours"]),
+                  ("ours compiled", compiled["runs"]["ours"]),
+                  ("ours memory_efficient", memory["runs"]["memory_efficient"])):
+    print(f"{name:<34}{run['images_per_s']:>10.0f}{run['step_ms']:>9.1f}{run['peak_MB']:>9.0f}")
+best = max(eager["runs"]["ours"]["images_per_s"], compiled["runs"]["ours"]["images_per_s"])
+print(f"ours best / torchvision eager: {best / tv['images_per_s']:.2f}x; memory_efficient: step memory "
+      f"x{memory['ratio']:.2f}, step time x{memory['time_ratio']:.2f}")
+PY
