@@ -31,7 +31,7 @@ from pathlib import Path
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.checkpoint import POINTER, atomic_write_bytes, checkpoint_dir
+from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.train import per_rank_batch
 
@@ -193,10 +193,6 @@ def sbatch_script(cfg: DictConfig, folder: Path, minutes: int, array_size: int |
 
 # ---------------------------------------------------------------- what runs in each task
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return (checkpoint_dir(run_dir) / POINTER).is_file()
-
-
 class Training(submitit.helpers.Checkpointable):
     """One task of the job: the torch.distributed environment from SLURM, then ``train.main``.
 
@@ -217,7 +213,7 @@ class Training(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run_dir = Path(self.run_dir)
         cfg = load_config(run_dir / CONFIG_FILE, profiles=False)
-        if cfg.run.resume == "never" or has_checkpoint(run_dir):
+        if cfg.run.resume == "never" or read_pointer(run_dir):
             cfg = OmegaConf.merge(cfg, {"run": {"resume": "auto"}})
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, run dir "
@@ -238,7 +234,6 @@ class Training(submitit.helpers.Checkpointable):
                         "run.dir (or raise slurm.max_requeues) to go on.") from None
                 # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())
-                time.sleep(60)  # not reached: the handler exits
             return {}
         # a late time-limit signal must not requeue a finished job
         signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
@@ -292,21 +287,13 @@ def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> str | None:
     """Create (or reopen) the job's MLflow run now, so its link can be shown; None without tracking."""
     if cfg.tracking.backend != "mlflow":
         return None
-    from pipeline.tracking import open_run, redact, run_link, tracking_uri
+    from pipeline.tracking import connect, open_run, run_link, tracking_uri, unreachable
 
     uri = tracking_uri(cfg)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
-        open_run(client, cfg, run_dir, uri, status="SCHEDULED")
+        open_run(connect(uri), cfg, run_dir, uri, status="SCHEDULED")
     except Exception as err:
-        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        message = (f"Cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Start it, fix "
-                   "tracking.uri, or set tracking.backend=none")
+        message = unreachable(uri, err)
         if cfg.tracking.required:
             raise LaunchError(message + ".") from None
         print(f"warning: {message}; the job will try again when it starts.", file=sys.stderr)
@@ -314,9 +301,14 @@ def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> str | None:
     return run_link(uri, run_dir)
 
 
+def job_folder(cfgs: list[DictConfig]) -> Path:
+    """submitit's folder: the run dir's ``slurm/``, or for a sweep the one beside the points' run dirs."""
+    return Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
+
+
 def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
     """Write each run dir's config, create the MLflow runs, submit one job (or one array); returns job records."""
-    folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
+    folder = job_folder(cfgs)
     links = []
     for cfg in cfgs:
         run_dir = Path(cfg.run.dir)
@@ -394,9 +386,8 @@ def status(run_dir: str | Path, lines: int = 10) -> str:
         last = progress[-1]
         out.append(f"progress   epoch {last.get('epoch', 0) + 1}, global step {last['global_step']} "
                    f"(last {last['event']} record)")
-    pointer = checkpoint_dir(run_dir) / POINTER
-    if pointer.is_file():
-        newest = json.loads(pointer.read_text())
+    newest = read_pointer(run_dir)
+    if newest:
         out.append(f"checkpoint {checkpoint_dir(run_dir) / newest['file']} (global step {newest['global_step']})")
     else:
         out.append("checkpoint none yet")
@@ -475,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = resolve_runs(args.config, args.overrides, args.sweep)
         minutes = check_job(cfgs[0])
         if args.dry_run:
-            folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
-            print(sbatch_script(cfgs[0], folder, minutes, len(cfgs) if len(cfgs) > 1 else None))
+            print(sbatch_script(cfgs[0], job_folder(cfgs), minutes, len(cfgs) if len(cfgs) > 1 else None))
             for cfg in cfgs:
                 print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
             return 0

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,13 +61,14 @@ def bench_checkpoint(args: argparse.Namespace) -> dict:
             "repeat": args.repeat, "folder": str(Path(args.dir or tempfile.gettempdir()).absolute())}
 
 
+MINI = str(Path(__file__).resolve().parents[1] / "configs" / "mini.yaml")
+
+
 def _mini_images_per_s(run_dir: Path, words: list[str]) -> float:
     """Train the mini config once; the median images/s of its logged windows after the first."""
-    config = Path(__file__).resolve().parents[1] / "configs" / "mini.yaml"
-    subprocess.run([sys.executable, "-m", "pipeline.train", str(config), f"run.dir={run_dir}", *words], check=True,
-                   capture_output=True, timeout=1800)
-    rates = [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["event"] == "train"]
+    from pipeline.perf import logged_images_per_s
+
+    rates = logged_images_per_s(MINI, words, run_dir)
     return statistics.median(rates[1:] or rates)
 
 
@@ -142,7 +142,7 @@ def bench_loader(args: argparse.Namespace) -> dict:
 def bench_train(args: argparse.Namespace) -> dict:
     from pipeline.perf import run_isolated
 
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "mini.yaml")
+    config = MINI
     overrides = ["data.backend=synthetic", f"data.synthetic_steps={args.steps}", f"train.epochs={args.epochs}",
                  f"train.log_every_steps={args.window}", "tracking.backend=none", *args.overrides]
     windows = args.steps * args.epochs // args.window - 1

@@ -116,17 +116,24 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def read_pointer(run_dir: str | Path) -> dict | None:
+    """The ``latest`` pointer of ``run_dir`` (file, sha256, bytes, global_step, ...), or None if unreadable."""
+    try:
+        return json.loads((checkpoint_dir(run_dir) / POINTER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def find_and_load_latest(run_dir: str | Path) -> tuple[dict, Path] | None:
     """The newest checkpoint of ``run_dir`` that loads and passes its checksum; older ones on failure."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return None
     candidates = [folder / f"step-{s:09d}.pt" for s in _steps(folder)]
-    try:  # the pointer names the newest; files newer than it were never completed
-        pointed = folder / json.loads((folder / POINTER).read_text())["file"]
+    pointer = read_pointer(run_dir)
+    if pointer and "file" in pointer:  # the pointer names the newest; files newer than it were never completed
+        pointed = folder / pointer["file"]
         candidates = [pointed] + [c for c in candidates if c != pointed and c.name < pointed.name]
-    except (OSError, ValueError, KeyError):
-        pass
     for path in candidates:
         try:
             return load_checkpoint(path), path

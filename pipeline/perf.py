@@ -72,9 +72,8 @@ def measure_model(spec: dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     scaler = build_scaler(device, spec["precision"])
     criterion = nn.CrossEntropyLoss()
-    batch, size = spec["batch"], spec["image_size"]
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 1000, (batch,), device=device)
+    batch = spec["batch"]
+    images, labels = _synthetic_batch(batch, spec["image_size"], 1000, device, memory_format)
 
     for _ in range(spec["warmup"]):
         train_step(net, images, labels, criterion, optimizer, scaler, spec["precision"])
@@ -97,6 +96,11 @@ def measure_model(spec: dict) -> dict:
     step = statistics.median(times)
     return {**spec, "images_per_s": batch / step, "step_ms": 1000 * step, "peak_MB": peak / 2**20,
             "step_MB": (peak - baseline) / 2**20, "device_name": _device_name(device)}
+
+
+def _synthetic_batch(batch: int, size: int, classes: int, device: torch.device, memory_format):
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    return images, torch.randint(0, classes, (batch,), device=device)
 
 
 def _device_name(device: torch.device) -> str:
@@ -180,9 +184,8 @@ def measure_bare_loop(spec: dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = build_scaler(device, cfg.train.precision)
     criterion = nn.CrossEntropyLoss()
-    batch, size = cfg.train.batch_size, cfg.data.image_size
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
+    batch = cfg.train.batch_size
+    images, labels = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes, device, memory_format)
     window, rates = cfg.train.log_every_steps, []
     for _ in range(spec["windows"] + 1):
         began = time.perf_counter()
@@ -193,14 +196,18 @@ def measure_bare_loop(spec: dict) -> dict:
     return {**spec, "images_per_s": statistics.median(rates[1:])}
 
 
+def logged_images_per_s(config: str, words: list[str], run_dir: Path) -> list[float]:
+    """Train ``config`` with ``python -m pipeline.train`` into ``run_dir``; the images/s of each logged window."""
+    subprocess.run([sys.executable, "-m", "pipeline.train", config, *words, f"run.dir={run_dir}"], check=True,
+                   capture_output=True, timeout=3600)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e["images_per_s"] for e in events if e["event"] == "train"]
+
+
 def measure_train_loop(spec: dict) -> dict:
     """``python -m pipeline.train`` itself with random batches; the median of its logged images/s after the first."""
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-m", "pipeline.train", spec["config"], *spec["overrides"],
-                        f"run.dir={run_dir}"], check=True, capture_output=True, timeout=3600)
-        rates = [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["event"] == "train"]
+        rates = logged_images_per_s(spec["config"], spec["overrides"], Path(tmp) / "run")
     return {**spec, "images_per_s": statistics.median(rates[1:] or rates), "windows": len(rates)}
 
 

@@ -155,6 +155,26 @@ class _Sender(threading.Thread):
         return list(self.pending)
 
 
+def connect(uri: str):
+    """An MlflowClient for ``uri`` that has answered once (raises if the server cannot be reached)."""
+    from mlflow import MlflowClient
+
+    # one failed request must not hold the caller for minutes: the sender retries by itself
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the URL may hold credentials
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)
+    return client
+
+
+def unreachable(uri: str, err: Exception) -> str:
+    """What to tell a person whose tracking server at ``uri`` failed with ``err`` (credentials redacted)."""
+    reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    return (f"Cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Start it (mlflow server ...), "
+            "fix tracking.uri, or set tracking.backend=none")
+
+
 def tracking_uri(cfg: DictConfig) -> str:
     return cfg.tracking.uri or default_uri(cfg.run.dir)
 
@@ -203,16 +223,10 @@ class Tracker:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str]):
         import mlflow
-        from mlflow import MlflowClient
 
         self.cfg, self.run_dir = cfg.tracking, run_dir
         self.uri = tracking_uri(cfg)
-        # one failed request must not hold the sender for minutes: it retries by itself
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the URL may hold credentials
-        self.client = MlflowClient(self.uri)
-        self.client.search_experiments(max_results=1)  # reachable? raises if not
+        self.client = connect(self.uri)
         self.run_id, resumed = open_run(self.client, cfg, run_dir, self.uri)
         self.skip_until = self._logged_steps() if resumed else {}
         mlflow.set_tracking_uri(self.uri)
@@ -290,10 +304,7 @@ def open_tracker(cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[st
     try:
         return Tracker(cfg, run_dir, world_size, hosts)
     except Exception as err:
-        uri = redact(cfg.tracking.uri or default_uri(run_dir))
-        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        message = (f"Cannot reach the MLflow tracking server at {uri} ({reason}). Start it (mlflow server ...), "
-                   "fix tracking.uri, or set tracking.backend=none")
+        message = unreachable(tracking_uri(cfg), err)
         if cfg.tracking.required:
             raise TrackingError(message + ".") from None
         log.warning("%s. Training goes on WITHOUT tracking (tracking.required=false).", message)
