@@ -62,15 +62,17 @@ class DaliLoader:
     """Iterates ``(images, labels)``: images a float NCHW tensor (channels-last unless told otherwise).
 
     ``files_for(epoch)`` gives the rank's file list of an epoch; the pipeline is rebuilt when it
-    changes. The reader pads the list's last batch and the iterator drops the padding
+    changes. With ``keep`` false (train) a finished epoch releases its pipeline at once, so it never
+    decodes a pass that will not be read; with ``keep`` true (val) the pipeline resets and is reused.
+    The reader pads the list's last batch and the iterator drops the padding
     (``LastBatchPolicy.PARTIAL``): every listed file is read exactly once per epoch. ``state_dict``
     holds DALI's own checkpoint (reader position and random state, prefetched batches accounted
     for), so a restored loader yields exactly the batches the interrupted one would have.
     """
 
     def __init__(self, make_pipeline: Callable[..., object], files_for: Callable[[int], FileList],
-                 batch_size: int, channels_last: bool, root: str):
-        self._make_pipeline, self._files_for = make_pipeline, files_for
+                 batch_size: int, channels_last: bool, root: str, keep: bool):
+        self._make_pipeline, self._files_for, self._keep = make_pipeline, files_for, keep
         self.batch_size, self.channels_last, self.root = batch_size, channels_last, root
         self.epoch = 0
         self._files: FileList | None = None
@@ -97,7 +99,8 @@ class DaliLoader:
                 pipe = self._make_pipeline(files, self.epoch, self._restore)
                 pipe.build()
                 self._it = DALIClassificationIterator(pipe, reader_name=READER,
-                                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+                                                      last_batch_policy=LastBatchPolicy.PARTIAL,
+                                                      auto_reset=self._keep)
             self._files, self._restore = files, None
         return self._it
 
@@ -109,6 +112,8 @@ class DaliLoader:
             try:
                 batch = next(it)
             except StopIteration:
+                if not self._keep:
+                    self._files, self._it = None, None
                 return
             except RuntimeError as err:
                 self._files, self._it = None, None  # a pipeline that failed is rebuilt, never reused
@@ -139,5 +144,5 @@ def build_dali_loaders(data_cfg, train_files: Callable[[int], FileList], val_fil
         return val_pipeline(files=files, batch_size=val_batch_size, resize=resize, seed=seed, **common)
 
     root = str(data_cfg.root)
-    return (DaliLoader(make_train, train_files, batch_size, channels_last, root),
-            DaliLoader(make_val, lambda epoch: val_files, val_batch_size, channels_last, root))
+    return (DaliLoader(make_train, train_files, batch_size, channels_last, root, keep=False),
+            DaliLoader(make_val, lambda epoch: val_files, val_batch_size, channels_last, root, keep=True))
