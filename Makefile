@@ -20,7 +20,8 @@ smoke: venv
 
 # test: lint, then everything but the multi-process, server and cluster runs (marked slow)
 test: venv
-	$(BIN)/ruff check pipeline launch tests
+	$(BIN)/ruff check pipeline launch tests docker
+	$(BIN)/hadolint docker/Dockerfile
 	$(BIN)/python -m pytest -m "not slow"
 
 # test-slow: real torchrun, mlflow server and SLURM runs (the SLURM ones need tests/slurm/cluster.sh install)
@@ -28,7 +29,8 @@ test-slow: venv
 	$(BIN)/python -m pytest -m slow
 
 lint: venv
-	$(BIN)/ruff check pipeline launch tests
+	$(BIN)/ruff check pipeline launch tests docker
+	$(BIN)/hadolint docker/Dockerfile
 
 clean:
 	rm -rf runs data/mini-imagenet

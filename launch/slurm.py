@@ -111,6 +111,11 @@ def check_cluster(cfg: DictConfig) -> None:
         raise LaunchError(f"{', '.join(missing)} not found on PATH: run this on a SLURM login node (or load the "
                           "cluster's slurm module). Use --dry-run to see the job script without submitting.")
     s = cfg.slurm
+    image = s.container_image
+    if s.container_runtime == "apptainer" and image and "://" not in image and not Path(image).is_file():
+        raise LaunchError(f"'slurm.container_image' {image} does not exist. Build it on a shared filesystem with "
+                          "`apptainer build densenet-pipeline.sif docker/apptainer.def` (docker/README.md) and set "
+                          "its path, or use a docker:// or oras:// URI.")
     if s.partition and shutil.which("sinfo"):
         result = _run(["sinfo", "-h", "-o", "%R"])
         known = sorted(set(result.stdout.split()))
@@ -169,15 +174,22 @@ def sbatch_parameters(cfg: DictConfig, minutes: int) -> dict:
         params["setup"] = list(s.setup)
     if s.additional:
         params["additional_parameters"] = OmegaConf.to_container(s.additional)
-    if s.container_image:
+    if s.container_image and s.container_runtime == "pyxis":
         params["srun_args"] = [f"--container-image={s.container_image}"] + (
             [f"--container-mounts={s.container_mounts}"] if s.container_mounts else [])
     return params
 
 
 def job_python(cfg: DictConfig) -> str:
-    """The interpreter the tasks run: this one, or the container's own ``python``."""
-    return "python" if cfg.slurm.container_image else shlex.quote(sys.executable)
+    """The interpreter the tasks run: this one, the pyxis container's ``python``, or ``apptainer exec``'s."""
+    s = cfg.slurm
+    if not s.container_image:
+        return shlex.quote(sys.executable)
+    if s.container_runtime == "pyxis":
+        return "python"
+    words = ["apptainer", "exec"] + (["--nv"] if s.gpus_per_node else [])
+    words += ["--bind", s.container_mounts] if s.container_mounts else []
+    return shlex.join([*words, s.container_image, "python"])
 
 
 def sbatch_script(cfg: DictConfig, folder: Path, minutes: int, array_size: int | None = None) -> str:

@@ -127,8 +127,9 @@ class SlurmConfig:
     signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint, then requeue
     max_requeues: int = 10  # time-outs and preemptions; then the job fails, saying so
     setup: list[str] = field(default_factory=list)  # shell lines before the tasks start, e.g. module loads
-    container_image: str = ""  # pyxis/enroot: run every task in this image
-    container_mounts: str = ""  # pyxis: SRC:DST[,SRC:DST...]; run.dir and data.root must be visible inside
+    container_image: str = ""  # run every task in this image (pyxis: a registry image or .sqsh; apptainer: a .sif)
+    container_mounts: str = ""  # SRC:DST[,SRC:DST...]; run.dir and data.root must be visible inside
+    container_runtime: str = "pyxis"  # pyxis: srun --container-image; apptainer: apptainer exec --nv IMAGE python
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {mail-type: END}
     array_parallelism: int = 16  # sweeps: how many points run at once
     job_name: str = ""  # "" = the name of run.dir
@@ -153,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("bf16", "fp16", "fp32"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),
+    "slurm.container_runtime": ("pyxis", "apptainer"),
 }
 POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",

@@ -189,11 +189,12 @@ def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, t
     assert f"job {job_id}: CANCELLED" in status.stdout and re.search(r"checkpoint .*step-0+[3-9]\.pt", status.stdout)
 
 
-def test_dry_run_prints_the_reviewed_script_for_four_nodes_of_eight_gpus():
-    result = launch(str(ROOT / "configs/densenet121.yaml"), "slurm.profile=pyxis-4x8", "slurm.partition=gpu",
+@pytest.mark.parametrize("profile", ["pyxis-4x8", "apptainer-2x4"])
+def test_dry_run_prints_the_reviewed_script_of_each_container_profile(profile):
+    result = launch(str(ROOT / "configs/densenet121.yaml"), f"slurm.profile={profile}", "slurm.partition=gpu",
                     "slurm.account=vision", "--dry-run", env={**os.environ, "USER": "alice"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (Path(__file__).with_name("expected-pyxis-4x8.sbatch")).read_text()
+    assert result.stdout == (Path(__file__).with_name(f"expected-{profile}.sbatch")).read_text()
     assert not Path("/checkpoints/alice").exists()
 
 
@@ -205,6 +206,9 @@ def test_dry_run_prints_the_reviewed_script_for_four_nodes_of_eight_gpus():
     (["slurm.partition=nope"], "Unknown partition 'slurm.partition=nope'. This cluster has: debug"),
     (["slurm.profile=nope"], "Unknown 'slurm.profile' 'nope'"),
     (["data.workers=4"], "'data.workers' (4) is more than 'slurm.cpus_per_task' (1)"),
+    (["slurm.container_runtime=docker"], "'slurm.container_runtime' is 'docker'; allowed values: pyxis, apptainer"),
+    (["slurm.container_runtime=apptainer", "slurm.container_image=/nowhere/densenet.sif"],
+     "'slurm.container_image' /nowhere/densenet.sif does not exist"),
 ])
 def test_bad_input_is_explained_and_nothing_is_submitted(slurm, tmp_path, mini_data, words, message):
     run_dir = tmp_path / "run"

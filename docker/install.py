@@ -1,0 +1,83 @@
+"""Installs this project into a base image that already ships PyTorch, torchvision and DALI.
+
+Run from the project root inside the image build (``python docker/install.py``). The dependency set
+is ``pyproject.toml``'s, read here: what the base image already has is pinned at its installed
+version, so pip never replaces the base's CUDA builds; the rest is installed; then the project itself
+(``--no-deps``), and every dependency is imported once to prove the image whole.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import tomllib
+
+# a dependency whose distribution name differs between PyPI and the base image, by the module it provides
+IMPORTS = {"nvidia-dali-cuda130": "nvidia.dali", "nvidia-dali-cuda120": "nvidia.dali", "pillow": "PIL",
+           "nvidia-ml-py": "pynvml"}
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalised distribution name of a requirement string (``"omegaconf>=2.3"`` -> ``omegaconf``)."""
+    return re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def dependencies(pyproject: Path) -> list[str]:
+    """``[project].dependencies`` of a pyproject.toml."""
+    return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+
+
+def plan(requirements: list[str], installed: dict[str, str], importable: set[str]) -> tuple[list[str], list[str]]:
+    """(pins of what the base has, requirements to install): together exactly ``requirements``' names.
+
+    ``installed`` maps distribution names to versions; a requirement whose distribution is absent but
+    whose module (``IMPORTS``) is importable counts as provided under another name and is left alone.
+    """
+    pins, install = [], []
+    for requirement in requirements:
+        name = requirement_name(requirement)
+        if name in installed:
+            pins.append(f"{name}=={installed[name]}")
+        elif IMPORTS.get(name) not in importable:
+            install.append(requirement)
+    return pins, install
+
+
+def _installed() -> dict[str, str]:
+    return {requirement_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+
+
+def _importable(modules: set[str]) -> set[str]:
+    found = set()
+    for module in modules:
+        if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0:
+            found.add(module)
+    return found
+
+
+def main() -> int:
+    root = Path(__file__).resolve().parent.parent
+    requirements = dependencies(root / "pyproject.toml")
+    pins, install = plan(requirements, _installed(), _importable(set(IMPORTS.values())))
+    print("provided by the base image:", " ".join(pins) or "nothing")
+    print("installing:", " ".join(install) or "nothing")
+    pip = [sys.executable, "-m", "pip", "install", "--no-cache-dir"]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        constraints.write("\n".join(pins) + "\n")
+        constraints.flush()
+        if install:
+            subprocess.run([*pip, "--constraint", constraints.name, *install], check=True)
+    subprocess.run([*pip, "--no-deps", str(root)], check=True)
+    modules = [IMPORTS.get(requirement_name(r), requirement_name(r).replace("-", "_")) for r in requirements]
+    subprocess.run([sys.executable, "-c", f"import {', '.join(sorted(set(modules)))}, pipeline.train, launch.slurm"],
+                   check=True, cwd=tempfile.gettempdir())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
