@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The PyTorch build to install; on another machine, e.g. make TORCH="torch torchvision --index-url ..."
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv smoke test test-slow lint clean
+.PHONY: venv smoke test test-slow lint screenshot clean
 
 venv: $(BIN)/.installed
 
@@ -27,6 +27,10 @@ test: venv
 # test-slow: real torchrun, mlflow server and SLURM runs (the SLURM ones need tests/slurm/cluster.sh install)
 test-slow: venv
 	$(BIN)/python -m pytest -m slow
+
+# screenshot: docs/mlflow-run.png from a real smoke run against a local mlflow server (needs Debian's chromium)
+screenshot: venv
+	$(BIN)/python docs/screenshot.py
 
 lint: venv
 	$(BIN)/ruff check pipeline launch tests docker

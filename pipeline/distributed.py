@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,38 @@ class DistInfo:
         return self.rank == 0
 
 
+class RankError(RuntimeError):
+    """The process's rank variables cannot describe a correct job."""
+
+
+def check_rank_environment(env: Mapping[str, str], gpus: int) -> None:
+    """Refuse rank variables that would make ranks share a data shard, a GPU or the run dir."""
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        raise RankError(f"Only one of RANK and WORLD_SIZE is set (RANK={env.get('RANK')}, "
+                        f"WORLD_SIZE={env.get('WORLD_SIZE')}): set both, or start the ranks with torchrun or "
+                        "python -m launch.local / launch.slurm, which set both.")
+    if "RANK" not in env:
+        tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)  # set by srun for its tasks, not in the batch script
+        if tasks > 1 and "SLURM_PROCID" in env:
+            raise RankError(f"This process is task {env['SLURM_PROCID']} of a SLURM step of {tasks} tasks, but "
+                            "RANK and WORLD_SIZE are unset: every task would train alone as rank 0 on the same "
+                            "data shard, into the same run.dir. Submit with python -m launch.slurm (it sets them "
+                            "from SLURM_PROCID and SLURM_NTASKS), or run one torchrun per node.")
+        return
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if not 0 <= rank < world_size:
+        raise RankError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world_size}): ranks are numbered "
+                        "from 0 across all nodes (the global rank), not per node.")
+    if gpus and local_rank >= gpus:
+        raise RankError(f"LOCAL_RANK={local_rank} but this node shows {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+                        f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per visible GPU, with "
+                        "LOCAL_RANK counting from 0 on each node.")
+
+
 def init_distributed() -> DistInfo:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process), pick the device, join the group."""
+    check_rank_environment(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

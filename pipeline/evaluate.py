@@ -21,7 +21,7 @@ from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import ConfigError, load_config
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders
-from pipeline.distributed import init_distributed, shutdown
+from pipeline.distributed import RankError, init_distributed, shutdown
 from pipeline.engine import evaluate
 from pipeline.log import setup_logging
 from pipeline.models import build_model
@@ -91,7 +91,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         main(load_config(args.config, args.overrides), args.weights, args.out)
-    except (ConfigError, DatasetError, WeightsError) as err:
+    except (ConfigError, DatasetError, WeightsError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

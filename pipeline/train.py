@@ -46,6 +46,7 @@ from pipeline.data.loaders import build_loaders
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import (
     DistInfo,
+    RankError,
     agree,
     barrier,
     broadcast_buffers,
@@ -342,7 +343,7 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except (ConfigError, DatasetError, CheckpointError, TrackingError) as err:
+    except (ConfigError, DatasetError, CheckpointError, TrackingError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested:

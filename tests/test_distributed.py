@@ -1,6 +1,8 @@
 """Real multi-process runs on gloo: torchrun through launch.local, on one and on two "nodes"."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import write_synthetic_imagenet
+from pipeline.distributed import RankError, check_rank_environment
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +81,30 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
     assert [r["world_size"] for r in results] == [1, 2, 3]
     assert len({(r["top1"], r["top5"]) for r in results}) == 1
     assert max(r["loss"] for r in results) - min(r["loss"] for r in results) < 1e-4
+
+
+@pytest.mark.parametrize("env, gpus, message", [
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, 0, "task 2 of a SLURM step of 4 tasks, but RANK and WORLD_SIZE"),
+    ({"RANK": "1"}, 0, "Only one of RANK and WORLD_SIZE is set"),
+    ({"RANK": "8", "WORLD_SIZE": "8"}, 0, "RANK=8 is not in 0..WORLD_SIZE-1"),
+    ({"RANK": "4", "WORLD_SIZE": "16", "LOCAL_RANK": "4"}, 4, "LOCAL_RANK=4 but this node shows 4 GPU(s)"),
+])
+def test_rank_variables_that_would_share_a_shard_or_a_gpu_are_refused(env, gpus, message):
+    with pytest.raises(RankError, match=re.escape(message)):
+        check_rank_environment(env, gpus)
+
+
+# the batch script of a 4-task job is one process: SLURM_NTASKS=4 but no step of 4 tasks
+@pytest.mark.parametrize("env", [{}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "0"},
+                                 {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "SLURM_NTASKS": "4"}])
+def test_single_processes_and_complete_rank_variables_are_accepted(env):
+    check_rank_environment(env, gpus=4)
+
+
+def test_a_bare_srun_of_training_stops_before_writing_anything(tmp_path):
+    env = {**os.environ, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={tmp_path / 'run'}",
+                             "tracking.backend=none"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "python -m launch.slurm" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
