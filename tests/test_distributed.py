@@ -84,7 +84,8 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
 
 
 @pytest.mark.parametrize("env, gpus, message", [
-    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, 0, "task 2 of a SLURM step of 4 tasks, but RANK and WORLD_SIZE"),
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, 0,
+     "task 2 of a SLURM step of 4 tasks, but RANK and WORLD_SIZE"),
     ({"RANK": "1"}, 0, "Only one of RANK and WORLD_SIZE is set"),
     ({"RANK": "8", "WORLD_SIZE": "8"}, 0, "RANK=8 is not in 0..WORLD_SIZE-1"),
     ({"RANK": "4", "WORLD_SIZE": "16", "LOCAL_RANK": "4"}, 4, "LOCAL_RANK=4 but this node shows 4 GPU(s)"),

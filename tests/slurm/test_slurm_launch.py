@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,24 +14,6 @@ from launch.slurm import LaunchError, time_minutes
 
 ROOT = Path(__file__).resolve().parents[2]
 MINI = str(ROOT / "configs/mini.yaml")
-CLUSTER = Path(__file__).with_name("cluster.sh")
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """The test cluster, started if it is not running; SLURM_CONF points the clients at it."""
-    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
-        if os.environ.get("CI"):
-            pytest.fail("SLURM is not installed: .ci/run installs it with tests/slurm/cluster.sh install")
-        pytest.skip("needs SLURM: run tests/slurm/cluster.sh install (as root)")
-    out = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    conf = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
 
 
 def launch(*words, env=None, timeout=300):
