@@ -109,6 +109,14 @@ class TrackingConfig:
 
 
 @dataclass
+class InsightsConfig:
+    """Feature-reuse heatmaps and gradient flow, logged by rank 0 to run.dir/insights and the MLflow run."""
+
+    enabled: bool = True
+    every_steps: int = 50  # gradient norms per layer every this many steps (one host sync each)
+
+
+@dataclass
 class SlurmConfig:
     """How ``python -m launch.slurm`` asks SLURM for the job; ignored by local runs."""
 
@@ -145,6 +153,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    insights: InsightsConfig = field(default_factory=InsightsConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -161,6 +170,7 @@ POSITIVE = (
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
+    "insights.every_steps",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",

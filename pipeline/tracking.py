@@ -10,6 +10,7 @@ stay strictly increasing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +100,17 @@ def attempt_tags(world_size: int, hosts: list[str]) -> dict[str, str]:
     return {k: redact(v) for k, v in tags.items() if v != ""}
 
 
+@dataclass
+class Picture:
+    """An image for the run's step-indexed image charts (``MlflowClient.log_image`` with a key)."""
+
+    key: str
+    image: Any  # a PIL image, held in memory until sent
+    step: int
+
+
 class _Sender(threading.Thread):
-    """Sends queued metrics in batches; holds them through an outage and retries."""
+    """Sends queued metrics in batches, and pictures; holds them through an outage and retries."""
 
     def __init__(self, client, run_id: str, uri: str, retry_s: float = 2.0):
         super().__init__(name="mlflow-sender", daemon=True)
@@ -131,7 +142,12 @@ class _Sender(threading.Thread):
     def _send(self) -> bool:
         try:
             while self.pending:
-                batch = self.pending[:1000]
+                if isinstance(self.pending[0], Picture):
+                    picture = self.pending[0]
+                    self.client.log_image(self.run_id, picture.image, key=picture.key, step=picture.step)
+                    del self.pending[0]
+                    continue
+                batch = list(itertools.takewhile(lambda item: not isinstance(item, Picture), self.pending[:1000]))
                 self.client.log_batch(self.run_id, metrics=batch)
                 del self.pending[:len(batch)]
         except Exception as err:
@@ -253,6 +269,13 @@ class Tracker:
             if step > self.skip_until.get(key, -1):
                 self.sender.queue.put(Metric(key, float(value), now, step))
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.sender.queue.put(Picture(key, image.copy(), step))
+
     def _register(self, name: str) -> None:
         """Register the uploaded ``model_final.pt`` as a new version of the model ``name``."""
         from mlflow.exceptions import MlflowException
@@ -270,6 +293,11 @@ class Tracker:
         import mlflow
 
         unsent = self.sender.close(timeout=self.cfg.flush_timeout_s)
+        pictures = [item for item in unsent if isinstance(item, Picture)]
+        unsent = [item for item in unsent if not isinstance(item, Picture)]
+        if pictures:
+            log.warning("%d images could not be sent to %s; run dir %s/insights holds the latest ones.",
+                        len(pictures), redact(self.uri), self.run_dir)
         if unsent:
             path = self.run_dir / "unsent_metrics.jsonl"
             atomic_write_bytes(path, "".join(json.dumps({"key": m.key, "value": m.value, "step": m.step,

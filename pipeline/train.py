@@ -57,6 +57,7 @@ from pipeline.distributed import (
     shutdown,
 )
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
+from pipeline.insights import TrainingInsights
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -216,6 +217,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
         if dist.is_main else None
     tracker = start_tracking(cfg, dist, run_dir)
+    insights = TrainingInsights(model, cfg.insights.every_steps, run_dir, metrics, tracker) \
+        if cfg.insights.enabled and dist.is_main else None
     with finish_on_error(tracker, run_dir / "train.log"):
         params = sum(p.numel() for p in model.parameters())
         log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
@@ -253,6 +256,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             nonlocal stop_signal
             progress.global_step = global_step
             progress.step_in_epoch += 1
+            if insights:
+                insights.on_step(global_step)  # the gradients of this step are still there
             every = cfg.checkpoint.every_steps
             minutes = cfg.checkpoint.every_minutes
             timed = minutes > 0 and time.monotonic() - last_save >= 60 * minutes
@@ -307,6 +312,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                 tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
                                      "epoch_seconds": epoch_seconds, "checkpoint_seconds": save_seconds},
                                     progress.global_step)
+            if insights:
+                insights.on_epoch_end(epoch, progress.global_step)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             save("end of epoch")
 

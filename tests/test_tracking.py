@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,3 +186,33 @@ def test_an_unreachable_server_at_start_is_explained(tmp_path, mini_data, requir
         assert result.returncode == 2 and not (tmp_path / "run" / "summary.json").exists()
     else:
         assert result.returncode == 0 and "WITHOUT tracking" in result.stdout
+
+
+def test_insights_reach_the_run_as_images_each_epoch_and_gradient_norms_on_the_step_axis(tmp_path, server,
+                                                                                          mini_data):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI,
+                             *words(run_dir, mini_data, server.uri, "insights", "insights.every_steps=3")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, runs = runs_of(server.uri, "insights")
+    run_id = runs[0].info.run_id
+    epoch_ends = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["event"] == "val"]
+    assert epoch_ends == [10, 20]  # 2 epochs of 10 steps
+    names = [a.path for a in client.list_artifacts(run_id, "images")]
+    for key in ("feature_reuse", "gradient_flow"):
+        pattern = rf"images/insights[~#]{key}[+%]step[+%](\d+)[+%]"  # then a timestamp and a uuid
+        steps = sorted(int(m[1]) for n in names if (m := re.match(pattern, n)) and not n.endswith("compressed.webp"))
+        assert steps == epoch_ends, (key, names)
+    history = client.get_metric_history(run_id, "grad_norm/block1.layer01")
+    assert [m.step for m in history] == [3, 6, 9, 12, 15, 18] and all(m.value > 0 for m in history)
+    assert {"grad_norm/stem", "grad_norm/block3.layer02", "grad_norm/classifier"} <= set(runs[0].data.metrics)
+
+    # the command on the run's own weights: heatmaps, numbers, and the gradient flow from metrics.jsonl
+    out = subprocess.run([sys.executable, "-m", "pipeline.insights", str(run_dir / "model_final.pt"),
+                          str(run_dir / "config.yaml"), "--out", str(tmp_path / "pictures")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert {p.name for p in (tmp_path / "pictures").iterdir()} == {"feature_reuse.png", "feature_reuse.csv",
+                                                                   "gradient_flow.png"}
