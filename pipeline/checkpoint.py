@@ -116,6 +116,26 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable, or of another model."""
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a ``model_final.pt``, or the ``model`` entry of a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file '{path}' does not exist. Pass a run's model_final.pt or a checkpoint.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"Could not read weights file '{path}': {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"'{path}' holds a {type(state).__name__}, not a state_dict of tensors.")
+    return state
+
+
 def read_pointer(run_dir: str | Path) -> dict | None:
     """The ``latest`` pointer of ``run_dir`` (file, sha256, bytes, global_step, ...), or None if unreadable."""
     try:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.checkpoint import atomic_write_bytes
+from pipeline.checkpoint import WeightsError, atomic_write_bytes, read_weights
 from pipeline.config import ConfigError, load_config
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders
@@ -29,23 +29,9 @@ from pipeline.models import build_model
 log = logging.getLogger("pipeline.evaluate")
 
 
-class WeightsError(ValueError):
-    """A weights file that is missing, unreadable, or of another model."""
-
-
 def load_weights(model: nn.Module, path: str | Path, model_cfg) -> None:
     """Load a ``model_final.pt`` state_dict, or the ``model`` entry of a checkpoint, strictly into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file '{path}' does not exist. Pass a run's model_final.pt or a checkpoint.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"Could not read weights file '{path}': {str(err).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"'{path}' holds a {type(state).__name__}, not a state_dict.")
+    state = read_weights(path)
     result = model.load_state_dict(state, strict=False)
     mismatched = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
     if result.missing_keys or result.unexpected_keys or mismatched:

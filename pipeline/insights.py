@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.checkpoint import WeightsError, read_weights
+
 LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
 
 
-class InsightsError(ValueError):
+class InsightsError(WeightsError):
     """Weights that are not a DenseNet's, or not the configured model's."""
 
 
@@ -96,17 +98,7 @@ def feature_reuse(state: dict[str, torch.Tensor]) -> list[BlockReuse]:
 
 def load_state(path: str | Path, config: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The state_dict in a ``model_final.pt`` or checkpoint; with ``config``, checked against its model."""
-    path = Path(path)
-    if not path.is_file():
-        raise InsightsError(f"Weights file '{path}' does not exist. Pass a run's model_final.pt or a checkpoint.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InsightsError(f"Could not read weights file '{path}': {str(err).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InsightsError(f"'{path}' does not hold a state_dict of tensors.")
+    state = read_weights(path)
     if config is not None:
         from pipeline.config import load_config
         from pipeline.models import build_model
@@ -309,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = gradient_samples(metrics) if metrics.is_file() else []
         out = args.out or weights.parent / "insights"
         written = write_insights(state, out, title=f"{run_dir.name}: {weights.name}", samples=samples)
-    except (InsightsError, ConfigError) as err:
+    except (WeightsError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:

@@ -26,7 +26,7 @@ BLOCKS = runnable_blocks((ROOT / "README.md").read_text())
 def test_the_readme_has_runnable_blocks_for_each_part_of_the_guide():
     commands = "\n".join(body for _, _, body in BLOCKS)
     for command in ("pipeline.train", "pipeline.data.imagenet verify", "launch.local", "launch.slurm",
-                    "launch.slurm status", "--sweep", "pipeline.evaluate", "pipeline.bench"):
+                    "launch.slurm status", "--sweep", "pipeline.evaluate", "pipeline.bench", "pipeline.insights"):
         assert command in commands, command
 
 
