@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import tomllib
-
 # a dependency whose distribution name differs between PyPI and the base image, by the module it provides
 IMPORTS = {"nvidia-dali-cuda130": "nvidia.dali", "nvidia-dali-cuda120": "nvidia.dali", "pillow": "PIL",
            "nvidia-ml-py": "pynvml"}
@@ -29,6 +27,10 @@ def requirement_name(requirement: str) -> str:
 
 def dependencies(pyproject: Path) -> list[str]:
     """``[project].dependencies`` of a pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dev dependency)
+        import tomli as tomllib
     return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
 
 
