@@ -112,7 +112,7 @@ def check_cluster(cfg: DictConfig) -> None:
                           "cluster's slurm module). Use --dry-run to see the job script without submitting.")
     s = cfg.slurm
     image = s.container_image
-    if s.container_runtime == "apptainer" and image and "://" not in image and not Path(image).is_file():
+    if s.container_runtime == "apptainer" and image and "://" not in image and not Path(image).exists():
         raise LaunchError(f"'slurm.container_image' {image} does not exist. Build it on a shared filesystem with "
                           "`apptainer build densenet-pipeline.sif docker/apptainer.def` (docker/README.md) and set "
                           "its path, or use a docker:// or oras:// URI.")
@@ -187,7 +187,7 @@ def job_python(cfg: DictConfig) -> str:
         return shlex.quote(sys.executable)
     if s.container_runtime == "pyxis":
         return "python"
-    words = ["apptainer", "exec"] + (["--nv"] if s.gpus_per_node else [])
+    words = ["apptainer", "exec", "--nv"]  # --nv on a node without GPUs only warns
     words += ["--bind", s.container_mounts] if s.container_mounts else []
     return shlex.join([*words, s.container_image, "python"])
 
@@ -230,6 +230,10 @@ class Training(submitit.helpers.Checkpointable):
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, run dir "
               f"{run_dir}", flush=True)
+        if job.global_rank == 0 and shutil.which("scontrol") is None:
+            print("Warning: scontrol is not on PATH here (a container without SLURM's tools?): a time limit or "
+                  "preemption will checkpoint but cannot requeue the job; resubmit to resume, or make scontrol "
+                  "available in the image (docker/README.md).", flush=True)
         try:
             summary = main(cfg)
         except StopRequested as stop:
@@ -244,6 +248,10 @@ class Training(submitit.helpers.Checkpointable):
                         f"Not requeued: the job was already requeued {restarts} times (slurm.max_requeues="
                         f"{cfg.slurm.max_requeues}). The checkpoint is in {run_dir}: submit again with the same "
                         "run.dir (or raise slurm.max_requeues) to go on.") from None
+                if shutil.which("scontrol") is None:
+                    print(f"Not requeued: scontrol is not on PATH in this task. The checkpoint is in {run_dir}: "
+                          "submit the same command again to resume.", flush=True)
+                    sys.exit(RESUME_EXIT_CODE)
                 # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())
             return {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import re
 import sys
@@ -32,6 +33,7 @@ from torch import nn
 
 from pipeline.checkpoint import WeightsError, read_weights
 
+log = logging.getLogger(__name__)
 LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
 
 
@@ -61,8 +63,25 @@ def _mean_abs_by_source(weight: torch.Tensor, widths: list[int]) -> list[float]:
     return [chunk.mean().item() for chunk in torch.split(per_channel, widths)]
 
 
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the prefixes DDP (``module.``) and torch.compile (``_orig_mod.``) put on them."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def feature_reuse(state: dict[str, torch.Tensor]) -> list[BlockReuse]:
     """The reuse matrix of every dense block of a DenseNet state_dict (torchvision's layout)."""
+    state = _unwrapped(state)
+    try:
+        return _feature_reuse(state)
+    except KeyError as err:
+        raise InsightsError(f"these weights have dense blocks but no {err}: not a whole DenseNet state_dict "
+                            "in torchvision's layout.") from None
+
+
+def _feature_reuse(state: dict[str, torch.Tensor]) -> list[BlockReuse]:
     layers: dict[int, int] = {}
     for key in state:
         if match := LAYER_KEY.match(key):
@@ -91,6 +110,9 @@ def feature_reuse(state: dict[str, torch.Tensor]) -> list[BlockReuse]:
             reader, name = state[f"features.transition{block}.conv.weight"], "transition"
         else:
             reader, name = state["classifier.weight"], "classifier"
+        if reader.shape[1] != block_input + count * growth:
+            raise InsightsError(f"the {name} after dense block {block} reads {reader.shape[1]} channels, not the "
+                                f"{block_input + count * growth} the block gives it.")
         weights[count, :] = _mean_abs_by_source(reader, [block_input] + [growth] * count)
         blocks.append(BlockReuse(block, sources, [f"layer {t}" for t in range(1, count + 1)] + [name], weights))
     return blocks
@@ -98,7 +120,7 @@ def feature_reuse(state: dict[str, torch.Tensor]) -> list[BlockReuse]:
 
 def load_state(path: str | Path, config: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The state_dict in a ``model_final.pt`` or checkpoint; with ``config``, checked against its model."""
-    state = read_weights(path)
+    state = _unwrapped(read_weights(path))
     if config is not None:
         from pipeline.config import load_config
         from pipeline.models import build_model
@@ -234,7 +256,10 @@ def gradient_samples(metrics_file: Path) -> list[tuple[int, dict[str, float]]]:
     """The ``grad`` events of a run's metrics.jsonl as (global step, norms)."""
     samples = []
     for line in metrics_file.read_text().splitlines():
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a run still going
+            continue
         if event.get("event") == "grad":
             samples.append((event["global_step"], event["norms"]))
     return samples
@@ -258,31 +283,64 @@ class TrainingInsights:
     The samples go to ``metrics.jsonl`` (event ``grad``) and to MLflow as ``grad_norm/<unit>`` metrics;
     the pictures of the epoch (its weights' reuse, its gradient samples) to ``run.dir/insights/`` and to
     the MLflow run's image charts, keyed ``insights/feature_reuse`` and ``insights/gradient_flow``.
+    Insights never stop training: a failure (a full disk, say) is reported once and turns them off.
     """
 
-    def __init__(self, model: nn.Module, every_steps: int, run_dir: Path, metrics, tracker):
+    def __init__(self, model: nn.Module, every_steps: int, run_dir: Path, metrics, tracker, epoch_start: int):
+        import matplotlib  # noqa: F401  (fails here, at the start, rather than at the first epoch end)
+
         self.model, self.every_steps, self.out = model, every_steps, run_dir / "insights"
         self.flow = GradientFlow(model)
         self.metrics, self.tracker = metrics, tracker
-        self.samples: list[tuple[int, dict[str, float]]] = []
+        metrics_file = run_dir / "metrics.jsonl"
+        # a resumed epoch's picture holds the samples taken before the interruption too
+        self.samples = [s for s in (gradient_samples(metrics_file) if metrics_file.is_file() else [])
+                        if s[0] > epoch_start]
+        self.off = False
+
+    def _failed(self, err: Exception) -> None:
+        self.off = True
+        log.warning("Insights are off for the rest of this run: %s: %s", type(err).__name__, err)
 
     def on_step(self, global_step: int) -> None:
-        if global_step % self.every_steps or (norms := self.flow.sample()) is None:
+        if self.off or global_step % self.every_steps:
             return
-        self.samples.append((global_step, norms))
-        if self.metrics:
-            self.metrics.log("grad", norms=norms, global_step=global_step)
-        if self.tracker:
-            self.tracker.log_metrics({f"grad_norm/{unit}": value for unit, value in norms.items()}, global_step)
+        try:
+            if (norms := self.flow.sample()) is None:
+                return
+            self.samples.append((global_step, norms))
+            if self.metrics:
+                self.metrics.log("grad", norms=norms, global_step=global_step)
+            if self.tracker:
+                self.tracker.log_metrics({f"grad_norm/{unit}": value for unit, value in norms.items()}, global_step)
+        except Exception as err:
+            self._failed(err)
 
     def on_epoch_end(self, epoch: int, global_step: int) -> None:
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        written = write_insights(state, self.out, f"epoch {epoch + 1}, step {global_step}", self.samples)
-        if self.tracker:
-            for path in written:
-                if path.suffix == ".png":
-                    self.tracker.log_image(f"insights/{path.stem}", path, global_step)
+        if self.off:
+            return
+        try:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            written = write_insights(state, self.out, f"epoch {epoch + 1}, step {global_step}", self.samples)
+            if self.tracker:
+                for path in written:
+                    if path.suffix == ".png":
+                        self.tracker.log_image(f"insights/{path.stem}", path, global_step)
+        except Exception as err:
+            self._failed(err)
         self.samples = []
+
+
+def start_insights(cfg, model: nn.Module, run_dir: Path, metrics, tracker, epoch_start: int):
+    """Rank 0's :class:`TrainingInsights` when ``insights.enabled``; None (with a warning) if they cannot run."""
+    if not cfg.enabled:
+        return None
+    try:
+        return TrainingInsights(model, cfg.every_steps, run_dir, metrics, tracker, epoch_start)
+    except ImportError as err:
+        log.warning("Insights are off: %s. Install matplotlib (pip install matplotlib), or set "
+                    "insights.enabled=false to silence this.", err)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ stay strictly increasing.
 
 from __future__ import annotations
 
-import itertools
+import io
 import json
 import logging
 import os
@@ -105,18 +105,27 @@ class Picture:
     """An image for the run's step-indexed image charts (``MlflowClient.log_image`` with a key)."""
 
     key: str
-    image: Any  # a PIL image, held in memory until sent
+    png: bytes  # the encoded file: small while an outage holds it, decoded when sent
     step: int
+    tries: int = 0
+
+
+PICTURE_TRIES = 3  # failed uploads while the server answers, before a picture is dropped
 
 
 class _Sender(threading.Thread):
-    """Sends queued metrics in batches, and pictures; holds them through an outage and retries."""
+    """Sends queued metrics in batches, then pictures; holds both through an outage and retries.
+
+    A picture that cannot be stored while the server answers (an artifact store the job cannot
+    reach) is dropped after ``PICTURE_TRIES`` tries with a warning: it never holds up the metrics.
+    """
 
     def __init__(self, client, run_id: str, uri: str, retry_s: float = 2.0):
         super().__init__(name="mlflow-sender", daemon=True)
         self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
         self.queue: queue.Queue = queue.Queue()
         self.pending: list = []
+        self.pictures: list[Picture] = []
         self.down_since: float | None = None
         self._closing = threading.Event()
         self._deadline = 0.0
@@ -124,43 +133,72 @@ class _Sender(threading.Thread):
     def run(self) -> None:
         while True:
             self._drain(timeout=0.5)
-            if self.pending and not self._send():
+            sent = self._send() if self.pending else True
+            if sent and self.pictures:
+                sent = self._send_pictures()
+            if not sent:
                 if self._closing.is_set() and time.monotonic() > self._deadline:
                     return  # the server is still away: close() reports what is left
                 time.sleep(self.retry_s)
-            elif self._closing.is_set() and self.queue.empty() and not self.pending:
+            elif self._closing.is_set() and self.queue.empty() and not self.pending and not self.pictures:
                 return
 
     def _drain(self, timeout: float) -> None:
         try:
-            self.pending.append(self.queue.get(timeout=timeout))
+            item = self.queue.get(timeout=timeout)
             while True:
-                self.pending.append(self.queue.get_nowait())
+                (self.pictures if isinstance(item, Picture) else self.pending).append(item)
+                item = self.queue.get_nowait()
         except queue.Empty:
             pass
 
-    def _send(self) -> bool:
-        try:
-            while self.pending:
-                if isinstance(self.pending[0], Picture):
-                    picture = self.pending[0]
-                    self.client.log_image(self.run_id, picture.image, key=picture.key, step=picture.step)
-                    del self.pending[0]
-                    continue
-                batch = list(itertools.takewhile(lambda item: not isinstance(item, Picture), self.pending[:1000]))
-                self.client.log_batch(self.run_id, metrics=batch)
-                del self.pending[:len(batch)]
-        except Exception as err:
-            if self.down_since is None:
-                self.down_since = time.monotonic()
-                log.warning("MLflow server %s is unreachable (%s). Training goes on; metrics are kept and sent "
-                            "when it is back.", redact(self.uri), str(err).splitlines()[0][:200])
-            return False
+    def _down(self, err: Exception) -> bool:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("MLflow server %s is unreachable (%s). Training goes on; metrics are kept and sent "
+                        "when it is back.", redact(self.uri), str(err).splitlines()[0][:200])
+        return False
+
+    def _up(self) -> bool:
         if self.down_since is not None:
             log.warning("MLflow server %s is back after %.0fs; buffered metrics sent.", redact(self.uri),
                         time.monotonic() - self.down_since)
             self.down_since = None
         return True
+
+    def _send(self) -> bool:
+        try:
+            while self.pending:
+                batch = self.pending[:1000]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending[:len(batch)]
+        except Exception as err:
+            return self._down(err)
+        return self._up()
+
+    def _send_pictures(self) -> bool:
+        """Send the held pictures; False while the server is away (they are kept)."""
+        from PIL import Image
+
+        while self.pictures:
+            picture = self.pictures[0]
+            try:
+                with Image.open(io.BytesIO(picture.png)) as image:
+                    self.client.log_image(self.run_id, image, key=picture.key, step=picture.step)
+            except Exception as err:
+                try:
+                    self.client.get_run(self.run_id)  # does the server answer at all?
+                except Exception:
+                    return self._down(err)
+                picture.tries += 1
+                if picture.tries >= PICTURE_TRIES:
+                    log.warning("Could not store image %s (step %d) in the MLflow run after %d tries (%s); it is "
+                                "dropped, and run.dir/insights holds the latest pictures.", picture.key,
+                                picture.step, picture.tries, str(err).splitlines()[0][:200])
+                    del self.pictures[0]
+                return True
+            del self.pictures[0]
+        return self._up()
 
     def close(self, timeout: float) -> list:
         """Stop after sending what is queued (waiting at most ``timeout`` seconds); returns what was not sent."""
@@ -168,7 +206,7 @@ class _Sender(threading.Thread):
         self._closing.set()
         self.join(timeout + self.retry_s + 15)
         self._drain(timeout=0)
-        return list(self.pending)
+        return list(self.pending) + list(self.pictures)
 
 
 def connect(uri: str):
@@ -256,9 +294,13 @@ class Tracker:
                  " (reopened)" if resumed else "")
 
     def _logged_steps(self) -> dict[str, int]:
-        """The last step the reopened run holds, per metric."""
-        keys = self.client.get_run(self.run_id).data.metrics.keys()
-        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+        """The last step the reopened run holds, per metric (the run's latest values carry the highest step)."""
+        data = self.client.get_run(self.run_id).data
+        latest = getattr(data, "_metric_objs", None)
+        if latest is not None:  # one request, however many metrics (grad_norm/* alone are dozens)
+            return {m.key: m.step for m in latest}
+        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1)
+                for k in data.metrics}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue ``metrics`` at ``step``; steps an earlier attempt already sent are skipped."""
@@ -271,10 +313,7 @@ class Tracker:
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
-        from PIL import Image
-
-        with Image.open(path) as image:
-            self.sender.queue.put(Picture(key, image.copy(), step))
+        self.sender.queue.put(Picture(key, Path(path).read_bytes(), step))
 
     def _register(self, name: str) -> None:
         """Register the uploaded ``model_final.pt`` as a new version of the model ``name``."""

@@ -57,7 +57,7 @@ from pipeline.distributed import (
     shutdown,
 )
 from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
-from pipeline.insights import TrainingInsights
+from pipeline.insights import start_insights
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -217,8 +217,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
         if dist.is_main else None
     tracker = start_tracking(cfg, dist, run_dir)
-    insights = TrainingInsights(model, cfg.insights.every_steps, run_dir, metrics, tracker) \
-        if cfg.insights.enabled and dist.is_main else None
+    insights = start_insights(cfg.insights, model, run_dir, metrics, tracker,
+                              progress.global_step - progress.step_in_epoch) if dist.is_main else None
     with finish_on_error(tracker, run_dir / "train.log"):
         params = sum(p.numel() for p in model.parameters())
         log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",

@@ -28,7 +28,8 @@ def test_hadolint_passes_on_the_dockerfile():
 def test_the_install_plan_covers_exactly_the_pyproject_dependencies_on_an_ngc_like_base():
     # what an NGC PyTorch image ships, DALI under its own distribution name
     base = {"torch": "2.9.0a0+nv25.10", "torchvision": "0.24.0a0", "numpy": "1.26.4", "pillow": "11.3.0",
-            "scipy": "1.15.3", "psutil": "7.0.0", "tqdm": "4.67.1", "nvidia-dali-cuda130-ngc": "1.51.0"}
+            "scipy": "1.15.3", "psutil": "7.0.0", "tqdm": "4.67.1", "matplotlib": "3.10.0",
+            "nvidia-dali-cuda130-ngc": "2.1.0"}
     pins, to_install = install.plan(DEPENDENCIES, base, importable={"nvidia.dali"})
     pinned = {install.requirement_name(p) for p in pins}
     installed = {install.requirement_name(r) for r in to_install}
@@ -38,6 +39,12 @@ def test_the_install_plan_covers_exactly_the_pyproject_dependencies_on_an_ngc_li
     assert "torch==2.9.0a0+nv25.10" in pins  # the base's CUDA build is never replaced
     assert set(to_install) == {r for r in DEPENDENCIES if install.requirement_name(r) in installed}  # specs kept
     assert {"omegaconf", "mlflow", "submitit", "nvidia-ml-py"} <= installed
+
+
+def test_a_base_image_with_a_too_old_dependency_is_refused_by_name():
+    with pytest.raises(install.BaseImageError, match=r"ships torch 2\.4\.0a0.*'torch>=2\.5'.*newer base image"):
+        install.plan(DEPENDENCIES, {"torch": "2.4.0a0+nv24.07"}, importable=set())
+    assert install.satisfies("torch>=2.5", "2.10.0a0+b4e4ee81d3")  # NGC's pre-release builds count
 
 
 def test_on_a_bare_python_everything_is_installed_with_pyprojects_version_specifiers():

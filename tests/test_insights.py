@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.insights import GradientFlow, feature_reuse, main
+from pipeline.insights import GradientFlow, InsightsError, TrainingInsights, feature_reuse, main
 from pipeline.models import build_model
 
 
@@ -104,3 +104,37 @@ def test_a_state_dict_that_is_not_a_densenet_is_refused(tmp_path, capsys):
     assert "no DenseNet layers" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_weights_saved_from_a_ddp_or_compiled_model_are_read_the_same():
+    state = build_model("densenet_bc", 10, depth=16, growth_rate=12).state_dict()
+    plain = feature_reuse(state)
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = feature_reuse({prefix + k: v for k, v in state.items()})
+        assert all((a.weights[a.weights == a.weights] == b.weights[b.weights == b.weights]).all()
+                   for a, b in zip(plain, wrapped, strict=True))
+
+
+def test_a_densenet_without_its_classifier_is_named_not_a_traceback():
+    state = build_model("densenet_bc", 10, depth=16, growth_rate=12).state_dict()
+    del state["classifier.weight"]
+    with pytest.raises(InsightsError, match="no 'classifier.weight'"):
+        feature_reuse(state)
+
+
+def test_a_resumed_epoch_keeps_the_gradient_samples_taken_before_the_interruption(run_dir):
+    model = build_model("densenet_bc", 10, depth=16, growth_rate=12)
+    insights = TrainingInsights(model, 5, run_dir, metrics=None, tracker=None, epoch_start=5)
+    assert [step for step, _ in insights.samples] == [10]  # step 5 belongs to the epoch before
+
+
+def test_insights_that_cannot_write_turn_themselves_off_and_training_goes_on(tmp_path, caplog):
+    (tmp_path / "insights").write_text("a file where the folder should be")
+    model = build_model("densenet_bc", 10, depth=16, growth_rate=12)
+    insights = TrainingInsights(model, 1, tmp_path, metrics=None, tracker=None, epoch_start=0)
+    nn.CrossEntropyLoss()(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    insights.on_step(1)
+    insights.on_epoch_end(0, 1)  # cannot create insights/: reported, not raised
+    assert insights.off and "Insights are off for the rest of this run" in caplog.text
+    insights.on_step(2)
+    assert len(insights.samples) == 0
