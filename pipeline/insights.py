@@ -58,9 +58,9 @@ class BlockReuse:
 
 
 def _mean_abs_by_source(weight: torch.Tensor, widths: list[int]) -> list[float]:
-    """Mean |w| of a conv or linear weight over each consecutive group of input channels."""
+    """Mean |w| of a conv or linear weight over each consecutive group of input channels (one host copy)."""
     per_channel = weight.detach().float().abs().reshape(weight.shape[0], weight.shape[1], -1).mean(dim=(0, 2))
-    return [chunk.mean().item() for chunk in torch.split(per_channel, widths)]
+    return torch.stack([chunk.mean() for chunk in torch.split(per_channel, widths)]).tolist()
 
 
 def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -320,8 +320,9 @@ class TrainingInsights:
         if self.off:
             return
         try:
-            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            written = write_insights(state, self.out, f"epoch {epoch + 1}, step {global_step}", self.samples)
+            # the weights are read where they are: only the per-source means reach the host
+            written = write_insights(self.model.state_dict(), self.out, f"epoch {epoch + 1}, step {global_step}",
+                                     self.samples)
             if self.tracker:
                 for path in written:
                     if path.suffix == ".png":

@@ -201,12 +201,13 @@ class _Sender(threading.Thread):
         return self._up()
 
     def close(self, timeout: float) -> list:
-        """Stop after sending what is queued (waiting at most ``timeout`` seconds); returns what was not sent."""
+        """Stop after sending what is queued (waiting at most ``timeout`` seconds); returns the metrics not sent
+        (the pictures not sent stay in ``pictures``)."""
         self._deadline = time.monotonic() + timeout
         self._closing.set()
         self.join(timeout + self.retry_s + 15)
         self._drain(timeout=0)
-        return list(self.pending) + list(self.pictures)
+        return list(self.pending)
 
 
 def connect(uri: str):
@@ -332,11 +333,9 @@ class Tracker:
         import mlflow
 
         unsent = self.sender.close(timeout=self.cfg.flush_timeout_s)
-        pictures = [item for item in unsent if isinstance(item, Picture)]
-        unsent = [item for item in unsent if not isinstance(item, Picture)]
-        if pictures:
+        if self.sender.pictures:
             log.warning("%d images could not be sent to %s; run dir %s/insights holds the latest ones.",
-                        len(pictures), redact(self.uri), self.run_dir)
+                        len(self.sender.pictures), redact(self.uri), self.run_dir)
         if unsent:
             path = self.run_dir / "unsent_metrics.jsonl"
             atomic_write_bytes(path, "".join(json.dumps({"key": m.key, "value": m.value, "step": m.step,
