@@ -52,6 +52,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg, epochs: int,
         optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, schedule_cfg))
 
 
+def compile_report() -> str:
+    """How many graphs ``torch.compile`` captured: more than one means graph breaks split the model.
+
+    DDP's own wrapper code always breaks around the model call; that costs nothing and is not counted.
+    """
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a PyTorch without these statistics
+        return "torch.compile: no graph statistics in this PyTorch"
+    graphs = counters["stats"]["unique_graphs"]
+    if graphs <= 1:
+        return f"torch.compile: the model runs as {graphs} graph"
+    reasons = sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
+    return f"torch.compile: graph breaks split the model into {graphs} graphs ({'; '.join(reasons)[:500]})"
+
+
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)

@@ -56,7 +56,14 @@ from pipeline.distributed import (
     replicas_identical,
     shutdown,
 )
-from pipeline.engine import build_optimizer, build_scaler, build_scheduler, evaluate, train_one_epoch
+from pipeline.engine import (
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    compile_report,
+    evaluate,
+    train_one_epoch,
+)
 from pipeline.insights import start_insights
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
@@ -252,8 +259,14 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             barrier()  # no rank leaves (or exits) before the checkpoint is on disk
             last_save = time.monotonic()
 
+        compile_pending = cfg.train.compile and dist.is_main
+
         def on_step(global_step: int) -> bool:
-            nonlocal stop_signal
+            nonlocal stop_signal, compile_pending
+            if compile_pending:  # the first step compiled the forward and backward
+                compile_pending = False
+                log.info("%s; first step done %.1fs after start", compile_report(),
+                         time.perf_counter() - attempt_start)
             progress.global_step = global_step
             progress.step_in_epoch += 1
             if insights:

@@ -39,6 +39,25 @@ def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_
     assert "[rank 0/2]" in result.stdout
 
 
+
+@pytest.mark.slow
+def test_compiled_ddp_with_memory_efficient_layers_trains_and_resumes(tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    words = [MINI, "--nproc-per-node", "2", f"run.dir={run_dir}", f"data.root={mini_data}", "train.compile=true",
+             "model.memory_efficient=true"]
+    first = launch(*words, "train.epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # one graph: the checkpointed layers compile along with the rest under DDP, nothing splits the model
+    assert "torch.compile: the model runs as 1 graph" in first.stdout
+    second = launch(*words, "train.epochs=2", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Resuming from" in second.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["replicas_identical"] is True
+    assert summary["val_top1"] > 20  # chance is 10%
+    state = torch.load(run_dir / "model_final.pt", weights_only=True)
+    build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).load_state_dict(state, strict=True)
+
 @pytest.mark.slow
 def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):
     port = "29617"

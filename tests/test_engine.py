@@ -6,7 +6,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.engine import autocast, build_optimizer, build_scaler, build_scheduler, evaluate, lr_factor, train_step
+from pipeline.engine import (
+    autocast,
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    compile_report,
+    evaluate,
+    lr_factor,
+    train_step,
+)
 from pipeline.models.densenet import densenet_bc
 from pipeline.train import per_rank_batch
 
@@ -87,3 +96,26 @@ def test_evaluate_counts_every_sample_and_reports_percentages():
     assert result["count"] == 7
     assert result["top1"] == pytest.approx(100 * 5 / 7)
     assert result["top5"] == pytest.approx(100 * 6 / 7)
+
+
+def test_compile_report_says_when_graph_breaks_split_the_model():
+    from torch._dynamo.utils import counters
+
+    def whole(x):
+        return (x * 2).relu()
+
+    def split(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x.relu()
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(whole, backend="eager")(torch.ones(3))
+    assert compile_report() == "torch.compile: the model runs as 1 graph"
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(split, backend="eager")(torch.ones(3))
+    assert compile_report().startswith("torch.compile: graph breaks split the model into 2 graphs (")
+    torch._dynamo.reset()
+    counters.clear()

@@ -130,3 +130,38 @@ def test_channels_last_input_stays_channels_last_through_every_block():
     with torch.no_grad():
         model(x)
     assert formats and all(formats.values()), formats
+
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.double() - reference).norm() / reference.norm()).item()
+
+
+def outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The logits, and every parameter's gradient of the cross-entropy loss in one vector (in name order)."""
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, y).backward()
+    grads = {name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters()}
+    return out.detach(), torch.cat([grads[name].flatten().double() for name in sorted(grads)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_compiled_channels_last_model_matches_the_float64_reference_within_1e_5(memory_efficient):
+    # The reference is the eager model in float64, so the test measures each fp32 path's own error.
+    torch.manual_seed(0)
+    model = densenet_bc(16, 12, num_classes=10, memory_efficient=memory_efficient).train()
+    reference = densenet_bc(16, 12, num_classes=10).train().double()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out_ref, grads_ref = outputs_and_gradients(reference, x.double(), y)
+
+    compiled = torch.compile(model.to(memory_format=torch.channels_last))
+    out, grads = outputs_and_gradients(compiled, x.contiguous(memory_format=torch.channels_last), y)
+    assert relative_error(out, out_ref) < 1e-5
+    assert relative_error(grads, grads_ref) < 1e-5
+
+    eager = densenet_bc(16, 12, num_classes=10, memory_efficient=memory_efficient).train()
+    eager.load_state_dict(reference.state_dict())  # copied into fp32
+    out, grads = outputs_and_gradients(eager, x, y)
+    assert relative_error(out, out_ref) < 1e-5 and relative_error(grads, grads_ref) < 1e-5
