@@ -94,6 +94,9 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+TOGGLES = ("compile", "channels_last", "memory_efficient")  # --compare runs ours with the setting flipped
+
+
 def bench_model(args: argparse.Namespace) -> dict:
     from pipeline.perf import run_isolated
 
@@ -104,8 +107,8 @@ def bench_model(args: argparse.Namespace) -> dict:
     specs = {"ours": spec}
     if args.compare == "torchvision":
         specs["torchvision"] = {**spec, "impl": "torchvision", "compile": False}
-    elif args.compare == "memory_efficient":
-        specs["memory_efficient"] = {**spec, "memory_efficient": not args.memory_efficient}
+    elif args.compare in TOGGLES:
+        specs[args.compare] = {**spec, args.compare: not spec[args.compare]}
     tries: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(args.repeat):  # alternated, so drifts in machine load hit each alike
         for name, one in specs.items():
@@ -115,11 +118,13 @@ def bench_model(args: argparse.Namespace) -> dict:
     result: dict = {"runs": runs, "device_name": runs["ours"]["device_name"], "repeat": args.repeat}
     if args.compare == "torchvision":
         result["ratio"] = runs["ours"]["images_per_s"] / runs["torchvision"]["images_per_s"]
-    elif args.compare == "memory_efficient":
-        plain, lean = (runs["ours"], runs["memory_efficient"]) if not args.memory_efficient else \
-            (runs["memory_efficient"], runs["ours"])
-        result["ratio"] = lean["step_MB"] / plain["step_MB"]  # memory with recompute / without
-        result["time_ratio"] = lean["step_ms"] / plain["step_ms"]
+    elif args.compare in TOGGLES:
+        off, on = sorted((runs["ours"], runs[args.compare]), key=lambda r: r[args.compare])
+        if args.compare == "memory_efficient":
+            result["ratio"] = on["step_MB"] / off["step_MB"]  # memory with recompute / without
+            result["time_ratio"] = on["step_ms"] / off["step_ms"]
+        else:
+            result["ratio"] = on["images_per_s"] / off["images_per_s"]
     return result
 
 
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     model.add_argument("--warmup", type=int, default=3)
     model.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if there is one")
-    model.add_argument("--compare", choices=("torchvision", "memory_efficient"), default=None)
+    model.add_argument("--compare", choices=("torchvision", *TOGGLES), default=None,
+                       help="torchvision's model, or ours with this setting flipped, in the same way")
     model.add_argument("--repeat", type=int, default=1, help="alternated runs of each; the median run is shown")
     loader = sub.add_parser("loader", help="train-loader images/s: DALI vs torchvision vs decode alone")
     loader.add_argument("--root", default=None, help="a JPEG tree (train/<class>/...); default: 400 generated "
@@ -202,19 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "model":
         result = bench_model(args)
-        columns = [("impl", "model", ""), ("memory_efficient", "mem-eff", ""), ("images_per_s", "images/s", ".1f"),
+        columns = [("impl", "model", ""), ("channels_last", "chan-last", ""), ("compile", "compile", ""),
+                   ("memory_efficient", "mem-eff", ""), ("images_per_s", "images/s", ".1f"),
                    ("step_ms", "step ms", ".1f"), ("peak_MB", "peak MB", ".0f"), ("step_MB", "step MB", ".0f")]
         rows = list(result["runs"].values())
         print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.precision}, channels_last="
               f"{args.channels_last}, compile={args.compile} on {result['device_name']}")
-        print(_table([{**r, "impl": r["impl"], "memory_efficient": str(r["memory_efficient"])} for r in rows],
-                     columns))
+        print(_table([{**r, **{k: str(r[k]) for k in TOGGLES}} for r in rows], columns))
         print(f"(median of the timed steps, median of {args.repeat} run(s); step MB: the step's peak minus the "
               "memory held before it)")
         if args.compare == "torchvision":
             print(f"ratio ours/torchvision images/s: {result['ratio']:.3f}")
         elif args.compare == "memory_efficient":
             print(f"memory_efficient: step memory x{result['ratio']:.3f}, step time x{result['time_ratio']:.3f}")
+        elif args.compare:
+            print(f"{args.compare}: images/s x{result['ratio']:.3f} (on over off)")
     elif args.command == "loader":
         result = bench_loader(args)
         rows = [{"what": k, **v} for k, v in result["runs"].items()]
