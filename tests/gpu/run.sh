@@ -2,19 +2,27 @@
 # Every GPU check in one go, for a machine with a CUDA GPU and PyTorch (DALI is not needed):
 # the gpu-marked tests, then the densenet121 training step, ours at its best against torchvision's
 # eager model (batch 256, 224 px, bf16, channels-last), and memory_efficient off vs on.
-# The last lines printed are the table. BATCH, STEPS and PYTHON override the defaults.
+# The last lines printed are the table. BATCH, STEPS, SIZE and PYTHON override the defaults. Packages the
+# machine lacks (omegaconf) come as wheels in .whl/, fetched beforehand by tests/gpu/wheels.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
 BATCH="${BATCH:-256}"
 STEPS="${STEPS:-20}"
+SIZE="${SIZE:-224}"
 OUT="${OUT:-$(mktemp -d)}"
 
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried from tests/gpu/wheels.sh
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PYTHON" -c "import omegaconf" 2>/dev/null || { echo "omegaconf is missing: run tests/gpu/wheels.sh where pip \
+works and carry .whl here" >&2; exit 2; }
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || echo "GPU TESTS FAILED"
 
-bench() { "$PYTHON" -m pipeline.bench model --model densenet121 --batch "$BATCH" --image-size 224 \
+bench() { "$PYTHON" -m pipeline.bench model --model densenet121 --batch "$BATCH" --image-size "$SIZE" \
           --precision bf16 --channels-last --steps "$STEPS" --warmup 5 "$@"; }
 bench --compare torchvision --json "$OUT/eager.json"
 bench --compile --compare torchvision --json "$OUT/compiled.json"
