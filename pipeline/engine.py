@@ -62,8 +62,10 @@ def compile_report() -> str:
     except ImportError:  # a PyTorch without these statistics
         return "torch.compile: no graph statistics in this PyTorch"
     graphs = counters["stats"]["unique_graphs"]
-    if graphs <= 1:
-        return f"torch.compile: the model runs as {graphs} graph"
+    if graphs == 0:
+        return "torch.compile: no graph was captured, the model runs eagerly (is TORCHDYNAMO_DISABLE set?)"
+    if graphs == 1:
+        return "torch.compile: the model runs as 1 graph"
     reasons = sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
     return f"torch.compile: graph breaks split the model into {graphs} graphs ({'; '.join(reasons)[:500]})"
 

@@ -111,6 +111,7 @@ def test_compile_report_says_when_graph_breaks_split_the_model():
 
     torch._dynamo.reset()
     counters.clear()
+    assert "no graph was captured" in compile_report()
     torch.compile(whole, backend="eager")(torch.ones(3))
     assert compile_report() == "torch.compile: the model runs as 1 graph"
     torch._dynamo.reset()
