@@ -26,7 +26,6 @@ def test_model_compares_ours_with_torchvision_in_separate_processes(tmp_path):
     assert ours["peak_MB"] > 0 and ours["step_ms"] > 0 and "ratio ours/torchvision" in stdout
 
 
-
 def test_model_compares_a_setting_on_and_off(tmp_path):
     setting = "channels_last"  # --compare compile takes the same path (minutes to compile on a CPU)
     stdout, result = bench("model", "--model", "densenet_bc", "--batch", "2", "--image-size", "32", "--steps", "2",
@@ -36,6 +35,7 @@ def test_model_compares_a_setting_on_and_off(tmp_path):
     assert on[setting] is True and off[setting] is False
     assert result["ratio"] == pytest.approx(on["images_per_s"] / off["images_per_s"])
     assert f"{setting}: images/s x" in stdout
+
 
 def test_loader_times_dali_torchvision_and_decoding_alone_on_the_same_files(tmp_path):
     stdout, result = bench("loader", "--images", "32", "--batch", "8", "--image-size", "64", "--epochs", "1",

@@ -39,7 +39,6 @@ def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_
     assert "[rank 0/2]" in result.stdout
 
 
-
 @pytest.mark.slow
 def test_compiled_ddp_with_memory_efficient_layers_trains_and_resumes(tmp_path, mini_data):
     run_dir = tmp_path / "run"
@@ -57,6 +56,7 @@ def test_compiled_ddp_with_memory_efficient_layers_trains_and_resumes(tmp_path, 
     assert summary["val_top1"] > 20  # chance is 10%
     state = torch.load(run_dir / "model_final.pt", weights_only=True)
     build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).load_state_dict(state, strict=True)
+
 
 @pytest.mark.slow
 def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):

@@ -132,7 +132,6 @@ def test_channels_last_input_stays_channels_last_through_every_block():
     assert formats and all(formats.values()), formats
 
 
-
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.double() - reference).norm() / reference.norm()).item()
 
