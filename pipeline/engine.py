@@ -23,6 +23,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def tune_backends(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms for each new shape and keep the fastest.
+
+    Training shapes are fixed, so the search runs once per shape (the first steps, and the last partial
+    batch). The chosen kernels may differ from run to run: GPU runs agree up to float rounding, not bitwise.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def build_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A grad scaler, enabled for fp16 only (bf16 has fp32's range and needs none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.engine import build_scaler, train_step
+from pipeline.engine import build_scaler, train_step, tune_backends
 from pipeline.models import build_model
 
 
@@ -64,6 +64,7 @@ def build_bench_model(impl: str, name: str, num_classes: int, memory_efficient: 
 def measure_model(spec: dict) -> dict:
     """Forward + backward + SGD step on one batch already on the device; median of ``steps`` timed steps."""
     device = torch.device("cuda" if spec["device"] == "cuda" else "cpu")
+    tune_backends(device)  # as training does, for both implementations
     torch.manual_seed(0)
     memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     model = build_bench_model(spec["impl"], spec["model"], 1000, spec["memory_efficient"])

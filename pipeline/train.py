@@ -63,6 +63,7 @@ from pipeline.engine import (
     compile_report,
     evaluate,
     train_one_epoch,
+    tune_backends,
 )
 from pipeline.insights import start_insights
 from pipeline.log import add_log_file, setup_logging
@@ -189,6 +190,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
 
     seed_everything(cfg.run.seed)
     device = dist.device
+    tune_backends(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient, cfg.model.drop_rate,
                         cfg.model.depth, cfg.model.growth_rate).to(device, memory_format=memory_format)
@@ -228,9 +230,10 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                               progress.global_step - progress.step_in_epoch) if dist.is_main else None
     with finish_on_error(tracker, run_dir / "train.log"):
         params = sum(p.numel() for p in model.parameters())
-        log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s, global batch %d, %d steps/epoch, run dir %s",
-                 cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
-                 cfg.train.channels_last, cfg.train.batch_size, steps_per_epoch, run_dir)
+        log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s%s, global batch %d, %d steps/epoch, "
+                 "run dir %s", cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
+                 cfg.train.channels_last, ", cudnn.benchmark" if torch.backends.cudnn.benchmark else "",
+                 cfg.train.batch_size, steps_per_epoch, run_dir)
 
         attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
         last_save = time.monotonic()

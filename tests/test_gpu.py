@@ -60,5 +60,5 @@ def test_mini_config_on_the_gpu_with_bf16_and_channels_last(tmp_path):
                              "train.channels_last=true", "tracking.backend=none"], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on cuda" in result.stdout
+    assert "on cuda" in result.stdout and "cudnn.benchmark" in result.stdout
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0

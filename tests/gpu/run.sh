@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a machine with a CUDA GPU and PyTorch (DALI is not needed):
-# the gpu-marked tests, then the densenet121 training step, ours at its best against torchvision's
-# eager model (batch 256, 224 px, bf16, channels-last), and memory_efficient off vs on.
+# the gpu-marked tests (AMP, channels-last, fp32 and float64 equivalence with the reference, the mini run),
+# then the densenet121 training step, ours at its best against torchvision's eager model (batch 256, 224 px,
+# bf16, channels-last), and memory_efficient off vs on.
 # The last lines printed are the table. BATCH, STEPS, SIZE and PYTHON override the defaults. Packages the
 # machine lacks (omegaconf) come as wheels in .whl/, fetched beforehand by tests/gpu/wheels.sh.
 set -euo pipefail
@@ -20,7 +21,8 @@ fi
 works and carry .whl here" >&2; exit 2; }
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || echo "GPU TESTS FAILED"
+"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py tests/models/test_densenet.py -p no:cacheprovider \
+    || echo "GPU TESTS FAILED"
 
 bench() { "$PYTHON" -m pipeline.bench model --model densenet121 --batch "$BATCH" --image-size "$SIZE" \
           --precision bf16 --channels-last --steps "$STEPS" --warmup 5 "$@"; }
