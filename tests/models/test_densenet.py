@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -140,7 +142,7 @@ def test_channels_last_input_stays_channels_last_through_every_block():
 #
 # One fp32 subtlety: a ReLU input within rounding of 0 can land on the other side of 0 than in float64, and
 # then one more or one fewer gradient element passes, which moves the gradients by ~1e-3 relative in any
-# layout or precision (8 images of 32 px hold ~600k ReLU inputs; in float64 such flips do not happen). The
+# layout or precision (8 images of 32 px give 2.2M ReLU inputs; in float64 such flips do not happen). The
 # eager fp32 checks therefore record the fp32 run's ReLU decisions and make the reference take the same ones.
 
 
@@ -240,26 +242,26 @@ def test_eager_fp32_matches_the_float64_reference_within_1e_5(memory_format, mem
 
 
 def test_relu_decisions_explain_the_fp32_gradient_error_they_cause():
-    # 16 images: a few ReLU inputs round across 0 in fp32 and move the gradients far more than 1e-5 ...
-    torch.manual_seed(0)
-    model = densenet_bc(16, 12, num_classes=10).train()
-    reference = densenet_bc(16, 12, num_classes=10).train().double()
-    reference.load_state_dict(model.state_dict())
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    decisions = record_relu_decisions(model)
-    _, grads = outputs_and_gradients(model, x, y)
-    _, plain = outputs_and_gradients(copy_of(reference), x.double(), y)
-    assert relative_error(grads, plain) > 1e-4
-    # ... and with the fp32 run's decisions the reference agrees with it again
-    moved = take_relu_decisions(reference, decisions)
-    _, following = outputs_and_gradients(reference, x.double(), y)
-    assert moved[0] > 0 and relative_error(grads, following) < 1e-5
-
-
-def copy_of(model: torch.nn.Module) -> torch.nn.Module:
-    twin = densenet_bc(16, 12, num_classes=10).train().double()
-    twin.load_state_dict(model.state_dict())
-    return twin
+    # find a batch in which some fp32 ReLU inputs round across 0 (about every other batch of 16 images) ...
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = densenet_bc(16, 12, num_classes=10).train()
+        x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+        decisions = record_relu_decisions(model)
+        _, grads = outputs_and_gradients(model, x, y)
+        following = densenet_bc(16, 12, num_classes=10).train().double()
+        following.load_state_dict(model.state_dict())
+        plain = copy.deepcopy(following)
+        moved = take_relu_decisions(following, decisions)
+        _, grads_following = outputs_and_gradients(following, x.double(), y)
+        if moved[0]:
+            break
+    assert moved[0], "no fp32 ReLU input rounded across 0 in 20 batches"
+    # ... there the plain reference's gradients differ by more than the fp32 tolerance ...
+    _, grads_plain = outputs_and_gradients(plain, x.double(), y)
+    assert relative_error(grads, grads_plain) > 1e-5
+    # ... and the reference that takes the fp32 run's decisions agrees within it
+    assert relative_error(grads, grads_following) < 1e-5
 
 
 @pytest.mark.slow
