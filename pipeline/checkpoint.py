@@ -28,7 +28,7 @@ from pipeline.config import flatten
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 POINTER = "latest"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 # a run stopped by a signal after checkpointing exits with this status: "start me again to resume"
@@ -111,8 +111,11 @@ def load_checkpoint(path: str | Path) -> dict:
         lines = str(err).splitlines()
         reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise CheckpointError(f"cannot be loaded ({reason[:300]}): {path}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CheckpointError(f"not a checkpoint of this pipeline (format {FORMAT_VERSION}): {path}")
+    if state["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"written by another version of this pipeline (checkpoint format {state['format']}, "
+                              f"this version reads {FORMAT_VERSION}): {path}")
     return state
 
 
@@ -194,7 +197,8 @@ def library_versions() -> dict:
 
 
 # keys that define the model and the data of a run: a resume must not change them
-MUST_MATCH = ("model.", "data.root", "data.backend", "data.image_size", "data.val_resize", "data.mean", "data.std",
+# (the dataset is named by its index hash, checked apart, not by data.root: a moved or packed copy may continue)
+MUST_MATCH = ("model.", "data.backend", "data.image_size", "data.val_resize", "data.mean", "data.std",
               "data.generate.", "train.batch_size", "run.seed")
 
 

@@ -26,6 +26,7 @@ class RunConfig:
     dir: str = "runs/${model.name}"  # everything about a run lives here
     seed: int = 0
     resume: str = "auto"  # auto: from the newest good checkpoint in dir | never: refuse a non-empty dir | a file
+    on_dataset_change: str = "refuse"  # resuming on another dataset index: refuse | next_epoch (continue on it)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class GenerateConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/imagenet"  # holds train/<class>/*.JPEG and val/<class>/*.JPEG
+    root: str = "data/imagenet"  # train/<class>/*.JPEG and val/<class>/*.JPEG, or a packed dataset (index/, shards/)
     backend: str = "dali"  # dali | torchvision (Pillow + DataLoader) | synthetic (random tensors on the device)
     image_size: int = 224
     val_resize: int = 0  # shorter side before the centre crop; 0 = image_size * 256 / 224
@@ -59,6 +60,8 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     synthetic_steps: int = 100  # steps per epoch with backend=synthetic
+    record_ids: bool = False  # each rank appends every step's sample ids to run.dir/sample_ids/rank-<R>.txt
+    check_shards: bool = True  # packed data: each shard's SHA-256 checked at start, the reading shared by the ranks
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -160,6 +163,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODEL_NAMES,
     "data.backend": ("dali", "torchvision", "synthetic"),
+    "run.on_dataset_change": ("refuse", "next_epoch"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),

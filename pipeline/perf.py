@@ -150,13 +150,15 @@ def measure_decode(spec: dict) -> dict:
 def measure_loader(spec: dict) -> dict:
     """The real train loader (config, file lists, augmentation, normalisation) over ``epochs`` epochs."""
     from pipeline.config import load_config
-    from pipeline.data.loaders import build_loaders
+    from pipeline.data.loaders import build_loaders, dataset_index
     from pipeline.distributed import DistInfo
 
     cfg = load_config(None, [f"data.root={spec['root']}", f"data.backend={spec['backend']}",
                              f"data.workers={spec['workers']}", f"data.image_size={spec['image_size']}",
                              f"model.num_classes={spec['classes']}", f"train.batch_size={spec['batch']}"])
-    train, _ = build_loaders(cfg, DistInfo(0, 1, 0, torch.device("cpu")), spec["batch"])
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    index = dataset_index(cfg, dist)
+    train, _ = build_loaders(cfg, dist, spec["batch"], index)
     counts, began = 0, None
     for epoch in range(spec["epochs"] + 1):  # epoch 0 warms up: pipeline build, worker start
         train.set_epoch(epoch)
@@ -167,7 +169,163 @@ def measure_loader(spec: dict) -> dict:
         if began is None:
             began = time.perf_counter()
     elapsed = time.perf_counter() - began
-    return {**spec, "images_per_s": counts / elapsed}
+    # what this process itself read: its loader's class and whether its reader maps shards
+    return {**spec, "images_per_s": counts / elapsed, "pid": os.getpid(), "loader_class": type(train).__name__,
+            "read_from": "shards" if index.packed else "files"}
+
+
+def measure_stock_torchvision(spec: dict) -> dict:
+    """torchvision's own recipe on the same files: ImageFolder, RandomResizedCrop (default antialias), flip,
+    ToTensor, Normalize, and a DataLoader with the same workers and batch (default prefetch, no pinned
+    memory, workers kept across epochs as ours are)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = transforms.Compose([transforms.RandomResizedCrop(spec["image_size"]), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = datasets.ImageFolder(str(Path(spec["root"]) / "train"), transform=transform)
+    loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, num_workers=spec["workers"],
+                        persistent_workers=True, drop_last=True)
+    counts, began = 0, None
+    for _ in range(spec["epochs"] + 1):  # the first epoch warms up: worker start
+        for images, labels in loader:
+            assert images.shape[-1] == spec["image_size"]
+            if began is not None:
+                counts += labels.numel()
+        if began is None:
+            began = time.perf_counter()
+    return {**spec, "images_per_s": counts / (time.perf_counter() - began)}
+
+
+def measure_dali_limit(spec: dict) -> dict:
+    """DALI alone, nothing of ours: in-memory JPEG bytes of the train files -> DALI's own random-resized-crop ROI
+    decode -> resize to ``image_size``, on ``workers`` threads: about the most a DALI loader can reach here."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    paths = sorted(str(p) for p in (Path(spec["root"]) / "train").rglob("*.JPEG"))
+    encoded = [np.fromfile(p, dtype=np.uint8) for p in paths]
+    batch = spec["batch"]
+
+    @pipeline_def(batch_size=batch, num_threads=spec["workers"], device_id=None, prefetch_queue_depth=2)
+    def limit():
+        data = fn.external_source(source=lambda info: [encoded[(info.iteration * batch + k) % len(encoded)]
+                                                       for k in range(batch)], batch=True, batch_info=True,
+                                  dtype=types.UINT8)
+        images = fn.decoders.image_random_crop(data, output_type=types.RGB, random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        return fn.resize(images, resize_x=spec["image_size"], resize_y=spec["image_size"])
+
+    pipe = limit()
+    pipe.build()
+    steps = len(paths) // batch
+    for _ in range(steps):  # warm-up
+        pipe.run()
+    began = time.perf_counter()
+    for _ in range(steps * spec["epochs"]):
+        pipe.run()
+    return {**spec, "images_per_s": steps * spec["epochs"] * batch / (time.perf_counter() - began)}
+
+
+# ---------------------------------------------------------------- dataset index memory
+
+def _uss() -> int:
+    return psutil.Process().memory_full_info().uss
+
+
+def _index_rank(folder: str, rank: int, world: int, batch: int, workers: int, barrier, results) -> None:
+    """One rank: map the index, compute the epoch order, read every field its share of the epoch uses;
+    then a forked loader worker does the same for its share. Unique memory added by each, in bytes."""
+    import gc
+
+    from pipeline.data.index import load_index
+    from pipeline.data.order import TrainPlan
+
+    def read(plan, split, steps) -> int:
+        total = 0
+        for step in steps:
+            ids = plan.ids(0, step)
+            windows = plan.windows(0, ids)
+            total += int(split.label[ids].sum() + split.nbytes[ids].sum() + split.shard[ids].sum()
+                         + split.offset[ids].sum() + windows.w.sum() + split.flags[ids].sum())
+        return total
+
+    gc.collect()
+    barrier.wait()
+    baseline = _uss()
+    began = time.perf_counter()
+    index = load_index(folder)
+    load_s = time.perf_counter() - began
+    split = index.splits["train"]
+    plan = TrainPlan(split.width, split.height, 0, rank, world, batch)
+    began = time.perf_counter()
+    plan.order(0)
+    order_s = time.perf_counter() - began
+    read(plan, split, range(plan.steps))
+    barrier.wait()  # every rank has mapped and read the index: its pages are shared
+    rank_uss = _uss() - baseline
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker, forked from its rank as PyTorch's are
+        try:
+            start = _uss()
+            read(plan, split, range(0, plan.steps, workers))
+            os.write(writer, str(_uss() - start).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    worker_uss = int(os.read(reader, 64))
+    results.put({"rank": rank, "uss_MB_per_rank": rank_uss / 1e6, "uss_MB_per_worker": worker_uss / 1e6,
+                 "load_s": load_s, "order_s": order_s})
+
+
+def measure_index(spec: dict) -> dict:
+    """A synthetic ImageNet-sized index (no images): build, save and load times, one rank's epoch order, and the
+    unique memory a rank and a loader worker add, with ``world_size`` ranks on this machine sharing it."""
+    from multiprocessing import get_context
+
+    from pipeline.data.index import finish, make_split, save_index
+
+    rng = np.random.default_rng(0)
+    n, classes = spec["samples"], spec["classes"]
+    began = time.perf_counter()
+    splits = {}
+    for split, count in (("train", n), ("val", max(1, n // 25))):
+        labels = np.sort(rng.integers(0, classes, count))
+        names = [f"{split}/n{10000000 + c:08d}/n{10000000 + c:08d}_{i}.JPEG" for i, c in enumerate(labels)]
+        nbytes = rng.integers(20_000, 200_000, count)
+        offsets = np.cumsum(nbytes) - nbytes
+        splits[split] = make_split(names, labels, rng.integers(80, 1000, count), rng.integers(80, 1000, count),
+                                   nbytes, shard=offsets // 2**30, offset=offsets % 2**30)
+    index = finish([f"n{10000000 + c:08d}" for c in range(classes)], splits,
+                   [{"file": f"shard-{i:05d}.bin", "bytes": 0, "sha256": ""} for i in range(200)])
+    build_s = time.perf_counter() - began
+    from pipeline.data.order import epoch_order
+
+    began = time.perf_counter()
+    epoch_order(n, 0, 0, spec["world_size"] * spec["batch"])  # alone: the ranks below share 2 cores
+    order_s = time.perf_counter() - began
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        save_index(index, tmp)
+        save_s = time.perf_counter() - began
+        index_MB = sum(f.stat().st_size for f in (Path(tmp) / "index").iterdir()) / 1e6
+        del index, splits
+        context = get_context("spawn")
+        barrier, results = context.Barrier(spec["world_size"]), context.Queue()
+        ranks = [context.Process(target=_index_rank, args=(tmp, r, spec["world_size"], spec["batch"],
+                                                          spec["workers"], barrier, results))
+                 for r in range(spec["world_size"])]
+        for process in ranks:
+            process.start()
+        per_rank = sorted((results.get(timeout=600) for _ in ranks), key=lambda r: r["rank"])
+        for process in ranks:
+            process.join()
+    median = {k: statistics.median(r[k] for r in per_rank) for k in per_rank[0] if k != "rank"}
+    median["order_s_all_ranks_at_once"] = median.pop("order_s")
+    return {**spec, "build_s": build_s, "save_s": save_s, "order_s": order_s, "index_MB": index_MB, **median,
+            "ranks": per_rank}
 
 
 # ---------------------------------------------------------------- training loop overhead
@@ -213,6 +371,7 @@ def measure_train_loop(spec: dict) -> dict:
 
 
 MEASURES = {"model": measure_model, "decode": measure_decode, "loader": measure_loader,
+            "stock_torchvision": measure_stock_torchvision, "dali_limit": measure_dali_limit, "index": measure_index,
             "bare_loop": measure_bare_loop, "train_loop": measure_train_loop}
 
 

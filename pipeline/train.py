@@ -41,8 +41,9 @@ from pipeline.checkpoint import (
     set_rng_state,
 )
 from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.data.index import DatasetIndex, describe_change
 from pipeline.data.layout import DatasetError
-from pipeline.data.loaders import build_loaders
+from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import (
     DistInfo,
@@ -103,8 +104,12 @@ def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
     barrier()
 
 
-def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo) -> dict | None:
-    """The checkpoint to resume from, by ``run.resume``; rank 0 chooses, every rank loads the same file."""
+def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex | None) -> dict | None:
+    """The checkpoint to resume from, by ``run.resume``; rank 0 chooses, every rank loads the same file.
+
+    A checkpoint of another dataset index is refused, or (``run.on_dataset_change=next_epoch``) marked
+    ``dataset_changed`` for the run to continue from the next epoch boundary on the new one.
+    """
     choice: tuple[str | None, str | None] = (None, None)  # (path, error)
     if dist.is_main:
         try:
@@ -126,11 +131,45 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo) -> dict | None:
         return None
     state = load_checkpoint(path)
     check_resumable(state["config"], OmegaConf.to_container(cfg), Path(path))
-    if state["world_size"] != dist.world_size:
-        raise CheckpointError(f"{path} was saved by {state['world_size']} ranks and this run has "
-                              f"{dist.world_size}. Resume with the same number of ranks.")
+    saved, current = state.get("dataset"), index.summary() if index else None
+    state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
+    if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":
+        raise CheckpointError(
+            f"{path} was trained on dataset index {saved['hash'][:16]} and data.root='{cfg.data.root}' now has "
+            f"index {current['hash'][:16]} ({describe_change(saved, current)}). Resuming would read another "
+            "order: samples repeated or skipped. Restore the dataset the run was trained on, or set "
+            "run.on_dataset_change=next_epoch to continue from the next epoch boundary on the new one.")
     state["path"] = path
     return state
+
+
+def restore(resume: dict, dist: DistInfo, cfg: DictConfig, progress: Progress, train_loader, scheduler,
+            steps_per_epoch: int) -> None:
+    """Put the loader, the schedule and the random generators where the checkpoint left them.
+
+    The loader's state is the position in the epoch's global order, so any world size can continue it;
+    the per-rank random generators return only at the world size that saved them.
+    """
+    if resume["dataset_changed"]:
+        if progress.step_in_epoch:
+            log.warning("The dataset changed since the checkpoint (run.on_dataset_change=next_epoch): the rest of "
+                        "epoch %d is skipped (no validation for it); training continues at epoch %d on the new "
+                        "dataset.", progress.epoch + 1, progress.epoch + 2)
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+        else:
+            log.warning("The dataset changed since the checkpoint (run.on_dataset_change=next_epoch): epoch %d "
+                        "starts on the new dataset.", progress.epoch + 1)
+        scheduler.last_epoch = progress.epoch * steps_per_epoch - 1  # the schedule at this epoch's start
+        scheduler.step()
+    elif 0 < progress.step_in_epoch < steps_per_epoch:
+        train_loader.load_state_dict(resume["loader"])
+    if resume["world_size"] == dist.world_size:
+        set_rng_state(resume["ranks"][dist.rank]["rng"])
+    else:
+        seed_everything(cfg.run.seed * 1_000_003 + progress.global_step * 1009 + dist.rank)
+        log.info("Resuming on %d ranks a run saved by %d: the same global batches, in the same order, with the "
+                 "same crops; each rank's other random draws (dropout) start from a fresh seed.",
+                 dist.world_size, resume["world_size"])
 
 
 def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
@@ -183,9 +222,10 @@ def main(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
-    train_loader, val_loader = build_loaders(cfg, dist, batch_size)
+    index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
+    train_loader, val_loader = build_loaders(cfg, dist, batch_size, index)
     steps_per_epoch = len(train_loader)
-    resume = find_resume_checkpoint(cfg, dist)
+    resume = find_resume_checkpoint(cfg, dist, index)
     run_dir = prepare_run_dir(cfg, dist)
 
     seed_everything(cfg.run.seed)
@@ -204,13 +244,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         progress = Progress(**resume["progress"])
-        mine = resume["ranks"][dist.rank]
-        if mine["loader"].keys() != train_loader.state_dict().keys():
-            raise CheckpointError(f"{resume['path']} was written with another data loader (data.backend). Resume "
-                                  "with the backend it was trained with.")
-        if 0 < progress.step_in_epoch < steps_per_epoch:
-            train_loader.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"])
+        restore(resume, dist, cfg, progress, train_loader, scheduler, steps_per_epoch)
         if progress.epoch >= cfg.train.epochs:
             log.info("The run in %s already completed %d of %d epochs: nothing to train. Raise train.epochs to "
                      "continue it, or choose a new run.dir.", cfg.run.dir, progress.epoch, cfg.train.epochs)
@@ -246,12 +280,13 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
         def save(reason: str) -> None:
             nonlocal last_save, save_seconds
             began = time.perf_counter()
-            ranks = gather_to_main({"loader": train_loader.state_dict(), "rng": rng_state()})
+            ranks = gather_to_main({"rng": rng_state()})
             if dist.is_main:
                 progress.wall_seconds = wall_seconds()
                 state = {"format": FORMAT_VERSION, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "progress": asdict(progress),
+                         "loader": train_loader.state_dict(), "dataset": index.summary() if index else None,
                          "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
                          "mlflow_run_id": tracker.run_id if tracker else None,
                          "config": OmegaConf.to_container(cfg), "versions": library_versions()}
@@ -263,6 +298,10 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
             last_save = time.monotonic()
 
         compile_pending = cfg.train.compile and dist.is_main
+        ids_file = None
+        if cfg.data.record_ids and getattr(train_loader, "plan", None) is not None:
+            (run_dir / "sample_ids").mkdir(exist_ok=True)
+            ids_file = open(run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a")
 
         def on_step(global_step: int) -> bool:
             nonlocal stop_signal, compile_pending
@@ -271,6 +310,11 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                 log.info("%s; first step done %.1fs after start", compile_report(),
                          time.perf_counter() - attempt_start)
             progress.global_step = global_step
+            if ids_file:
+                ids = train_loader.plan.ids(progress.epoch, progress.step_in_epoch)
+                ids_file.write(f"{dist.world_size} {progress.epoch} {progress.step_in_epoch} "
+                               f"{' '.join(map(str, ids.tolist()))}\n")
+                ids_file.flush()
             progress.step_in_epoch += 1
             if insights:
                 insights.on_step(global_step)  # the gradients of this step are still there

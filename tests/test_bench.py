@@ -37,14 +37,27 @@ def test_model_compares_a_setting_on_and_off(tmp_path):
     assert f"{setting}: images/s x" in stdout
 
 
-def test_loader_times_dali_torchvision_and_decoding_alone_on_the_same_files(tmp_path):
+def test_loader_times_each_pipeline_in_its_own_process_on_the_same_files(tmp_path):
     stdout, result = bench("loader", "--images", "32", "--batch", "8", "--image-size", "64", "--epochs", "1",
-                           tmp_path=tmp_path)
-    assert set(result["runs"]) == {"decode_only", "dali", "torchvision"}
-    assert all(run["images_per_s"] > 0 for run in result["runs"].values())
-    assert result["ratio"] == pytest.approx(result["runs"]["dali"]["images_per_s"]
-                                            / result["runs"]["torchvision"]["images_per_s"])
-    assert "DALI / torchvision" in stdout
+                           "--repeat", "1", tmp_path=tmp_path)
+    runs = result["runs"]
+    assert set(runs) == {"decode_only", "dali_limit", "dali", "dali_packed", "torchvision", "torchvision_packed",
+                         "stock_torchvision"}
+    # what each measuring process says it ran: its own backend, and shards or files
+    assert {(r["loader_class"], r["read_from"]) for name, r in runs.items() if "pid" in r} == {
+        ("DaliLoader", "files"), ("DaliLoader", "shards"), ("FolderLoader", "files"), ("FolderLoader", "shards")}
+    assert len({r["pid"] for r in runs.values() if "pid" in r}) == 4
+    faster = max(runs["dali"]["images_per_s"], runs["dali_packed"]["images_per_s"])
+    assert result["ratio"] == pytest.approx(faster / runs["stock_torchvision"]["images_per_s"])
+    assert "stock_torchvision" in stdout
+
+
+def test_index_measures_an_imagenet_sized_index_shared_by_ranks(tmp_path):
+    stdout, result = bench("index", "--samples", "200000", "--classes", "100", "--world-size", "2", tmp_path=tmp_path)
+    assert [r["rank"] for r in result["ranks"]] == [0, 1]
+    assert all(result[k] > 0 for k in ("build_s", "save_s", "load_s", "order_s"))
+    # the ranks share the memory-mapped index: each adds far less than a private copy of it
+    assert "uss_MB_per_rank" in stdout and result["uss_MB_per_rank"] < result["index_MB"] / 2
 
 
 def test_train_compares_the_training_loop_with_a_bare_loop(tmp_path):

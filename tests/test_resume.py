@@ -160,3 +160,63 @@ def test_resume_from_a_named_checkpoint_file_in_a_new_run_dir(tmp_path, mini_dat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 2 * STEPS_PER_EPOCH
     assert min(logged_steps(run_dir)) > STEPS_PER_EPOCH  # only what came after the checkpoint was trained here
+
+
+def recorded(run_dir):
+    """(world size, epoch, step, rank, ids) of every step each rank recorded (data.record_ids)."""
+    rows = []
+    for path in sorted((Path(run_dir) / "sample_ids").glob("rank-*.txt")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            world, epoch, step, *ids = map(int, line.split())
+            rows.append((world, epoch, step, rank, ids))
+    return rows
+
+
+def test_sigkill_at_world_3_then_restart_at_world_2_reads_each_sample_of_the_epoch_once(tmp_path, mini_data):
+    from pipeline.data.index import load_index
+    from pipeline.data.order import epoch_order
+
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    global_batch, steps = 48, 640 // 48  # 13 steps per epoch at world 3 and at world 2
+    extra = [f"train.batch_size={global_batch}", "data.record_ids=true", "checkpoint.every_steps=3"]
+    at_step = steps + random.randint(4, steps - 3)
+    print(f"interrupting at global step {at_step}")
+    interrupt(command(run_dir, mini_data, 3, "torchvision", *extra), run_dir, at_step, signal.SIGKILL, log)
+    assert run(command(run_dir, mini_data, 2, "torchvision", *extra), log) == 0, log.read_text()[-3000:]
+    assert "Resuming on 2 ranks a run saved by 3" in log.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2 * steps
+
+    rows = recorded(run_dir)
+    resumed_at = min(step for world, epoch, step, _, _ in rows if world == 2 and epoch == 1)
+    assert 0 < resumed_at < steps
+    # what the run kept: world 3's steps before the checkpoint it resumed from, then world 2's
+    kept = [(step, rank, ids) for world, epoch, step, rank, ids in rows
+            if epoch == 1 and ((world == 3 and step < resumed_at) or world == 2)]
+    read = [i for _, _, ids in sorted(kept) for i in ids]
+    order = epoch_order(len(load_index(mini_data).splits["train"]), 1, 0, global_batch).tolist()
+    assert read == order  # every sample of the epoch once, in the epoch's global order
+    assert len(set(read)) == steps * global_batch
+
+
+def test_resume_after_a_new_verify_is_refused_or_continues_at_the_next_epoch(tmp_path, mini_data):
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = command(run_dir, data, 1, "dali", "train.epochs=3")
+    interrupt(cmd, run_dir, STEPS_PER_EPOCH + 6, signal.SIGKILL, log)  # a crash mid-epoch 2
+    saved_at = json.loads((run_dir / "checkpoints" / "latest").read_text())["global_step"]
+    assert STEPS_PER_EPOCH < saved_at < 2 * STEPS_PER_EPOCH
+    next(iter(sorted((data / "train").rglob("*.JPEG")))).write_bytes(b"")  # a file damaged since
+    assert subprocess.run([sys.executable, "-m", "pipeline.data.imagenet", "verify", str(data)],
+                          capture_output=True, timeout=300).returncode == 0
+    assert run(cmd, log) == 2
+    text = log.read_text()
+    assert "now has index" in text and "train: 640 -> 639 samples" in text and "n10000000 64 -> 63" in text
+    assert "run.on_dataset_change=next_epoch" in text
+    assert run([*cmd, "run.on_dataset_change=next_epoch"], log) == 0, log.read_text()[-3000:]
+    assert "the rest of epoch 2 is skipped" in log.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the rest of epoch 2 left out, then epoch 3 on the new dataset: 639 // 64 steps
+    assert summary["epochs_completed"] == 3 and summary["global_step"] == saved_at + 639 // 64

@@ -1,29 +1,25 @@
-"""DALI pipelines for ImageNet-style JPEG trees: decode and augment on the CPU or the GPU.
+"""DALI pipelines over the dataset index: decode and augment on the CPU or the GPU (``mixed``).
 
-Train: random-resized crop (area 0.08-1, aspect 3/4-4/3) fused into the decoder, resize to
-``image_size``, random flip, normalise. Val: resize the shorter side to ``val_resize``, centre crop.
-Both emit HWC, which a ``permute`` turns into a channels-last NCHW view without a copy.
-Each rank reads the explicit file list that :mod:`pipeline.data.files` gives it.
+Train: the encoded bytes of this rank's share of each global batch, with each sample's crop window
+and flip computed outside DALI (:mod:`pipeline.data.order`), enter through ``external_source``; DALI
+decodes exactly that window (ROI decode), resizes it to ``image_size``, flips and normalises.
+Val: decode, resize the shorter side to ``val_resize``, centre crop. Both emit HWC, which a
+``permute`` turns into a channels-last NCHW view without a copy.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.data.files import FileList
 from pipeline.data.layout import decode_error
-
-READER = "Reader"
-
-
-def _read(files: FileList):
-    # the list is already this rank's share, in order: no reader-side shuffle or sharding
-    return fn.readers.file(files=files.paths, labels=files.labels, random_shuffle=False, pad_last_batch=True,
-                           name=READER)
+from pipeline.data.order import TrainPlan
+from pipeline.data.samples import SampleBytes
 
 
 def _normalize(images, image_size: int, mean: list[float], std: list[float], mirror=None, crop: bool = False):
@@ -39,110 +35,152 @@ def _normalize(images, image_size: int, mean: list[float], std: list[float], mir
 
 
 @pipeline_def
-def train_pipeline(files: FileList, image_size: int, mean: list[float], std: list[float], on_gpu: bool):
-    jpegs, labels = _read(files)
-    images = fn.decoders.image_random_crop(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-                                           random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                           num_attempts=100)
+def train_pipeline(source, image_size: int, mean: list[float], std: list[float], on_gpu: bool):
+    encoded, anchor, shape, flip, labels = fn.external_source(source=source, num_outputs=5, batch=True,
+                                                              dtype=[types.UINT8, types.INT32, types.INT32,
+                                                                     types.INT32, types.INT32])
+    # the index's width and height are the stored pixels: no EXIF rotation, as Pillow reads them
+    images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if on_gpu else "cpu",
+                                     output_type=types.RGB, axis_names="WH", adjust_orientation=False)
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
-    images = _normalize(images, image_size, mean, std, mirror=fn.random.coin_flip(probability=0.5))
+    images = _normalize(images, image_size, mean, std, mirror=flip)
     return images, labels.gpu() if on_gpu else labels
 
 
 @pipeline_def
-def val_pipeline(files: FileList, image_size: int, resize: int, mean: list[float], std: list[float], on_gpu: bool):
-    jpegs, labels = _read(files)
-    images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+def val_pipeline(source, image_size: int, resize: int, mean: list[float], std: list[float], on_gpu: bool):
+    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+    images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                               adjust_orientation=False)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_TRIANGULAR)
     images = _normalize(images, image_size, mean, std, crop=True)
     return images, labels.gpu() if on_gpu else labels
 
 
+class _Feed:
+    """The batches DALI pulls, as ``external_source`` wants them; remembers the ids it has handed out."""
+
+    def __init__(self, batches: Callable[[int], tuple | None], fed: deque):
+        self._batches, self._fed, self._next = batches, fed, 0
+
+    def __iter__(self) -> _Feed:
+        self._next = 0
+        return self
+
+    def __next__(self) -> tuple:
+        batch = self._batches(self._next)
+        if batch is None:
+            raise StopIteration
+        self._next += 1
+        self._fed.append(batch[-1])
+        return batch[:-1]
+
+
 class DaliLoader:
     """Iterates ``(images, labels)``: images a float NCHW tensor (channels-last unless told otherwise).
 
-    ``files_for(epoch)`` gives the rank's file list of an epoch; the pipeline is rebuilt when it
-    changes. With ``keep`` false (train) a finished epoch releases its pipeline at once, so it never
-    decodes a pass that will not be read; with ``keep`` true (val) the pipeline resets and is reused.
-    The reader pads the list's last batch and the iterator drops the padding
-    (``LastBatchPolicy.PARTIAL``): every listed file is read exactly once per epoch. ``state_dict``
-    holds DALI's own checkpoint (reader position and random state, prefetched batches accounted
-    for), so a restored loader yields exactly the batches the interrupted one would have.
+    ``batches(epoch, start)`` gives ``k -> (outputs..., ids)`` for the k-th batch from step ``start``, or
+    None past the end. The train pipeline is built for each epoch (or resumed step) and released when
+    the epoch ends, so it never decodes a pass nobody reads. State: the epoch and the steps consumed.
     """
 
-    def __init__(self, make_pipeline: Callable[..., object], files_for: Callable[[int], FileList],
-                 batch_size: int, channels_last: bool, root: str, keep: bool):
-        self._make_pipeline, self._files_for, self._keep = make_pipeline, files_for, keep
-        self.batch_size, self.channels_last, self.root = batch_size, channels_last, root
-        self.epoch = 0
-        self._files: FileList | None = None
+    def __init__(self, make_pipeline: Callable[[_Feed], object], batches: Callable[[int, int], Callable],
+                 steps: Callable[[], int], reader: SampleBytes, channels_last: bool, root: str):
+        self._make_pipeline, self._batches, self._steps = make_pipeline, batches, steps
+        self.reader, self.channels_last, self.root = reader, channels_last, root
+        self.epoch, self.start, self._consumed = 0, 0, 0
         self._it = None
-        self._restore: bytes | None = None
+        self._fed: deque = deque(maxlen=8)
+        self.plan: TrainPlan | None = None  # the train loader's: which ids each step reads
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._restore = epoch, None
+        if epoch != self.epoch or self.start or self._consumed:
+            self._it = None
+        self.epoch, self.start, self._consumed = epoch, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "dali": self._it.checkpoints()[0] if self._it is not None else None}
+        return {"epoch": self.epoch, "step": self.start + self._consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._restore, self._files = state["epoch"], state["dali"], None
+        self.epoch, self.start, self._consumed, self._it = state["epoch"], state["step"], 0, None
 
     def __len__(self) -> int:
-        return -(-len(self._files_for(self.epoch)) // self.batch_size)
+        return self._steps() - self.start
 
-    def _iterator(self) -> DALIClassificationIterator | None:
-        files = self._files_for(self.epoch)
-        if files is not self._files:
-            self._it = None  # releases the previous pipeline's threads and buffers
-            if len(files):
-                pipe = self._make_pipeline(files, self.epoch, self._restore)
-                pipe.build()
-                self._it = DALIClassificationIterator(pipe, reader_name=READER,
-                                                      last_batch_policy=LastBatchPolicy.PARTIAL,
-                                                      auto_reset=self._keep)
-            self._files, self._restore = files, None
+    def _iterator(self) -> DALIGenericIterator:
+        if self._it is None:
+            self._fed.clear()
+            pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed))
+            pipe.build()
+            self._it = DALIGenericIterator(pipe, ["data", "label"], prepare_first_batch=False)
         return self._it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        it = self._iterator()
-        if it is None:
+        if len(self) <= 0:
             return
+        it = self._iterator()
         while True:
             try:
                 batch = next(it)
             except StopIteration:
-                if not self._keep:
-                    self._files, self._it = None, None
+                self._it = None  # the next pass builds a pipeline from its own start
                 return
             except RuntimeError as err:
-                self._files, self._it = None, None  # a pipeline that failed is rebuilt, never reused
-                path = next((p for p in self._files_for(self.epoch).paths if p in str(err)), None)
-                raise decode_error(path, self.root, str(err)) from None
+                self._it = None  # a pipeline that failed is rebuilt, never reused
+                raise decode_error(self._failing(), self.root, str(err)) from None
+            self._consumed += 1
             images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
             if not self.channels_last:
                 images = images.contiguous()
             yield images, batch[0]["label"].view(-1).long()
 
+    def _failing(self) -> list[str]:
+        """The files of the batches in flight that Pillow cannot decode either; all of them if none."""
+        from pipeline.data.index import decode_with_pillow
 
-def build_dali_loaders(data_cfg, train_files: Callable[[int], FileList], val_files: FileList, batch_size: int,
-                       val_batch_size: int, local_rank: int, device: torch.device, channels_last: bool,
-                       seed: int) -> tuple[DaliLoader, DaliLoader]:
-    """Train and val loaders; ``train_files(epoch)`` and ``val_files`` are this rank's share; ``seed`` this rank's."""
+        ids = [int(i) for batch in self._fed for i in batch]
+        bad = [self.reader.path(i) for i in ids if decode_with_pillow(self.reader.read(i).tobytes())]
+        return bad or [self.reader.path(i) for i in ids]
+
+
+def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
+                       val_batch_size: int, local_rank: int, device: torch.device,
+                       channels_last: bool) -> tuple[DaliLoader | None, DaliLoader]:
+    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
     on_gpu = device.type == "cuda"
     common = dict(num_threads=data_cfg.workers, device_id=local_rank if on_gpu else None,
                   prefetch_queue_depth=data_cfg.prefetch, image_size=data_cfg.image_size, mean=list(data_cfg.mean),
-                  std=list(data_cfg.std), on_gpu=on_gpu)
+                  std=list(data_cfg.std), on_gpu=on_gpu, seed=0)
     resize = data_cfg.val_resize or round(data_cfg.image_size * 256 / 224)
-
-    def make_train(files: FileList, epoch: int, checkpoint: bytes | None):
-        # augmentation randomness is a function of (seed, epoch): the same run draws the same crops
-        return train_pipeline(files=files, batch_size=batch_size, seed=(seed * 1_000_003 + epoch) % 2**31,
-                              enable_checkpointing=True, checkpoint=checkpoint, **common)
-
-    def make_val(files: FileList, epoch: int, checkpoint: bytes | None):
-        return val_pipeline(files=files, batch_size=val_batch_size, resize=resize, seed=seed, **common)
-
     root = str(data_cfg.root)
-    return (DaliLoader(make_train, train_files, batch_size, channels_last, root, keep=False),
-            DaliLoader(make_val, lambda epoch: val_files, val_batch_size, channels_last, root, keep=True))
+    train_loader = None
+    if plan is not None:
+        def train_batches(epoch: int, start: int) -> Callable[[int], tuple | None]:
+            def batch(k: int) -> tuple | None:
+                if start + k >= plan.steps:
+                    return None
+                ids = plan.ids(epoch, start + k)
+                x, y, w, h, flip = plan.windows(epoch, ids)
+                return ([train.read(i) for i in ids], np.stack([x, y], 1), np.stack([w, h], 1),
+                        flip.astype(np.int32), train.split.label[ids].astype(np.int32), ids)
+            return batch
+
+        train_loader = DaliLoader(
+            lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, **common),
+            train_batches, lambda: plan.steps, train, channels_last, root)
+        train_loader.plan = plan
+
+    val_steps = -(-len(val_ids) // val_batch_size)
+
+    def val_batches(epoch: int, start: int) -> Callable[[int], tuple | None]:
+        def batch(k: int) -> tuple | None:
+            if k >= val_steps:
+                return None
+            ids = np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size])
+            return [val.read(i) for i in ids], val.split.label[ids].astype(np.int32), ids
+        return batch
+
+    val_loader = DaliLoader(
+        lambda feed: val_pipeline(source=feed, batch_size=val_batch_size, resize=resize, **common),
+        val_batches, lambda: val_steps, val, channels_last, root)
+    return train_loader, val_loader

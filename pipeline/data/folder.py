@@ -1,45 +1,59 @@
-"""The torchvision backend: Pillow decoding in DataLoader workers, the same augmentations and file lists as DALI."""
+"""The torchvision backend: Pillow decoding in DataLoader workers, the same samples and crop windows as DALI."""
 
 from __future__ import annotations
 
 import functools
+import io
 import re
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
+from torchvision.transforms import functional as F
 
-from pipeline.data.files import FileList
 from pipeline.data.layout import DecodeError, decode_error
+from pipeline.data.order import TrainPlan
+from pipeline.data.samples import SampleBytes
 from pipeline.signals import default_signal_handlers
 
 _MARK = "undecodable image file: "
 
 
-class ImageFiles(Dataset):
-    """The images of a :class:`FileList`, decoded to RGB (CMYK, grayscale and PNG files included)."""
+class IndexedImages(Dataset):
+    """Samples of a split by ``(id, epoch)``, decoded to RGB (CMYK, grayscale and PNG files included).
 
-    def __init__(self, files: FileList, transform: Callable):
-        self.files, self.transform = files, transform
+    ``plan`` given (train): the sample's crop window and flip of that epoch, resized to ``image_size``.
+    Without (val): ``transform``.
+    """
+
+    def __init__(self, reader: SampleBytes, to_tensor: Callable, plan: TrainPlan | None = None,
+                 image_size: int = 0, transform: Callable | None = None):
+        self.reader, self.to_tensor, self.plan = reader, to_tensor, plan
+        self.image_size, self.transform = image_size, transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.reader.split)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, sample_seed = key
-        path = self.files.paths[index]
+        index, epoch = key
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(self.reader.read(index))) as image:
                 image = image.convert("RGB")
         except Exception as err:  # Pillow raises several types for damaged files
             # the path travels back from the worker inside the message, between markers
-            raise DecodeError(f"{_MARK}{path}\n{type(err).__name__}: {err}") from None
-        with torch.random.fork_rng(devices=[]):
-            # each sample's crop and flip follow from its own seed, whichever worker draws them
-            torch.manual_seed(sample_seed)
-            return self.transform(image), self.files.labels[index]
+            raise DecodeError(f"{_MARK}{self.reader.path(index)}\n{type(err).__name__}: {err}") from None
+        label = int(self.reader.split.label[index])
+        if self.plan is None:
+            return self.to_tensor(self.transform(image)), label
+        x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, np.array([index])))
+        image = F.resized_crop(image, y, x, h, w, [self.image_size, self.image_size],
+                               interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+        if flip:
+            image = F.hflip(image)
+        return self.to_tensor(image), label
 
 
 def stack(samples: list[tuple[torch.Tensor, int]], channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,88 +63,81 @@ def stack(samples: list[tuple[torch.Tensor, int]], channels_last: bool) -> tuple
     return images, torch.tensor([label for _, label in samples])
 
 
-class EpochIndices(Sampler[tuple[int, int]]):
-    """Yields ``(index, sample seed)`` for ``indices_for(epoch)``, from position ``start`` on."""
+class StepSampler(Sampler[tuple[int, int]]):
+    """Yields ``(id, epoch)`` for ``ids_of(epoch, step)``, step by step from step ``start``."""
 
-    def __init__(self, indices_for: Callable[[int], list[int]], seed: int):
-        self.indices_for, self.seed, self.epoch, self.start = indices_for, seed, 0, 0
+    def __init__(self, ids_of: Callable[[int, int], np.ndarray], steps: Callable[[], int]):
+        self.ids_of, self.steps, self.epoch, self.start = ids_of, steps, 0, 0
 
     def __len__(self) -> int:
-        return len(self.indices_for(self.epoch)) - self.start
+        return sum(len(self.ids_of(self.epoch, s)) for s in range(self.start, self.steps()))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = self.indices_for(self.epoch)
-        base = (self.seed * 1_000_003 + self.epoch) * 2**24
-        for position in range(self.start, len(indices)):
-            yield indices[position], (base + position) % 2**63
+        for step in range(self.start, self.steps()):
+            for i in self.ids_of(self.epoch, step):
+                yield int(i), self.epoch
 
 
 class FolderLoader:
     """Iterates ``(images, labels)`` batches of one rank; a decode failure names the file.
 
-    Its state is the epoch and the number of samples consumed; with per-sample seeds that is all
-    a restored loader needs to yield exactly the batches the interrupted one would have.
+    Its state is the epoch and the steps consumed: windows are a function of (seed, epoch, id), so
+    that is all a restored loader needs to yield exactly the batches the interrupted one would have.
     """
 
-    def __init__(self, loader: DataLoader, sampler: EpochIndices, root: str):
-        self.loader, self.sampler, self.root = loader, sampler, root
+    def __init__(self, loader: DataLoader, sampler: StepSampler, root: str, plan: TrainPlan | None = None):
+        self.loader, self.sampler, self.root, self.plan = loader, sampler, root, plan
         self._consumed = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch, self.sampler.start, self._consumed = epoch, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "position": self.sampler.start + self._consumed}
+        return {"epoch": self.sampler.epoch, "step": self.sampler.start + self._consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch, self.sampler.start, self._consumed = state["epoch"], state["position"], 0
+        self.sampler.epoch, self.sampler.start, self._consumed = state["epoch"], state["step"], 0
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return max(0, self.sampler.steps() - self.sampler.start)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._consumed = 0
         try:
             for images, labels in self.loader:
-                self._consumed += labels.numel()
+                self._consumed += 1
                 yield images, labels
         except DecodeError as err:
             found = re.search(re.escape(_MARK) + r"(.+)\n(.*)", str(err))
-            raise decode_error(found and found.group(1), self.root, found.group(2) if found else str(err)) from None
+            raise decode_error([found.group(1)] if found else [], self.root,
+                               found.group(2) if found else str(err)) from None
 
 
-def train_transform(image_size: int, mean: list[float], std: list[float]) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+def val_transform(image_size: int, resize: int) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(image_size)])
 
 
-def val_transform(image_size: int, resize: int, mean: list[float], std: list[float]) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(resize, antialias=True),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def build_folder_loaders(data_cfg, all_train: FileList, train_indices: Callable[[int], list[int]],
-                         val_files: FileList, batch_size: int, val_batch_size: int, device: torch.device,
-                         channels_last: bool, seed: int) -> tuple[FolderLoader, FolderLoader]:
-    """Train and val loaders; ``train_indices(epoch)`` indexes ``all_train``, ``val_files`` is this rank's share."""
+def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
+                         val_batch_size: int, device: torch.device,
+                         channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
+    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
     mean, std, size = list(data_cfg.mean), list(data_cfg.std), data_cfg.image_size
     resize = data_cfg.val_resize or round(size * 256 / 224)
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
                   collate_fn=functools.partial(stack, channels_last=channels_last),
                   persistent_workers=data_cfg.workers > 0, worker_init_fn=default_signal_handlers,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
-    train_sampler = EpochIndices(train_indices, seed)
-    train = DataLoader(ImageFiles(all_train, train_transform(size, mean, std)), sampler=train_sampler,
-                       batch_size=batch_size, **common)
-    val_sampler = EpochIndices(lambda epoch: list(range(len(val_files))), seed)
-    val = DataLoader(ImageFiles(val_files, val_transform(size, resize, mean, std)), sampler=val_sampler,
-                     batch_size=val_batch_size, **common)
     root = str(data_cfg.root)
-    return FolderLoader(train, train_sampler, root), FolderLoader(val, val_sampler, root)
+    train_loader = None
+    if plan is not None:
+        sampler = StepSampler(plan.ids, lambda: plan.steps)
+        loader = DataLoader(IndexedImages(train, to_tensor, plan, size), sampler=sampler,
+                            batch_size=plan.per_rank_batch, **common)
+        train_loader = FolderLoader(loader, sampler, root, plan)
+    val_steps = -(-len(val_ids) // val_batch_size)
+    val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
+                              lambda: val_steps)
+    val_loader = DataLoader(IndexedImages(val, to_tensor, transform=val_transform(size, resize)),
+                            sampler=val_sampler, batch_size=val_batch_size, **common)
+    return train_loader, FolderLoader(val_loader, val_sampler, root)

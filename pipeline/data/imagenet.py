@@ -1,33 +1,58 @@
-"""ImageNet on disk: ``prepare`` the official archives into class folders, ``verify`` every file.
+"""ImageNet on disk: ``prepare`` the official archives, ``verify`` every file, ``pack`` it into shards.
 
     python -m pipeline.data.imagenet prepare --train-tar ILSVRC2012_img_train.tar \\
         --val-tar ILSVRC2012_img_val.tar --devkit ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet
     python -m pipeline.data.imagenet verify /data/imagenet
+    python -m pipeline.data.imagenet pack /data/imagenet --out /data/imagenet-packed [--shard-size 1GiB]
 
-``verify`` decodes every file with the training loader's decoder (DALI's, or Pillow's where DALI
-is missing) on all cores, and writes ``verify.json`` beside the dataset: the counts per split and
-class, the files that cannot be decoded (training leaves them out), and the PNG, CMYK and grayscale
-files named ``.JPEG`` (these decode to RGB and train normally).
+``verify`` decodes every file with DALI's CPU decoder (or Pillow's with ``--decoder pillow``) in
+worker processes on all cores; a file that crashes the decoder kills only a worker, and is listed.
+It writes the dataset index (``index/``, the undecodable files left out) and ``verify.json``: the
+counts per split and class, the undecodable files and why, and the PNG, CMYK and grayscale files
+named ``.JPEG`` (these decode to RGB and train normally). ``pack`` writes the indexed images into a
+few large shard files with the same index (the same hash) and a SHA-256 per shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
-from multiprocessing import Pool
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.data.files import REPORT_NAME, scan_split
-from pipeline.data.layout import SPLITS, DatasetError, check_image_folder, short_reason
+from pipeline.data.index import (
+    CMYK,
+    GRAYSCALE,
+    INDEX_DIR,
+    PNG_AS_JPEG,
+    REPORT_NAME,
+    DatasetIndex,
+    SplitIndex,
+    decode_with_pillow,
+    finish,
+    has_index,
+    index_tree,
+    inspect_file,
+    load_index,
+    make_split,
+    save_index,
+    scan_tree,
+    tree_classes,
+)
+from pipeline.data.layout import SPLITS, DatasetError, short_reason
+from pipeline.data.samples import SHARD_DIR
 from pipeline.signals import default_signal_handlers
 
 IMAGENET_1K = {"train": 1_281_167, "val": 50_000, "classes": 1000}
@@ -61,63 +86,127 @@ def prepare(train_tar: str | Path, val_tar: str | Path, devkit: str | Path, out:
     return out
 
 
-def _inspect(path: str) -> tuple[str, str, str | None]:
-    """(format, mode, error) of one file by its header: Pillow reads no pixels here."""
-    try:
-        with Image.open(path) as image:
-            return image.format or "", image.mode, None
-    except Exception as err:
-        return "", "", f"{type(err).__name__}: {err}"
+_pipe = None  # a worker's DALI decode pipeline, built on its first batch
 
 
-def _decode_with_pillow(path: str) -> tuple[str, str, str | None]:
-    fmt, mode, error = _inspect(path)
-    if error is None:
-        try:
-            with Image.open(path) as image:
-                image.convert("RGB").load()
-        except Exception as err:
-            error = f"{type(err).__name__}: {err}"
-    return fmt, mode, error
+def _dali_pipe():
+    global _pipe
+    if _pipe is None:
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=DECODE_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def decode():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+        _pipe = decode()
+        _pipe.build()
+    return _pipe
 
 
-def _dali_decode_failures(paths: list[str], threads: int) -> dict[str, str]:
-    """Decode ``paths`` with DALI's CPU decoder in batches; returns the files that fail and why."""
-    from nvidia.dali import fn, pipeline_def, types
+def _dali_errors(paths: list[str], sizes: list[tuple[int, int]]) -> list[str | None]:
+    """DALI's CPU decode of ``paths`` as one batch; on a failure, each file again in a fresh pipeline."""
+    global _pipe
+    if not paths:
+        return []
 
-    @pipeline_def(batch_size=DECODE_BATCH, num_threads=threads, device_id=None, prefetch_queue_depth=1)
-    def decode():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-
-    def run(pipe, batch: list[str]) -> None:
+    def shapes(batch: list[str]) -> list[tuple[int, ...]]:
+        pipe = _dali_pipe()
         pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p in batch])
-        pipe.run()
+        return [tuple(shape) for shape in pipe.run()[0].shape()]
 
-    # an empty file is undecodable whatever the decoder; DALI is not given one
-    failures = {p: "empty file (0 bytes)" for p in paths if os.path.getsize(p) == 0}
-    paths = [p for p in paths if p not in failures]
-    pipe = decode()
-    pipe.build()
-    bar = tqdm(total=len(paths), desc="decoding", unit="img", disable=None, mininterval=2)
-    for start in range(0, len(paths), DECODE_BATCH):
-        batch = paths[start:start + DECODE_BATCH]
+    try:
+        decoded = shapes(paths)
+        errors: list[str | None] = [None] * len(paths)
+    except Exception:
+        decoded, errors = [], []
+        for path in paths:  # a pipeline that failed is not reused
+            _pipe = None
+            try:
+                decoded += shapes([path])
+                errors.append(None)
+            except Exception as err:
+                decoded.append(())
+                errors.append(short_reason(str(err)))
+        _pipe = None
+    for i, ((width, height), shape) in enumerate(zip(sizes, decoded, strict=True)):
+        if errors[i] is None and shape[:2] != (height, width):
+            errors[i] = f"DALI decodes it to {shape[1]}x{shape[0]} pixels, its header says {width}x{height}"
+    return errors
+
+
+def check_files(paths: list[str], decoder: str) -> list[tuple[int, int, int, int, str | None]]:
+    """(width, height, bytes, flags, error) of each file: its header read, then decoded by ``decoder``."""
+    results = [list(inspect_file(p)) for p in paths]
+    ok = [i for i, r in enumerate(results) if r[4] is None]
+    if decoder == "pillow":
+        for i in ok:
+            results[i][4] = decode_with_pillow(Path(paths[i]).read_bytes())
+    else:
+        errors = _dali_errors([paths[i] for i in ok], [(results[i][0], results[i][1]) for i in ok])
+        for i, error in zip(ok, errors, strict=True):
+            results[i][4] = error
+    return [tuple(r) for r in results]
+
+
+CRASHED = "the decoder crashed its process (a native fault, e.g. SIGSEGV) on this file alone"
+
+
+def _executor(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=default_signal_handlers)
+
+
+def _run_tasks(tasks: list[list[str]], decoder: str, workers: int, results: dict, bar) -> list[str]:
+    """:func:`check_files` of each task on ``workers`` processes, at most two tasks a worker in flight.
+
+    When a process dies, the pool is replaced and the tasks in flight are returned (their paths) to be
+    tried again; the others go on.
+    """
+    lost: list[str] = []
+    queue = list(reversed(tasks))
+    while queue:
+        pool, futures = _executor(workers), {}
         try:
-            run(pipe, batch)
-        except Exception:
-            # a pipeline that failed is not reused: find the culprits one file at a time, each in a fresh one
-            for path in batch:
-                pipe = decode()
-                pipe.build()
-                try:
-                    run(pipe, [path])
-                except Exception as err:
-                    failures[path] = short_reason(str(err))
-            pipe = decode()
-            pipe.build()
-        bar.update(len(batch))
-    bar.close()
-    return failures
+            while queue or futures:
+                while queue and len(futures) < 2 * workers:
+                    task = queue.pop()
+                    futures[pool.submit(check_files, task, decoder)] = task
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                broken = False
+                for future in done:
+                    task = futures.pop(future)
+                    try:
+                        results.update(zip(task, future.result(), strict=True))
+                        bar.update(len(task))
+                    except BrokenProcessPool:
+                        broken = True
+                        lost += task
+                if broken:  # every task in flight died with the pool
+                    lost += [p for task in futures.values() for p in task]
+                    break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return lost
+
+
+def _decode_all(paths: list[str], decoder: str, workers: int, bar) -> dict[str, tuple]:
+    """:func:`check_files` of every path, in batches on ``workers`` processes that a decoder crash may kill.
+
+    The files of the batches in flight when a process died are decoded again one file per task; a file
+    whose process dies then is decoded once more alone in a fresh process, and if that process dies too
+    it is listed as undecodable.
+    """
+    results: dict[str, tuple] = {}
+    batches = [paths[i:i + DECODE_BATCH] for i in range(0, len(paths), DECODE_BATCH)]
+    lost = _run_tasks(batches, decoder, workers, results, bar)
+    if lost:
+        log.warning("A decoder process died on a batch of %d files; decoding them one at a time", len(lost))
+        lost = _run_tasks([[p] for p in lost], decoder, workers, results, bar)
+    for path in lost:
+        if _run_tasks([[path]], decoder, 1, results, bar):
+            results[path] = (0, 0, 0, 0, CRASHED)
+            bar.update(1)
+    return results
 
 
 def default_decoder() -> str:
@@ -129,59 +218,151 @@ def default_decoder() -> str:
 
 
 def verify(root: str | Path, decoder: str | None = None, workers: int | None = None) -> dict:
-    """Count, decode and classify every image under ``root``; writes and returns the ``verify.json`` report."""
+    """Count, decode and classify every image under ``root``; writes the index and the ``verify.json`` report.
+
+    The index leaves out the files that cannot be decoded; the report lists them, with why.
+    """
     root = Path(root).absolute()
     if not root.is_dir():
         raise DatasetError(f"Dataset folder '{root}' does not exist.")
-    classes = _classes(root)
+    classes = tree_classes(root)
     decoder = decoder or default_decoder()
     workers = workers or os.cpu_count() or 1
-    splits = {split: scan_split(root / split, classes) for split in SPLITS}
-    paths = [p for files in splits.values() for p in files.paths]
-    log.info("Verifying %d images in %s with the %s decoder on %d cores", len(paths), root, decoder, workers)
+    scanned = {split: scan_tree(root, classes, split) for split in SPLITS}
+    names = [n for split_names, _ in scanned.values() for n in split_names]
+    log.info("Verifying %d images in %s with the %s decoder on %d cores", len(names), root, decoder, workers)
+    with tqdm(total=len(names), desc="decoding", unit="img", disable=None, mininterval=2) as bar:
+        checked = _decode_all([str(root / n) for n in names], decoder, workers, bar)
+    by_name = {n: checked[str(root / n)] for n in names}
+    failures = {n: r[4] for n, r in by_name.items() if r[4]}
 
-    per_file = _decode_with_pillow if decoder == "pillow" else _inspect
-    # close + join, never terminate: the workers finish their queue and exit on their own
-    pool = Pool(workers, initializer=default_signal_handlers)
-    try:
-        headers = dict(zip(paths, pool.imap(per_file, paths, chunksize=64), strict=True))
-    finally:
-        pool.close()
-        pool.join()
-    if decoder == "pillow":
-        failures = {p: err for p, (_, _, err) in headers.items() if err}
-    else:
-        failures = _dali_decode_failures(paths, workers)
+    splits = {}
+    for split, (split_names, labels) in scanned.items():
+        keep = [(n, lab) for n, lab in zip(split_names, labels, strict=True) if n not in failures]
+        rows = [by_name[n] for n, _ in keep]
+        splits[split] = make_split([n for n, _ in keep], [lab for _, lab in keep], [r[0] for r in rows],
+                                   [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    index = finish(classes, splits, verified=True)
+    save_index(index, root)
 
-    def rel(path: str) -> str:
-        return str(Path(path).relative_to(root))
+    def flagged(bit: int) -> list[str]:
+        return sorted(n for n, r in by_name.items() if not r[4] and r[3] & bit)
 
-    def named_jpeg(path: str) -> bool:
-        return path.lower().endswith((".jpeg", ".jpg"))
-
-    decodable = [p for p in paths if p not in failures]
-    counts = {split: len(files) for split, files in splits.items()}
+    counts = {split: len(split_names) for split, (split_names, _) in scanned.items()}
     report = {
         "root": str(root),
         "decoder": decoder,
         "counts": {**counts, "classes": len(classes)},
-        "per_class": {split: dict(Counter(classes[i] for i in files.labels)) for split, files in splits.items()},
+        "per_class": {split: dict(Counter(classes[i] for i in labels)) for split, (_, labels) in scanned.items()},
         "imagenet_1k": counts == {"train": IMAGENET_1K["train"], "val": IMAGENET_1K["val"]}
         and len(classes) == IMAGENET_1K["classes"],
-        "undecodable": sorted(rel(p) for p in failures),
-        "errors": {rel(p): err for p, err in sorted(failures.items())},
-        "png_as_jpeg": sorted(rel(p) for p in decodable if named_jpeg(p) and headers[p][0] == "PNG"),
-        "cmyk": sorted(rel(p) for p in decodable if headers[p][1] == "CMYK"),
-        "grayscale": sorted(rel(p) for p in decodable if headers[p][1] in ("L", "LA", "I;16", "1")),
+        "undecodable": sorted(failures),
+        "errors": dict(sorted(failures.items())),
+        "png_as_jpeg": flagged(PNG_AS_JPEG),
+        "cmyk": flagged(CMYK),
+        "grayscale": flagged(GRAYSCALE),
+        "index": {"hash": index.hash, "counts": {s: len(ix) for s, ix in splits.items()}},
     }
     atomic_write_bytes(root / REPORT_NAME, json.dumps(report, indent=1).encode())
     return report
 
 
-def _classes(root: Path) -> list[str]:
-    """The class folders of ``root`` (train and val must agree), whatever their number."""
-    train = sorted(e.name for e in os.scandir(root / "train") if e.is_dir()) if (root / "train").is_dir() else []
-    return check_image_folder(root, len(train))
+SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``512MiB``, ``100MB`` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise DatasetError(f"--shard-size {text!r} is not a size: use e.g. 1GiB, 512MiB or a number of bytes.")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise DatasetError(f"--shard-size {text!r} must be at least one byte.")
+    return size
+
+
+class _ShardWriter:
+    """Appends samples to ``shard-NNNNN.bin`` files of at most ``limit`` bytes (one sample never spans two)."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.shards: list[dict] = []
+        self._file, self._digest, self._size = None, None, 0
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = f"shard-{len(self.shards):05d}.bin"
+        os.replace(self.folder / f".{name}.tmp", self.folder / name)
+        self.shards.append({"file": name, "bytes": self._size, "sha256": self._digest.hexdigest()})
+        self._file = None
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        """Writes ``data``; returns (shard number, offset)."""
+        if self._file is not None and self._size + len(data) > self.limit:
+            self._close()
+        if self._file is None:
+            if len(self.shards) == 65535:
+                raise DatasetError(f"--shard-size {self.limit} makes more than 65535 shards: choose a larger size.")
+            self._file = open(self.folder / f".shard-{len(self.shards):05d}.bin.tmp", "wb")  # noqa: SIM115
+            self._digest, self._size = hashlib.sha256(), 0
+        at = self._size
+        self._file.write(data)
+        self._digest.update(data)
+        self._size += len(data)
+        return len(self.shards), at
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def pack(root: str | Path, out: str | Path, shard_size: int = 2**30, threads: int = 8) -> DatasetIndex:
+    """Write the indexed samples of ``root`` into shards of about ``shard_size`` bytes in ``out/shards``, with
+    the index (the same hash) and a SHA-256 per shard in ``out/index``."""
+    root, out = Path(root).absolute(), Path(out).absolute()
+    if not has_index(root):
+        raise DatasetError(f"'{root}' has no dataset index. Run `python -m pipeline.data.imagenet verify {root}` "
+                           "first: pack writes the files that verify found decodable.")
+    index = load_index(root)
+    if index.packed:
+        raise DatasetError(f"'{root}' is already packed; copy it (index/ and shards/) instead of packing it again.")
+    if not index.verified:
+        log.warning("%s is indexed but unverified: a damaged file would be packed and stop training later. "
+                    "Run verify first to leave such files out.", root)
+    if (out / INDEX_DIR).exists() or (out / SHARD_DIR).exists():
+        raise DatasetError(f"'{out}' already holds a packed dataset (index/ or shards/). Remove it or choose "
+                           "another --out.")
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out / SHARD_DIR, shard_size)
+    total = sum(len(ix) for ix in index.splits.values())
+    splits = {}
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=total, desc="packing", unit="img", disable=None,
+                                                   mininterval=2) as bar:
+        for split, ix in index.splits.items():
+            shard, offset = np.zeros(len(ix), np.uint16), np.zeros(len(ix), np.uint64)
+            for start in range(0, len(ix), 1024):  # read ahead on threads, write in index order
+                ids = range(start, min(start + 1024, len(ix)))
+                for i, data in zip(ids, pool.map(lambda i, ix=ix: (root / ix.name(i)).read_bytes(), ids),
+                                   strict=True):
+                    if len(data) != ix.nbytes[i]:
+                        raise DatasetError(f"{root / ix.name(i)} holds {len(data)} bytes, the index says "
+                                           f"{int(ix.nbytes[i])}: the tree changed since it was indexed. Run "
+                                           f"verify {root} again, then pack.")
+                    shard[i], offset[i] = writer.add(data)
+                bar.update(len(ids))
+            splits[split] = SplitIndex(**{**{k: np.asarray(v) for k, v in ix.arrays().items()}, "shard": shard,
+                                          "offset": offset})
+    packed = finish(index.classes, splits, writer.finish(), verified=index.verified)
+    assert packed.hash == index.hash  # where the bytes are is not part of the hash
+    save_index(packed, out)
+    if (root / REPORT_NAME).is_file():
+        atomic_write_bytes(out / REPORT_NAME, (root / REPORT_NAME).read_bytes())
+    return packed
 
 
 def summarize(report: dict) -> str:
@@ -208,13 +389,24 @@ def cli(argv: list[str] | None = None) -> int:
     ver.add_argument("root")
     ver.add_argument("--decoder", choices=("dali", "pillow"), default=None, help="default: dali when installed")
     ver.add_argument("--workers", type=int, default=None, help="processes/threads (default: all cores)")
+    pk = sub.add_parser("pack", help="write the verified images into large shard files, with the index")
+    pk.add_argument("root")
+    pk.add_argument("--out", required=True, help="the packed dataset's folder (data.root for training)")
+    pk.add_argument("--shard-size", default="1GiB", help="about this many bytes per shard (default 1GiB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         if args.command == "prepare":
             out = prepare(args.train_tar, args.val_tar, args.devkit, args.out)
-            print(f"Prepared {out}. Next: python -m pipeline.data.imagenet verify {out}")
+            index_path = save_index(index_tree(out), out)
+            print(f"Prepared {out} and its index {index_path}. Next: python -m pipeline.data.imagenet verify {out}")
+        elif args.command == "pack":
+            packed = pack(args.root, args.out, parse_size(args.shard_size))
+            counts = ", ".join(f"{len(ix)} {split}" for split, ix in packed.splits.items())
+            print(f"Packed {counts} images into {len(packed.shards)} shards in {Path(args.out).absolute()} "
+                  f"(index {packed.hash[:16]}, the same as {Path(args.root).absolute()}'s). Train with "
+                  f"data.root={Path(args.out).absolute()}")
         else:
             print(summarize(verify(args.root, args.decoder, args.workers)))
     except DatasetError as err:

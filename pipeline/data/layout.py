@@ -72,8 +72,19 @@ def short_reason(message: str) -> str:
     return (lines[-1] if lines else "unknown error")[:300]
 
 
-def decode_error(path: str | None, root: str | Path, detail: str) -> DecodeError:
-    """A message that names the damaged file and the command that finds all of them."""
-    what = f"Could not decode image file {path}" if path else "Could not decode an image file of this rank's data"
-    return DecodeError(f"{what} ({short_reason(detail)}). Run `python -m pipeline.data.imagenet "
-                       f"verify {root}` to list every damaged file; training then leaves them out.")
+def decode_error(paths: list[str], root: str | Path, detail: str) -> DecodeError:
+    """A message that names the damaged file (or the files it is among) and the command that finds all of them."""
+    if len(paths) == 1:
+        what = f"Could not decode image file {paths[0]}"
+    elif paths:
+        shown = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+        what = f"Could not decode an image file of this rank's batch, one of {shown}"
+    else:
+        what = "Could not decode an image file of this rank's data"
+    if (Path(root) / "shards").is_dir():
+        fix = ("This packed dataset holds a file that does not decode: run `python -m pipeline.data.imagenet verify` "
+               "on the folder tree it was packed from, then pack it again; the new index leaves such files out.")
+    else:
+        fix = (f"Run `python -m pipeline.data.imagenet verify {root}` to list every damaged file; training then "
+               "leaves them out.")
+    return DecodeError(f"{what} ({short_reason(detail)}). {fix}")

@@ -1,16 +1,20 @@
-"""Builds a rank's train and val loaders for ``data.backend``: dali, torchvision or synthetic."""
+"""The dataset index every rank agrees on, and a rank's train and val loaders for ``data.backend``."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import socket
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.data.files import FileList, load_exclusions, scan_split, train_indices, train_steps, val_indices
-from pipeline.data.layout import DatasetError, check_image_folder
+from pipeline.data.index import REPORT_NAME, DatasetIndex, has_index, index_tree, load_exclusions, load_index
+from pipeline.data.layout import DatasetError
+from pipeline.data.order import TrainPlan, train_steps, val_range
+from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
-from pipeline.distributed import DistInfo
+from pipeline.distributed import DistInfo, broadcast_from_main, gather_to_main
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +32,91 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, *, train: bool = True):
-    """This rank's (train, val) loaders; ``batch_size`` is the per-rank batch. ``train=False`` skips train."""
+def _on_main(make, dist: DistInfo):
+    """``make()`` on rank 0 only, its result (or its DatasetError) on every rank."""
+    result: tuple = (None, None)
+    if dist.is_main:
+        try:
+            result = (make(), None)
+        except DatasetError as err:
+            result = (None, str(err))
+    value, error = broadcast_from_main(result)
+    if error:
+        raise DatasetError(error)
+    return value
+
+
+def _index_tree_once(root: Path, num_classes: int) -> DatasetIndex:
+    log.warning("Dataset %s has no index: rank 0 indexes it now (one header read per file) and shares it with "
+                "the other ranks. Run `python -m pipeline.data.imagenet verify %s` once: it decodes every file, "
+                "leaves out the damaged ones and writes the index that later runs read at once.", root, root)
+    exclude = load_exclusions(root)
+    if exclude:
+        log.warning("Leaving out %d undecodable files listed in %s", len(exclude), root / REPORT_NAME)
+    return index_tree(root, num_classes, exclude=exclude)
+
+
+def _describe(index: DatasetIndex, root: Path) -> None:
+    counts = {s: len(ix) for s, ix in index.splits.items()}
+    where = f"{len(index.shards)} shards" if index.packed else "a folder tree"
+    log.info("Dataset %s: index %s, %d train and %d val samples in %d classes, in %s", root, index.hash[:16],
+             counts["train"], counts["val"], len(index.classes), where)
+    if not index.verified:
+        fix = (f"Run `python -m pipeline.data.imagenet verify {root}` once to find such files." if not index.packed
+               else "Pack it from a tree that `python -m pipeline.data.imagenet verify` has checked.")
+        log.warning("Dataset %s is indexed but unverified: a damaged file would stop training when it is reached. "
+                    "%s", root, fix)
+    left_out = load_exclusions(root)
+    if left_out:
+        log.info("Leaving out %d undecodable files listed in %s", len(left_out), root / REPORT_NAME)
+
+
+def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
+    """The index at ``data.root`` (built by rank 0 alone for a tree without one), the same on every rank.
+
+    Every rank checks its index hash against rank 0's, and a packed dataset's shards (every size; each
+    shard's checksum by one rank), before any step; a difference stops every rank with a message.
+    """
+    root = Path(cfg.data.root).absolute()
+    if has_index(root):
+        index = load_index(root)
+        if dist.is_main:
+            _describe(index, root)
+    else:
+        index = _on_main(functools.partial(_index_tree_once, root, cfg.model.num_classes), dist)
+    if len(index.classes) != cfg.model.num_classes:
+        raise DatasetError(f"model.num_classes={cfg.model.num_classes} but the dataset at data.root='{root}' has "
+                           f"{len(index.classes)} classes. Set model.num_classes={len(index.classes)}, or point "
+                           "data.root at the intended dataset.")
+    seen = gather_to_main((index.hash, socket.gethostname(), dist.rank))
+    mismatch = None
+    if dist.is_main:
+        other = [(h, host, r) for h, host, r in seen if h != index.hash]
+        if other:
+            mismatch = (f"The ranks read different datasets at data.root='{root}': rank 0 has index {index.hash[:16]}, "
+                        + ", ".join(f"rank {r} on {host} has {h[:16]}" for h, host, r in other[:8])
+                        + ". Every node must see the same dataset: copy the same index/ (and shards) to each node, "
+                        "or point data.root at one shared copy.")
+    mismatch = broadcast_from_main(mismatch)
+    if mismatch:
+        raise DatasetError(mismatch)
+    if index.packed:
+        problems = check_shards(root, index, dist.rank, dist.world_size, checksums=cfg.data.check_shards)
+        found = gather_to_main(problems)
+        found = broadcast_from_main(sorted({p for ps in found for p in ps}) if dist.is_main else None)
+        if found:
+            raise DatasetError(f"The packed dataset at data.root='{root}' is damaged: {'; '.join(found[:8])}. Copy "
+                               "the named shards again from the original, or pack the dataset again with "
+                               "`python -m pipeline.data.imagenet pack`.")
+    return index
+
+
+def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: DatasetIndex | None = None, *,
+                  train: bool = True):
+    """This rank's (train, val) loaders; ``batch_size`` is the per-rank batch. ``train=False``: train is None.
+
+    ``index`` defaults to :func:`dataset_index`; the synthetic backend needs none.
+    """
     backend = resolve_backend(cfg.data.backend)
     val_batch = cfg.data.val_batch_size or batch_size
     if backend == "synthetic":
@@ -37,31 +124,23 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, *, train: bo
                                  device=dist.device, channels_last=cfg.train.channels_last)
         return (make(batch_size, steps=cfg.data.synthetic_steps, seed=cfg.run.seed),
                 make(val_batch, steps=max(1, cfg.data.synthetic_steps // 10), seed=cfg.run.seed + 1))
-
-    classes = check_image_folder(cfg.data.root, cfg.model.num_classes)
-    exclude = load_exclusions(cfg.data.root, warn=dist.is_main)
-    val_all = scan_split(f"{cfg.data.root}/val", classes, exclude)
-    val_files = val_all.take(val_indices(len(val_all), dist.rank, dist.world_size))
-    all_train = scan_split(f"{cfg.data.root}/train", classes, exclude) if train else FileList([], [])
-    if train and train_steps(len(all_train), dist.world_size, batch_size) == 0:
-        raise DatasetError(f"'{cfg.data.root}/train' holds {len(all_train)} usable images, fewer than one global "
-                           f"batch (train.batch_size={batch_size * dist.world_size}). Lower train.batch_size.")
-
-    @functools.lru_cache(maxsize=2)
-    def indices_for(epoch: int) -> list[int]:
-        return train_indices(len(all_train), epoch, cfg.run.seed, dist.rank, dist.world_size, batch_size)
-
-    @functools.lru_cache(maxsize=2)
-    def train_files_for(epoch: int) -> FileList:
-        return all_train.take(indices_for(epoch))
-
-    seed = cfg.run.seed * 4096 + dist.rank  # each rank draws its own augmentations
+    index = index or dataset_index(cfg, dist)
+    root = Path(cfg.data.root).absolute()
+    train_split, val_split = index.splits["train"], index.splits["val"]
+    plan = None
+    if train:
+        global_batch = batch_size * dist.world_size
+        if train_steps(len(train_split), global_batch) == 0:
+            raise DatasetError(f"'{root}' holds {len(train_split)} usable training images, fewer than one global "
+                               f"batch (train.batch_size={global_batch}). Lower train.batch_size.")
+        plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size)
+    readers = SampleBytes(root, index, "train"), SampleBytes(root, index, "val")
+    val_ids = val_range(len(val_split), dist.rank, dist.world_size)
     if backend == "dali":
         from pipeline.data.dali import build_dali_loaders
 
-        return build_dali_loaders(cfg.data, train_files_for, val_files, batch_size, val_batch, dist.local_rank,
-                                  dist.device, cfg.train.channels_last, seed)
+        return build_dali_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.local_rank, dist.device,
+                                  cfg.train.channels_last)
     from pipeline.data.folder import build_folder_loaders
 
-    return build_folder_loaders(cfg.data, all_train, indices_for, val_files, batch_size, val_batch, dist.device,
-                                cfg.train.channels_last, seed)
+    return build_folder_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.device, cfg.train.channels_last)

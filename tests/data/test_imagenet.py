@@ -127,7 +127,7 @@ def test_a_damaged_file_stops_training_by_name_until_verify_lists_it(damaged_tre
              "data.workers=1"]
     first = train(*words, f"run.dir={tmp_path / 'run1'}", cwd=tmp_path)
     assert first.returncode == 2
-    assert "unverified" in first.stdout
+    assert "has no index" in first.stdout and f"verify {root}" in first.stdout
     assert "Could not decode image file" in first.stderr and "pipeline.data.imagenet verify" in first.stderr
     assert str(root / planted["truncated"]) in first.stderr or str(root / planted["zero_byte"]) in first.stderr
     assert "Traceback" not in first.stderr

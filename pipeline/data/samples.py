@@ -1,0 +1,84 @@
+"""A split's encoded samples by id: from the files of a folder tree, or from memory-mapped shards.
+
+A packed dataset's shards are opened once per process and memory-mapped, so reading a sample opens
+no file; the page cache holds one copy per node for every rank and loader worker on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.index import DatasetIndex, SplitIndex
+from pipeline.data.layout import DatasetError
+
+SHARD_DIR = "shards"
+
+
+class SampleBytes:
+    """``read(i)`` gives sample ``i``'s encoded bytes as a uint8 array; ``path(i)`` names where they are."""
+
+    def __init__(self, root: str | Path, index: DatasetIndex, split: str):
+        self.root = Path(root).absolute()
+        self.split: SplitIndex = index.splits[split]
+        self.shard_files = [self.root / SHARD_DIR / s["file"] for s in index.shards]
+        self._maps: list[mmap.mmap] | None = None
+        self._pid = -1
+
+    def _shard_maps(self) -> list[mmap.mmap]:
+        if self._maps is None or self._pid != os.getpid():  # a forked worker maps them itself
+            self._maps = []
+            for path in self.shard_files:
+                with open(path, "rb") as f:
+                    self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self._pid = os.getpid()
+        return self._maps
+
+    def read(self, i: int) -> np.ndarray:
+        if self.split.shard is None:
+            return np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
+        data = self._shard_maps()[int(self.split.shard[i])]
+        offset, size = int(self.split.offset[i]), int(self.split.nbytes[i])
+        if offset + size > len(data):
+            raise DatasetError(f"{self.path(i)} lies past the end of its shard ({len(data)} bytes): the shard is "
+                               "truncated. Copy it again from the packed dataset.")
+        return np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+
+    def path(self, i: int) -> str:
+        """The file that holds sample ``i``: its own file, or its shard with the offset."""
+        if self.split.shard is None:
+            return str(self.root / self.split.name(i))
+        return (f"{self.shard_files[int(self.split.shard[i])]} at byte {int(self.split.offset[i])} "
+                f"({self.split.name(i)})")
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None, "_pid": -1}
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_shards(root: str | Path, index: DatasetIndex, rank: int = 0, world_size: int = 1,
+                 checksums: bool = True) -> list[str]:
+    """Problems with a packed dataset's shards: every size checked here, and (``checksums``) the
+    SHA-256 of shards ``rank``, ``rank + world_size``, ..., so the ranks share the reading."""
+    problems = []
+    folder = Path(root).absolute() / SHARD_DIR
+    for number, shard in enumerate(index.shards):
+        path = folder / shard["file"]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif (size := path.stat().st_size) != shard["bytes"]:
+            problems.append(f"{path} holds {size} bytes, not {shard['bytes']} (truncated or overwritten)")
+        elif checksums and number % world_size == rank and file_sha256(path) != shard["sha256"]:
+            problems.append(f"{path} fails its SHA-256 checksum (damaged)")
+    return problems

@@ -1,0 +1,206 @@
+"""The dataset index, packed shards, and what every rank checks at start."""
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.data.imagenet as imagenet
+from pipeline.config import load_config
+from pipeline.data.imagenet import pack, verify
+from pipeline.data.index import has_index, load_index
+from pipeline.data.layout import DatasetError
+from pipeline.data.loaders import build_loaders, dataset_index
+from pipeline.data.synthetic import write_synthetic_imagenet
+from pipeline.distributed import DistInfo
+
+ROOT = Path(__file__).resolve().parents[2]
+ONE = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = write_synthetic_imagenet(tmp_path_factory.mktemp("data") / "tree", 4, 12, 4, 20, 60)
+    verify(root, workers=2)
+    return root
+
+
+def config(root, backend="dali", *words):
+    return load_config(None, [f"data.root={root}", f"data.backend={backend}", "data.image_size=24",
+                              "data.workers=1", "model.num_classes=4", *words])
+
+
+def first_batches(root, backend):
+    train, val = build_loaders(config(root, backend), ONE, 4)
+    train.set_epoch(2)
+    return next(iter(train)), next(iter(val))
+
+
+@pytest.fixture
+def packed_copy(tree, tmp_path):
+    out = pack(tree, tmp_path / "packed", shard_size=4096)
+    return tmp_path / "packed", out
+
+
+def test_verify_writes_an_index_without_the_undecodable_files(tmp_path):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 5, 2, 20, 40)
+    bad = root / "train" / "n10000001" / "n10000001_0.JPEG"
+    bad.write_bytes(bad.read_bytes()[:100])
+    report = verify(root, workers=2)
+    index = load_index(root)
+    names = [index.splits["train"].name(i) for i in range(len(index.splits["train"]))]
+    assert report["undecodable"] == ["train/n10000001/n10000001_0.JPEG"] and len(names) == 9
+    assert "train/n10000001/n10000001_0.JPEG" not in names and index.verified
+    with Image.open(root / names[0]) as image:
+        assert image.size == (index.splits["train"].width[0], index.splits["train"].height[0])
+    assert report["index"]["hash"] == index.hash
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_packed_copy_has_the_same_hash_and_gives_the_same_batches(tree, packed_copy, backend):
+    root, index = packed_copy
+    assert index.hash == load_index(tree).hash == load_index(root).hash and len(index.shards) > 3
+    (tree_train, tree_val), (packed_train, packed_val) = first_batches(tree, backend), first_batches(root, backend)
+    for a, b in ((tree_train, packed_train), (tree_val, packed_val)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_shard_reads_open_no_file(packed_copy, monkeypatch):
+    root, _ = packed_copy
+    train, _ = build_loaders(config(root, "torchvision"), ONE, 4)
+    next(iter(train))  # shards mapped
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    monkeypatch.setattr(np, "fromfile", lambda *a, **k: opened.append(a[0]))
+    batches = list(train)
+    assert len(batches) == len(train) and not [p for p in opened if str(root) in str(p)]
+
+
+def test_a_truncated_or_damaged_shard_is_named_before_training(packed_copy):
+    root, index = packed_copy
+    shard = root / "shards" / index.shards[1]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(DatasetError, match=rf"{shard.name} holds {len(data) - 10} bytes, not {len(data)}"):
+        dataset_index(config(root), ONE)
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(DatasetError, match=rf"{shard.name} fails its SHA-256 checksum.*Copy the named shards again"):
+        dataset_index(config(root), ONE)
+    shard.unlink()
+    with pytest.raises(DatasetError, match=rf"{shard.name} is missing"):
+        dataset_index(config(root), ONE)
+
+
+def listings_under(root, monkeypatch):
+    """Counts directory listings of anything under ``root`` (os.scandir, os.listdir, os.walk)."""
+    seen = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def counting(path=".", real=real):
+            if str(root) in str(Path(path).absolute()):
+                seen.append(str(path))
+            return real(path)
+        monkeypatch.setattr(os, name, counting)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_start_on_an_indexed_dataset_lists_no_data_folder(tree, backend, monkeypatch):
+    listed = listings_under(tree, monkeypatch)
+    train, val = build_loaders(config(tree, backend), ONE, 4)
+    next(iter(train)), next(iter(val))
+    assert listed == []
+
+
+def test_a_tree_without_an_index_is_listed_by_rank_0_alone(tmp_path):
+    root = write_synthetic_imagenet(tmp_path / "d", 3, 6, 2, 20, 40)
+    assert not has_index(root)
+    script = (
+        "import os, sys, torch, torch.distributed as dist\n"
+        "from pathlib import Path\n"
+        "root = sys.argv[1]\n"
+        "seen = []\n"
+        "for name in ('scandir', 'listdir'):\n"
+        "    real = getattr(os, name)\n"
+        "    def counting(path='.', real=real):\n"
+        "        if root in str(Path(path).absolute()):\n"
+        "            seen.append(path)\n"
+        "        return real(path)\n"
+        "    setattr(os, name, counting)\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.data.loaders import dataset_index\n"
+        "from pipeline.distributed import init_distributed\n"
+        "info = init_distributed()\n"
+        "index = dataset_index(load_config(None, [f'data.root={root}', 'model.num_classes=3']), info)\n"
+        "print('RESULT', info.rank, len(seen), index.hash, len(index.splits['train']))\n"
+        "dist.destroy_process_group()\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    results = {}
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        rank, listed, digest, count = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+        results[int(rank)] = (int(listed), digest, int(count))
+    assert results[0][0] > 0 and results[1][0] == 0  # rank 1 took the index rank 0 built
+    assert results[0][1:] == results[1][1:] and results[0][2] == 18
+
+
+def test_verify_lists_a_file_that_kills_the_decoder_and_decodes_the_rest(tmp_path, monkeypatch):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 70, 2, 20, 40)  # more than two batches of 64
+    killer = root / "train" / "n10000000" / "n10000000_5.JPEG"
+    real = imagenet.inspect_file
+
+    def crashing(path):
+        if path == str(killer):
+            os.kill(os.getpid(), signal.SIGSEGV)  # what a native decoder fault does to its process
+        return real(path)
+
+    monkeypatch.setattr(imagenet, "inspect_file", crashing)  # worker processes are forked: they see it
+    was_enabled = faulthandler.is_enabled()
+    faulthandler.disable()  # pytest's, inherited by the workers, would print every crash's traceback
+    try:
+        report = verify(root, workers=2)
+    finally:
+        if was_enabled:
+            faulthandler.enable()
+    assert report["undecodable"] == ["train/n10000000/n10000000_5.JPEG"]
+    assert "crashed" in report["errors"]["train/n10000000/n10000000_5.JPEG"]
+    assert len(load_index(root).splits["train"]) == 139 and report["counts"]["train"] == 140
+
+
+@pytest.mark.slow
+def test_verify_survives_the_odd_and_damaged_files_of_a_larger_tree_five_times(tmp_path):
+    """About 1,800 small JPEGs with a truncated, an empty, a PNG, a CMYK and a grayscale file (DALI once crashed)."""
+    root = write_synthetic_imagenet(tmp_path / "d", 10, 160, 20, 32, 32)
+    folders = sorted((root / "train").iterdir())
+    source = next(folders[0].iterdir())
+    data = source.read_bytes()
+    (folders[0] / "third.JPEG").write_bytes(data[: len(data) // 3])
+    (folders[1] / "empty.JPEG").write_bytes(b"")
+    with Image.open(source) as image:
+        image.save(folders[2] / "png.JPEG", format="PNG")
+        image.convert("CMYK").save(folders[3] / "cmyk.JPEG", format="JPEG")
+        image.convert("L").save(folders[4] / "gray.JPEG", format="JPEG")
+    for attempt in range(5):
+        result = subprocess.run([sys.executable, "-m", "pipeline.data.imagenet", "verify", str(root)],
+                                capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, f"attempt {attempt}: {result.returncode} {result.stderr[-2000:]}"
+        report = json.loads((root / "verify.json").read_text())
+        assert [Path(p).name for p in report["undecodable"]] == ["third.JPEG", "empty.JPEG"]
+        assert len(report["png_as_jpeg"]) == len(report["cmyk"]) == len(report["grayscale"]) == 1
