@@ -138,6 +138,16 @@ def replicas_identical(module: nn.Module) -> bool:
     return len(set(digests)) == 1
 
 
-def shutdown() -> None:
+def on_every_rank(err: Exception) -> Exception:
+    """Marks ``err`` as raised by every rank at the same point (after agreeing on it): see :func:`shutdown`."""
+    err.on_every_rank = True
+    return err
+
+
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. ``together``: every rank is here (a finished run, an agreed stop or error), so
+    wait for all first: rank 0 holds the group's store, and leaving before the others can abort them."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

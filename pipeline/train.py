@@ -54,6 +54,7 @@ from pipeline.distributed import (
     broadcast_from_main,
     gather_to_main,
     init_distributed,
+    on_every_rank,
     replicas_identical,
     shutdown,
 )
@@ -91,9 +92,9 @@ class Progress:
 def per_rank_batch(global_batch: int, world_size: int) -> int:
     """The global batch split evenly over ranks; one that does not divide is a config error."""
     if global_batch % world_size:
-        raise ConfigError(f"train.batch_size={global_batch} (the global batch) does not divide evenly over "
-                          f"{world_size} ranks. Use a multiple of {world_size}, e.g. "
-                          f"{max(1, round(global_batch / world_size)) * world_size}.")
+        raise on_every_rank(ConfigError(
+            f"train.batch_size={global_batch} (the global batch) does not divide evenly over {world_size} ranks. "
+            f"Use a multiple of {world_size}, e.g. {max(1, round(global_batch / world_size)) * world_size}."))
     return global_batch // world_size
 
 
@@ -126,7 +127,7 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex 
             choice = (None, str(err))
     path, error = broadcast_from_main(choice)
     if error:
-        raise CheckpointError(error)
+        raise on_every_rank(CheckpointError(error))
     if path is None:
         return None
     state = load_checkpoint(path)
@@ -134,11 +135,11 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex 
     saved, current = state.get("dataset"), index.summary() if index else None
     state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
     if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":
-        raise CheckpointError(
+        raise on_every_rank(CheckpointError(
             f"{path} was trained on dataset index {saved['hash'][:16]} and data.root='{cfg.data.root}' now has "
             f"index {current['hash'][:16]} ({describe_change(saved, current)}). Resuming would read another "
             "order: samples repeated or skipped. Restore the dataset the run was trained on, or set "
-            "run.on_dataset_change=next_epoch to continue from the next epoch boundary on the new one.")
+            "run.on_dataset_change=next_epoch to continue from the next epoch boundary on the new one."))
     state["path"] = path
     return state
 
@@ -194,7 +195,7 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
             error = str(err)
     error = broadcast_from_main(error)
     if error:
-        raise TrackingError(error)
+        raise on_every_rank(TrackingError(error))
     return tracker
 
 
@@ -212,11 +213,20 @@ def main(cfg: DictConfig) -> dict:
     dist = init_distributed()
     setup_logging(dist.rank, dist.world_size)
     signals = StopSignals().install()
+    together = False
     try:
-        return _train(cfg, dist, signals)
+        summary = _train(cfg, dist, signals)
+        together = True
+        return summary
+    except StopRequested:
+        together = True
+        raise
+    except Exception as err:
+        together = getattr(err, "on_every_rank", False)
+        raise
     finally:
         signals.uninstall()
-        shutdown()
+        shutdown(together)
 
 
 def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:

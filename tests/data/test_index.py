@@ -204,3 +204,36 @@ def test_verify_survives_the_odd_and_damaged_files_of_a_larger_tree_five_times(t
         report = json.loads((root / "verify.json").read_text())
         assert [Path(p).name for p in report["undecodable"]] == ["third.JPEG", "empty.JPEG"]
         assert len(report["png_as_jpeg"]) == len(report["cmyk"]) == len(report["grayscale"]) == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ranks_given_different_datasets_stop_before_the_first_step(tmp_path):
+    """Two nodes whose local copies differ: rank 1's tree lost a file that rank 0's still has."""
+    import shutil
+
+    first = write_synthetic_imagenet(tmp_path / "node0", 10, 8, 2, 20, 40)
+    second = tmp_path / "node1"
+    shutil.copytree(first, second)
+    next((second / "train").rglob("*.JPEG")).unlink()
+    for root in (first, second):
+        verify(root, workers=2)
+    port, run_dir = free_port(), tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"),
+                               f"data.root={root}", f"run.dir={run_dir}", "tracking.backend=none",
+                               "train.batch_size=16"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r, root in enumerate((first, second))]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 2, err[-2000:]
+        assert "The ranks read different datasets" in err and "rank 1 on" in err and "Traceback" not in err
+        assert " step " not in out  # stopped before the first step
+    assert not (run_dir / "checkpoints").exists()
