@@ -23,16 +23,14 @@ _MARK = "undecodable image file: "
 
 
 class IndexedImages(Dataset):
-    """Samples of a split by ``(id, epoch)``, decoded to RGB (CMYK, grayscale and PNG files included).
-
-    ``plan`` given (train): the sample's crop window and flip of that epoch, resized to ``image_size``.
-    Without (val): ``transform``.
+    """Samples of a split by ``(id, epoch)``, decoded to RGB (CMYK, grayscale and PNG files included), as
+    HWC uint8 tensors. ``plan`` given (train): the sample's crop window and flip of that epoch, resized to
+    ``image_size``. Without (val): ``transform``.
     """
 
-    def __init__(self, reader: SampleBytes, to_tensor: Callable, plan: TrainPlan | None = None,
-                 image_size: int = 0, transform: Callable | None = None):
-        self.reader, self.to_tensor, self.plan = reader, to_tensor, plan
-        self.image_size, self.transform = image_size, transform
+    def __init__(self, reader: SampleBytes, plan: TrainPlan | None = None, image_size: int = 0,
+                 transform: Callable | None = None):
+        self.reader, self.plan, self.image_size, self.transform = reader, plan, image_size, transform
 
     def __len__(self) -> int:
         return len(self.reader.split)
@@ -47,19 +45,22 @@ class IndexedImages(Dataset):
             raise DecodeError(f"{_MARK}{self.reader.path(index)}\n{type(err).__name__}: {err}") from None
         label = int(self.reader.split.label[index])
         if self.plan is None:
-            return self.to_tensor(self.transform(image)), label
+            return torch.from_numpy(np.array(self.transform(image))), label
         x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, np.array([index])))
         image = F.resized_crop(image, y, x, h, w, [self.image_size, self.image_size],
                                interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
         if flip:
             image = F.hflip(image)
-        return self.to_tensor(image), label
+        return torch.from_numpy(np.array(image)), label
 
 
-def stack(samples: list[tuple[torch.Tensor, int]], channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacks samples into a batch, channels-last when asked: the copy happens in the worker processes."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = torch.stack([image for image, _ in samples]).contiguous(memory_format=memory_format)
+def stack(samples: list[tuple[torch.Tensor, int]], mean: torch.Tensor, std: torch.Tensor,
+          channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks HWC uint8 samples and normalises them in the worker: NHWC floats, returned as the channels-last
+    NCHW view (no copy), or made contiguous NCHW when ``channels_last`` is off."""
+    images = torch.stack([image for image, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
+    if not channels_last:
+        images = images.contiguous()
     return images, torch.tensor([label for _, label in samples])
 
 
@@ -121,23 +122,23 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
                          val_batch_size: int, device: torch.device,
                          channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
-    mean, std, size = list(data_cfg.mean), list(data_cfg.std), data_cfg.image_size
+    size = data_cfg.image_size
     resize = data_cfg.val_resize or round(size * 256 / 224)
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    mean, std = (255 * torch.tensor(list(v), dtype=torch.float32) for v in (data_cfg.mean, data_cfg.std))
     common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
-                  collate_fn=functools.partial(stack, channels_last=channels_last),
+                  collate_fn=functools.partial(stack, mean=mean, std=std, channels_last=channels_last),
                   persistent_workers=data_cfg.workers > 0, worker_init_fn=default_signal_handlers,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
     root = str(data_cfg.root)
     train_loader = None
     if plan is not None:
         sampler = StepSampler(plan.ids, lambda: plan.steps)
-        loader = DataLoader(IndexedImages(train, to_tensor, plan, size), sampler=sampler,
+        loader = DataLoader(IndexedImages(train, plan, size), sampler=sampler,
                             batch_size=plan.per_rank_batch, **common)
         train_loader = FolderLoader(loader, sampler, root, plan)
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
-    val_loader = DataLoader(IndexedImages(val, to_tensor, transform=val_transform(size, resize)),
+    val_loader = DataLoader(IndexedImages(val, transform=val_transform(size, resize)),
                             sampler=val_sampler, batch_size=val_batch_size, **common)
     return train_loader, FolderLoader(val_loader, val_sampler, root)
