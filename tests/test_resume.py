@@ -220,3 +220,15 @@ def test_resume_after_a_new_verify_is_refused_or_continues_at_the_next_epoch(tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     # the rest of epoch 2 left out, then epoch 3 on the new dataset: 639 // 64 steps
     assert summary["epochs_completed"] == 3 and summary["global_step"] == saved_at + 639 // 64
+
+
+def test_a_run_resumes_on_a_packed_copy_of_its_dataset(tmp_path, mini_data, reference):
+    from pipeline.data.imagenet import pack
+
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    shutil.copytree(reference(1, "dali"), run_dir)
+    packed = tmp_path / "packed"
+    pack(mini_data, packed, shard_size=2**20)  # data.root moves; the index hash, not the path, names the data
+    assert run(command(run_dir, packed, 1, "dali", "train.epochs=3"), log) == 0, log.read_text()[-3000:]
+    assert "Resuming from" in log.read_text() and "in 3 shards" in log.read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 3

@@ -61,7 +61,8 @@ log = logging.getLogger("pipeline.data.imagenet")
 
 
 def prepare(train_tar: str | Path, val_tar: str | Path, devkit: str | Path, out: str | Path) -> Path:
-    """Extract the official archives into ``out/train/<wnid>/`` and ``out/val/<wnid>/`` with torchvision's parsers."""
+    """Extract the official archives into ``out/train/<wnid>/`` and ``out/val/<wnid>/`` with torchvision's parsers,
+    then write the dataset index from the files' headers."""
     from torchvision.datasets.imagenet import parse_devkit_archive, parse_train_archive, parse_val_archive
 
     archives = {"--train-tar": Path(train_tar), "--val-tar": Path(val_tar), "--devkit": Path(devkit)}
@@ -83,6 +84,7 @@ def prepare(train_tar: str | Path, val_tar: str | Path, devkit: str | Path, out:
             parse(str(out), str(archive.absolute()))
         except RuntimeError as err:
             raise DatasetError(f"Could not use '{archive}': {err} Re-download it if it is damaged.") from None
+    save_index(index_tree(out), out)  # from the headers; verify replaces it after decoding every file
     return out
 
 
@@ -399,8 +401,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             out = prepare(args.train_tar, args.val_tar, args.devkit, args.out)
-            index_path = save_index(index_tree(out), out)
-            print(f"Prepared {out} and its index {index_path}. Next: python -m pipeline.data.imagenet verify {out}")
+            print(f"Prepared {out} and its index. Next: python -m pipeline.data.imagenet verify {out}")
         elif args.command == "pack":
             packed = pack(args.root, args.out, parse_size(args.shard_size))
             counts = ", ".join(f"{len(ix)} {split}" for split, ix in packed.splits.items())

@@ -16,6 +16,7 @@ from bad_files import plant_bad_files
 from PIL import Image
 
 from pipeline.data.imagenet import prepare, verify
+from pipeline.data.index import load_index
 from pipeline.data.layout import DatasetError
 from pipeline.data.synthetic import write_synthetic_imagenet
 
@@ -75,6 +76,9 @@ def archives(tmp_path, monkeypatch):
 def test_prepare_builds_the_class_folder_tree(tmp_path, archives):
     src, val_classes = archives
     out = prepare(src / "train.tar", src / "val.tar", src / "devkit.tar.gz", tmp_path / "imagenet")
+    headers_only = load_index(out)  # prepare ends by indexing the tree from the files' headers
+    assert {s: len(ix) for s, ix in headers_only.splits.items()} == {"train": 9, "val": 5}
+    assert not headers_only.verified
     for c, wnid in enumerate(WNIDS):
         assert sorted(p.name for p in (out / "train" / wnid).iterdir()) == [f"{wnid}_{i}.JPEG" for i in range(2 + c)]
         expected = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, v in enumerate(val_classes) if v == c]
