@@ -115,7 +115,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"not a checkpoint of this pipeline (format {FORMAT_VERSION}): {path}")
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"written by another version of this pipeline (checkpoint format {state['format']}, "
-                              f"this version reads {FORMAT_VERSION}): {path}")
+                              f"this version reads {FORMAT_VERSION}; finish that run with the version that wrote "
+                              f"it, or start a new run.dir): {path}")
     return state
 
 

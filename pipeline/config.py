@@ -56,12 +56,14 @@ class DataConfig:
     val_resize: int = 0  # shorter side before the centre crop; 0 = image_size * 256 / 224
     val_batch_size: int = 0  # per rank; 0 = the per-rank training batch
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes, per rank
-    prefetch: int = 2  # DALI prefetch queue depth
+    prefetch: int = 2  # DALI prefetch queue depth, or batches each DataLoader worker prepares ahead
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     synthetic_steps: int = 100  # steps per epoch with backend=synthetic
     record_ids: bool = False  # each rank appends every step's sample ids to run.dir/sample_ids/rank-<R>.txt
-    check_shards: bool = True  # packed data: each shard's SHA-256 checked at start, the reading shared by the ranks
+    # packed data at start: every shard's size, and its SHA-256 read by one rank of the job (job: one shared copy),
+    # or by one rank of each node (node: node-local copies), or not at all (size)
+    check_shards: str = "job"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -164,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODEL_NAMES,
     "data.backend": ("dali", "torchvision", "synthetic"),
     "run.on_dataset_change": ("refuse", "next_epoch"),
+    "data.check_shards": ("job", "node", "size"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),

@@ -16,6 +16,7 @@ import random
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     tracker = start_tracking(cfg, dist, run_dir)
     insights = start_insights(cfg.insights, model, run_dir, metrics, tracker,
                               progress.global_step - progress.step_in_epoch) if dist.is_main else None
-    with finish_on_error(tracker, run_dir / "train.log"):
+    with finish_on_error(tracker, run_dir / "train.log"), ExitStack() as closing:
         params = sum(p.numel() for p in model.parameters())
         log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s%s, global batch %d, %d steps/epoch, "
                  "run dir %s", cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
@@ -309,9 +310,9 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
 
         compile_pending = cfg.train.compile and dist.is_main
         ids_file = None
-        if cfg.data.record_ids and getattr(train_loader, "plan", None) is not None:
+        if cfg.data.record_ids and hasattr(train_loader, "last_ids"):
             (run_dir / "sample_ids").mkdir(exist_ok=True)
-            ids_file = open(run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a")
+            ids_file = closing.enter_context(open(run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
 
         def on_step(global_step: int) -> bool:
             nonlocal stop_signal, compile_pending
@@ -321,7 +322,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                          time.perf_counter() - attempt_start)
             progress.global_step = global_step
             if ids_file:
-                ids = train_loader.plan.ids(progress.epoch, progress.step_in_epoch)
+                ids = train_loader.last_ids  # as the loader delivered them with the batch
                 ids_file.write(f"{dist.world_size} {progress.epoch} {progress.step_in_epoch} "
                                f"{' '.join(map(str, ids.tolist()))}\n")
                 ids_file.flush()

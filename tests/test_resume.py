@@ -163,7 +163,8 @@ def test_resume_from_a_named_checkpoint_file_in_a_new_run_dir(tmp_path, mini_dat
 
 
 def recorded(run_dir):
-    """(world size, epoch, step, rank, ids) of every step each rank recorded (data.record_ids)."""
+    """(world size, epoch, step, rank, ids) of every step each rank recorded (data.record_ids): the ids that
+    came with each batch out of the loader (DALI's outputs, or the DataLoader workers')."""
     rows = []
     for path in sorted((Path(run_dir) / "sample_ids").glob("rank-*.txt")):
         rank = int(path.stem.split("-")[1])
@@ -173,7 +174,9 @@ def recorded(run_dir):
     return rows
 
 
-def test_sigkill_at_world_3_then_restart_at_world_2_reads_each_sample_of_the_epoch_once(tmp_path, mini_data):
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_sigkill_at_world_3_then_restart_at_world_2_reads_each_sample_of_the_epoch_once(tmp_path, mini_data,
+                                                                                        backend):
     from pipeline.data.index import load_index
     from pipeline.data.order import epoch_order
 
@@ -182,8 +185,8 @@ def test_sigkill_at_world_3_then_restart_at_world_2_reads_each_sample_of_the_epo
     extra = [f"train.batch_size={global_batch}", "data.record_ids=true", "checkpoint.every_steps=3"]
     at_step = steps + random.randint(4, steps - 3)
     print(f"interrupting at global step {at_step}")
-    interrupt(command(run_dir, mini_data, 3, "torchvision", *extra), run_dir, at_step, signal.SIGKILL, log)
-    assert run(command(run_dir, mini_data, 2, "torchvision", *extra), log) == 0, log.read_text()[-3000:]
+    interrupt(command(run_dir, mini_data, 3, backend, *extra), run_dir, at_step, signal.SIGKILL, log)
+    assert run(command(run_dir, mini_data, 2, backend, *extra), log) == 0, log.read_text()[-3000:]
     assert "Resuming on 2 ranks a run saved by 3" in log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2 * steps

@@ -36,25 +36,26 @@ def _normalize(images, image_size: int, mean: list[float], std: list[float], mir
 
 @pipeline_def
 def train_pipeline(source, image_size: int, mean: list[float], std: list[float], on_gpu: bool):
-    encoded, anchor, shape, flip, labels = fn.external_source(source=source, num_outputs=5, batch=True,
-                                                              dtype=[types.UINT8, types.INT32, types.INT32,
-                                                                     types.INT32, types.INT32])
+    encoded, anchor, shape, flip, labels, ids = fn.external_source(
+        source=source, num_outputs=6, batch=True,
+        dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32, types.INT64])
     # the index's width and height are the stored pixels: no EXIF rotation, as Pillow reads them
     images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if on_gpu else "cpu",
                                      output_type=types.RGB, axis_names="WH", adjust_orientation=False)
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
     images = _normalize(images, image_size, mean, std, mirror=flip)
-    return images, labels.gpu() if on_gpu else labels
+    return images, labels.gpu() if on_gpu else labels, ids
 
 
 @pipeline_def
 def val_pipeline(source, image_size: int, resize: int, mean: list[float], std: list[float], on_gpu: bool):
-    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+    encoded, labels, ids = fn.external_source(source=source, num_outputs=3, batch=True,
+                                              dtype=[types.UINT8, types.INT32, types.INT64])
     images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
                                adjust_orientation=False)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_TRIANGULAR)
     images = _normalize(images, image_size, mean, std, crop=True)
-    return images, labels.gpu() if on_gpu else labels
+    return images, labels.gpu() if on_gpu else labels, ids
 
 
 class _Feed:
@@ -73,7 +74,7 @@ class _Feed:
             raise StopIteration
         self._next += 1
         self._fed.append(batch[-1])
-        return batch[:-1]
+        return batch
 
 
 class DaliLoader:
@@ -82,16 +83,18 @@ class DaliLoader:
     ``batches(epoch, start)`` gives ``k -> (outputs..., ids)`` for the k-th batch from step ``start``, or
     None past the end. The train pipeline is built for each epoch (or resumed step) and released when
     the epoch ends, so it never decodes a pass nobody reads. State: the epoch and the steps consumed.
+    ``last_ids`` are the sample ids of the batch last yielded, as DALI returned them with it.
     """
 
     def __init__(self, make_pipeline: Callable[[_Feed], object], batches: Callable[[int, int], Callable],
-                 steps: Callable[[], int], reader: SampleBytes, channels_last: bool, root: str):
+                 steps: Callable[[], int], reader: SampleBytes, channels_last: bool, root: str, prefetch: int):
         self._make_pipeline, self._batches, self._steps = make_pipeline, batches, steps
         self.reader, self.channels_last, self.root = reader, channels_last, root
         self.epoch, self.start, self._consumed = 0, 0, 0
         self._it = None
-        self._fed: deque = deque(maxlen=8)
+        self._fed: deque = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
         self.plan: TrainPlan | None = None  # the train loader's: which ids each step reads
+        self.last_ids: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch or self.start or self._consumed:
@@ -112,7 +115,7 @@ class DaliLoader:
             self._fed.clear()
             pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed))
             pipe.build()
-            self._it = DALIGenericIterator(pipe, ["data", "label"], prepare_first_batch=False)
+            self._it = DALIGenericIterator(pipe, ["data", "label", "id"], prepare_first_batch=False)
         return self._it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,6 +132,7 @@ class DaliLoader:
                 self._it = None  # a pipeline that failed is rebuilt, never reused
                 raise decode_error(self._failing(), self.root, str(err)) from None
             self._consumed += 1
+            self.last_ids = batch[0]["id"].view(-1).numpy()
             images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
             if not self.channels_last:
                 images = images.contiguous()
@@ -161,13 +165,13 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
                     return None
                 ids = plan.ids(epoch, start + k)
                 x, y, w, h, flip = plan.windows(epoch, ids)
-                return ([train.read(i) for i in ids], np.stack([x, y], 1), np.stack([w, h], 1),
-                        flip.astype(np.int32), train.split.label[ids].astype(np.int32), ids)
+                return (train.read_many(ids), np.stack([x, y], 1), np.stack([w, h], 1), flip.astype(np.int32),
+                        train.split.label[ids].astype(np.int32), ids.astype(np.int64))
             return batch
 
         train_loader = DaliLoader(
             lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, **common),
-            train_batches, lambda: plan.steps, train, channels_last, root)
+            train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch)
         train_loader.plan = plan
 
     val_steps = -(-len(val_ids) // val_batch_size)
@@ -177,10 +181,10 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
             if k >= val_steps:
                 return None
             ids = np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size])
-            return [val.read(i) for i in ids], val.split.label[ids].astype(np.int32), ids
+            return val.read_many(ids), val.split.label[ids].astype(np.int32), ids.astype(np.int64)
         return batch
 
     val_loader = DaliLoader(
         lambda feed: val_pipeline(source=feed, batch_size=val_batch_size, resize=resize, **common),
-        val_batches, lambda: val_steps, val, channels_last, root)
+        val_batches, lambda: val_steps, val, channels_last, root, data_cfg.prefetch)
     return train_loader, val_loader

@@ -35,7 +35,7 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return len(self.reader.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, epoch = key
         try:
             with Image.open(io.BytesIO(self.reader.read(index))) as image:
@@ -45,23 +45,23 @@ class IndexedImages(Dataset):
             raise DecodeError(f"{_MARK}{self.reader.path(index)}\n{type(err).__name__}: {err}") from None
         label = int(self.reader.split.label[index])
         if self.plan is None:
-            return torch.from_numpy(np.array(self.transform(image))), label
+            return torch.from_numpy(np.array(self.transform(image))), label, index
         x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, np.array([index])))
         image = F.resized_crop(image, y, x, h, w, [self.image_size, self.image_size],
                                interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
         if flip:
             image = F.hflip(image)
-        return torch.from_numpy(np.array(image)), label
+        return torch.from_numpy(np.array(image)), label, index
 
 
-def stack(samples: list[tuple[torch.Tensor, int]], mean: torch.Tensor, std: torch.Tensor,
-          channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def stack(samples: list[tuple[torch.Tensor, int, int]], mean: torch.Tensor, std: torch.Tensor,
+          channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacks HWC uint8 samples and normalises them in the worker: NHWC floats, returned as the channels-last
     NCHW view (no copy), or made contiguous NCHW when ``channels_last`` is off."""
-    images = torch.stack([image for image, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
+    images = torch.stack([image for image, _, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
     if not channels_last:
         images = images.contiguous()
-    return images, torch.tensor([label for _, label in samples])
+    return images, torch.tensor([label for _, label, _ in samples]), torch.tensor([i for _, _, i in samples])
 
 
 class StepSampler(Sampler[tuple[int, int]]):
@@ -89,6 +89,7 @@ class FolderLoader:
     def __init__(self, loader: DataLoader, sampler: StepSampler, root: str, plan: TrainPlan | None = None):
         self.loader, self.sampler, self.root, self.plan = loader, sampler, root, plan
         self._consumed = 0
+        self.last_ids: np.ndarray | None = None  # the sample ids of the batch last yielded, from the workers
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch, self.sampler.start, self._consumed = epoch, 0, 0
@@ -105,8 +106,9 @@ class FolderLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._consumed = 0
         try:
-            for images, labels in self.loader:
+            for images, labels, ids in self.loader:
                 self._consumed += 1
+                self.last_ids = ids.numpy()
                 yield images, labels
         except DecodeError as err:
             found = re.search(re.escape(_MARK) + r"(.+)\n(.*)", str(err))

@@ -175,6 +175,9 @@ def load_index(root: str | Path) -> DatasetIndex:
             raise DatasetError(f"The dataset index in {folder} is inconsistent ({split}: {lengths}, expected "
                                f"{meta['counts'][split]} entries each). {fix}")
         splits[split] = SplitIndex(**arrays)
+    if content_hash(meta["classes"], splits) != meta["hash"]:  # reads the mapped arrays once: about 0.1 s
+        raise DatasetError(f"The dataset index in {folder} is damaged: its arrays do not give the hash "
+                           f"{meta['hash'][:16]} that {META} records. {fix}")
     return DatasetIndex(meta["classes"], splits, meta["shards"], meta["hash"], meta.get("verified", False))
 
 

@@ -7,6 +7,7 @@ import logging
 import socket
 from pathlib import Path
 
+import torch.distributed
 from omegaconf import DictConfig
 
 from pipeline.data.index import REPORT_NAME, DatasetIndex, has_index, index_tree, load_exclusions, load_index
@@ -14,7 +15,7 @@ from pipeline.data.layout import DatasetError
 from pipeline.data.order import TrainPlan, train_steps, val_range
 from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
-from pipeline.distributed import DistInfo, broadcast_from_main, gather_to_main
+from pipeline.distributed import DistInfo, broadcast_from_main, gather_to_main, on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,26 @@ def resolve_backend(backend: str) -> str:
 
 
 def _on_main(make, dist: DistInfo):
-    """``make()`` on rank 0 only, its result (or its DatasetError) on every rank."""
+    """``make()`` on rank 0 only, its result (or its error) on every rank."""
     result: tuple = (None, None)
-    if dist.is_main:
+    if dist.is_main or not torch.distributed.is_initialized():  # a rank alone (as tests build them) makes its own
         try:
             result = (make(), None)
-        except DatasetError as err:
+        except (DatasetError, OSError) as err:
             result = (None, str(err))
     value, error = broadcast_from_main(result)
     if error:
-        raise DatasetError(error)
+        raise on_every_rank(DatasetError(error))
     return value
+
+
+def _agree(problem: str | None, dist: DistInfo) -> None:
+    """Every rank stops with the first rank's ``problem`` (in rank order), or none does: no rank is left
+    waiting in a collective that the others have left."""
+    found = gather_to_main(problem)
+    verdict = broadcast_from_main(next((p for p in found if p), None) if dist.is_main else None)
+    if verdict:
+        raise on_every_rank(DatasetError(verdict))
 
 
 def _index_tree_once(root: Path, num_classes: int) -> DatasetIndex:
@@ -75,39 +85,50 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
     """The index at ``data.root`` (built by rank 0 alone for a tree without one), the same on every rank.
 
     Every rank checks its index hash against rank 0's, and a packed dataset's shards (every size; each
-    shard's checksum by one rank), before any step; a difference stops every rank with a message.
+    shard's checksum by one rank of the job, or of each node: ``data.check_shards``), before any step; a
+    problem on any rank stops every rank with a message.
     """
     root = Path(cfg.data.root).absolute()
-    if has_index(root):
-        index = load_index(root)
+    here = socket.gethostname()
+    index, problem = None, None
+    if broadcast_from_main(has_index(root)):  # rank 0's answer decides for every rank
+        try:
+            index = load_index(root)
+        except DatasetError as err:
+            problem = f"rank {dist.rank} on {here}: {err}" if dist.world_size > 1 else str(err)
+        _agree(problem, dist)
         if dist.is_main:
             _describe(index, root)
     else:
         index = _on_main(functools.partial(_index_tree_once, root, cfg.model.num_classes), dist)
-    if len(index.classes) != cfg.model.num_classes:
-        raise DatasetError(f"model.num_classes={cfg.model.num_classes} but the dataset at data.root='{root}' has "
-                           f"{len(index.classes)} classes. Set model.num_classes={len(index.classes)}, or point "
-                           "data.root at the intended dataset.")
-    seen = gather_to_main((index.hash, socket.gethostname(), dist.rank))
-    mismatch = None
+    seen = gather_to_main((index.hash, here, dist.rank))
+    verdict, hosts = None, None
     if dist.is_main:
         other = [(h, host, r) for h, host, r in seen if h != index.hash]
         if other:
-            mismatch = (f"The ranks read different datasets at data.root='{root}': rank 0 has index {index.hash[:16]}, "
-                        + ", ".join(f"rank {r} on {host} has {h[:16]}" for h, host, r in other[:8])
-                        + ". Every node must see the same dataset: copy the same index/ (and shards) to each node, "
-                        "or point data.root at one shared copy.")
-    mismatch = broadcast_from_main(mismatch)
-    if mismatch:
-        raise DatasetError(mismatch)
+            verdict = (f"The ranks read different datasets at data.root='{root}': rank 0 has index {index.hash[:16]}, "
+                       + ", ".join(f"rank {r} on {host} has {h[:16]}" for h, host, r in other[:8])
+                       + ". Every node must see the same dataset: copy the same index/ (and shards) to each node, "
+                       "or point data.root at one shared copy.")
+        elif len(index.classes) != cfg.model.num_classes:
+            verdict = (f"model.num_classes={cfg.model.num_classes} but the dataset at data.root='{root}' has "
+                       f"{len(index.classes)} classes. Set model.num_classes={len(index.classes)}, or point "
+                       "data.root at the intended dataset.")
+        hosts = [host for _, host, _ in seen]
+    verdict, hosts = broadcast_from_main((verdict, hosts))
+    if verdict:
+        raise on_every_rank(DatasetError(verdict))
     if index.packed:
-        problems = check_shards(root, index, dist.rank, dist.world_size, checksums=cfg.data.check_shards)
-        found = gather_to_main(problems)
-        found = broadcast_from_main(sorted({p for ps in found for p in ps}) if dist.is_main else None)
-        if found:
-            raise DatasetError(f"The packed dataset at data.root='{root}' is damaged: {'; '.join(found[:8])}. Copy "
-                               "the named shards again from the original, or pack the dataset again with "
-                               "`python -m pipeline.data.imagenet pack`.")
+        # which ranks share the reading of the checksums: all of the job's (one shared copy), or each node's own
+        if cfg.data.check_shards == "node":
+            mine = [r for r, host in enumerate(hosts) if host == here]
+            part, parts = mine.index(dist.rank), len(mine)
+        else:
+            part, parts = dist.rank, dist.world_size
+        problems = check_shards(root, index, part, parts, checksums=cfg.data.check_shards != "size")
+        _agree(f"The packed dataset at data.root='{root}' is damaged{f' on {here}' if dist.world_size > 1 else ''}: "
+               f"{'; '.join(problems[:8])}. Copy the named shards again from the original, or pack the dataset "
+               "again with `python -m pipeline.data.imagenet pack`." if problems else None, dist)
     return index
 
 
@@ -131,8 +152,9 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
     if train:
         global_batch = batch_size * dist.world_size
         if train_steps(len(train_split), global_batch) == 0:
-            raise DatasetError(f"'{root}' holds {len(train_split)} usable training images, fewer than one global "
-                               f"batch (train.batch_size={global_batch}). Lower train.batch_size.")
+            raise on_every_rank(DatasetError(
+                f"'{root}' holds {len(train_split)} usable training images, fewer than one global batch "
+                f"(train.batch_size={global_batch}). Lower train.batch_size."))
         plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size)
     readers = SampleBytes(root, index, "train"), SampleBytes(root, index, "val")
     val_ids = val_range(len(val_split), dist.rank, dist.world_size)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from pipeline.data.index import DatasetIndex, SplitIndex
 from pipeline.data.layout import DatasetError
 
 SHARD_DIR = "shards"
+READ_THREADS = 8
 
 
 class SampleBytes:
@@ -28,25 +31,43 @@ class SampleBytes:
         self.shard_files = [self.root / SHARD_DIR / s["file"] for s in index.shards]
         self._maps: list[mmap.mmap] | None = None
         self._pid = -1
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._lock = threading.Lock()
 
     def _shard_maps(self) -> list[mmap.mmap]:
-        if self._maps is None or self._pid != os.getpid():  # a forked worker maps them itself
-            self._maps = []
-            for path in self.shard_files:
-                with open(path, "rb") as f:
-                    self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            self._pid = os.getpid()
-        return self._maps
+        with self._lock:  # reads run on threads
+            if self._maps is None or self._pid != os.getpid():  # a forked worker maps them itself
+                maps = []
+                for path in self.shard_files:
+                    with open(path, "rb") as f:
+                        maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                self._maps, self._pid = maps, os.getpid()
+            return self._maps
 
     def read(self, i: int) -> np.ndarray:
         if self.split.shard is None:
-            return np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
+            try:
+                return np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
+            except OSError as err:
+                raise DatasetError(f"Cannot read {self.path(i)} ({err.strerror or err}): the dataset changed since "
+                                   f"it was indexed. Run `python -m pipeline.data.imagenet verify {self.root}` to "
+                                   "index it again (then resume with run.on_dataset_change=next_epoch).") from None
         data = self._shard_maps()[int(self.split.shard[i])]
         offset, size = int(self.split.offset[i]), int(self.split.nbytes[i])
         if offset + size > len(data):
             raise DatasetError(f"{self.path(i)} lies past the end of its shard ({len(data)} bytes): the shard is "
                                "truncated. Copy it again from the packed dataset.")
         return np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+
+    def read_many(self, ids: np.ndarray) -> list[np.ndarray]:
+        """``read`` of each id, on threads: on a network filesystem each read waits for the server, and the
+        waits overlap. From shards, each sample is copied out, so its pages fault in on those threads."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(READ_THREADS), os.getpid()
+        if self.split.shard is None:
+            return list(self._pool.map(self.read, ids.tolist()))
+        return list(self._pool.map(lambda i: self.read(i).copy(), ids.tolist()))
 
     def path(self, i: int) -> str:
         """The file that holds sample ``i``: its own file, or its shard with the offset."""
@@ -56,7 +77,10 @@ class SampleBytes:
                 f"({self.split.name(i)})")
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None, "_pid": -1}
+        return {**self.__dict__, "_maps": None, "_pid": -1, "_pool": None, "_pool_pid": -1, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
 
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
