@@ -237,3 +237,26 @@ def test_ranks_given_different_datasets_stop_before_the_first_step(tmp_path):
         assert "The ranks read different datasets" in err and "rank 1 on" in err and "Traceback" not in err
         assert " step " not in out  # stopped before the first step
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_damaged_index_is_named_when_it_is_read(tmp_path):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 4, 2, 20, 40)
+    verify(root, workers=2)
+    labels = root / "index" / "train.label.npy"
+    data = bytearray(labels.read_bytes())
+    data[-1] ^= 1  # one sample's label changed, the file still the right size
+    labels.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"index in .* is damaged.*verify"):
+        load_index(root)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_file_gone_since_indexing_is_named_with_the_fix(tmp_path, backend):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 8, 2, 20, 40)
+    verify(root, workers=2)
+    for path in (root / "train").rglob("*.JPEG"):
+        path.unlink()
+    train, _ = build_loaders(load_config(None, [f"data.root={root}", f"data.backend={backend}", "data.workers=1",
+                                                "model.num_classes=2", "data.image_size=24"]), ONE, 4)
+    with pytest.raises(DatasetError, match=r"Cannot read .*\.JPEG.*changed since it was indexed.*verify"):
+        next(iter(train))
