@@ -138,6 +138,13 @@ def replicas_identical(module: nn.Module) -> bool:
     return len(set(digests)) == 1
 
 
+def first_problem(problem: str | None) -> str | None:
+    """The first rank's ``problem`` (in rank order) on every rank, or None if no rank has one: so every rank
+    stops, or none does, and no rank is left waiting in a collective that the others have left."""
+    found = gather_to_main(problem)
+    return broadcast_from_main(next((p for p in found if p), None) if found is not None else None)
+
+
 def on_every_rank(err: Exception) -> Exception:
     """Marks ``err`` as raised by every rank at the same point (after agreeing on it): see :func:`shutdown`."""
     err.on_every_rank = True

@@ -53,6 +53,7 @@ from pipeline.distributed import (
     barrier,
     broadcast_buffers,
     broadcast_from_main,
+    first_problem,
     gather_to_main,
     init_distributed,
     on_every_rank,
@@ -131,8 +132,15 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex 
         raise on_every_rank(CheckpointError(error))
     if path is None:
         return None
-    state = load_checkpoint(path)
-    check_resumable(state["config"], OmegaConf.to_container(cfg), Path(path))
+    state, problem = None, None
+    try:  # every rank reads the file itself: one that cannot (another node's view of it) stops them all
+        state = load_checkpoint(path)
+        check_resumable(state["config"], OmegaConf.to_container(cfg), Path(path))
+    except (CheckpointError, OSError) as err:
+        problem = str(err) if dist.world_size == 1 else f"rank {dist.rank} on {socket.gethostname()}: {err}"
+    problem = first_problem(problem)
+    if problem:
+        raise on_every_rank(CheckpointError(problem))
     saved, current = state.get("dataset"), index.summary() if index else None
     state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
     if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":

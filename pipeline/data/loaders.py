@@ -15,7 +15,7 @@ from pipeline.data.layout import DatasetError
 from pipeline.data.order import TrainPlan, train_steps, val_range
 from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
-from pipeline.distributed import DistInfo, broadcast_from_main, gather_to_main, on_every_rank
+from pipeline.distributed import DistInfo, broadcast_from_main, first_problem, gather_to_main, on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,17 @@ def _on_main(make, dist: DistInfo):
     if dist.is_main or not torch.distributed.is_initialized():  # a rank alone (as tests build them) makes its own
         try:
             result = (make(), None)
-        except (DatasetError, OSError) as err:
-            result = (None, str(err))
+        except Exception as err:  # any error: the other ranks are waiting for this broadcast
+            result = (None, str(err) if isinstance(err, DatasetError) else f"{type(err).__name__}: {err}")
     value, error = broadcast_from_main(result)
     if error:
         raise on_every_rank(DatasetError(error))
     return value
 
 
-def _agree(problem: str | None, dist: DistInfo) -> None:
-    """Every rank stops with the first rank's ``problem`` (in rank order), or none does: no rank is left
-    waiting in a collective that the others have left."""
-    found = gather_to_main(problem)
-    verdict = broadcast_from_main(next((p for p in found if p), None) if dist.is_main else None)
+def _agree(problem: str | None) -> None:
+    """Every rank stops with the first rank's ``problem``, or none does."""
+    verdict = first_problem(problem)
     if verdict:
         raise on_every_rank(DatasetError(verdict))
 
@@ -94,9 +92,9 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
     if broadcast_from_main(has_index(root)):  # rank 0's answer decides for every rank
         try:
             index = load_index(root)
-        except DatasetError as err:
+        except Exception as err:  # any error: the other ranks go on to the agreement below
             problem = f"rank {dist.rank} on {here}: {err}" if dist.world_size > 1 else str(err)
-        _agree(problem, dist)
+        _agree(problem)
         if dist.is_main:
             _describe(index, root)
     else:
@@ -128,7 +126,7 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
         problems = check_shards(root, index, part, parts, checksums=cfg.data.check_shards != "size")
         _agree(f"The packed dataset at data.root='{root}' is damaged{f' on {here}' if dist.world_size > 1 else ''}: "
                f"{'; '.join(problems[:8])}. Copy the named shards again from the original, or pack the dataset "
-               "again with `python -m pipeline.data.imagenet pack`." if problems else None, dist)
+               "again with `python -m pipeline.data.imagenet pack`." if problems else None)
     return index
 
 
@@ -139,6 +137,17 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
     ``index`` defaults to :func:`dataset_index`; the synthetic backend needs none.
     """
     backend = resolve_backend(cfg.data.backend)
+    if cfg.data.backend == "dali":  # a node without DALI must not decode differently from the rest
+        found = gather_to_main((backend, socket.gethostname()))
+        lacking = sorted({host for b, host in found if b != "dali"}) if found else []
+        verdict = None
+        if lacking and len(lacking) < len({host for _, host in found}):
+            verdict = (f"NVIDIA DALI cannot be imported on {', '.join(lacking[:8])}, but can on the other nodes "
+                       "(data.backend=dali): install nvidia-dali-cuda130 there (or -cuda120 for CUDA 12), or set "
+                       "data.backend=torchvision for the whole run.")
+        verdict = broadcast_from_main(verdict)
+        if verdict:
+            raise on_every_rank(DatasetError(verdict))
     val_batch = cfg.data.val_batch_size or batch_size
     if backend == "synthetic":
         make = functools.partial(RandomBatches, image_size=cfg.data.image_size, num_classes=cfg.model.num_classes,

@@ -36,7 +36,7 @@ class SampleBytes:
         self._lock = threading.Lock()
 
     def _shard_maps(self) -> list[mmap.mmap]:
-        with self._lock:  # reads run on threads
+        with self._lock:  # the first reads may come from several threads
             if self._maps is None or self._pid != os.getpid():  # a forked worker maps them itself
                 maps = []
                 for path in self.shard_files:
@@ -70,7 +70,8 @@ class SampleBytes:
                 offset = int(self.split.offset[i])
                 start = offset - offset % mmap.PAGESIZE
                 data = maps[int(self.split.shard[i])]
-                data.madvise(mmap.MADV_WILLNEED, start, min(len(data), offset + int(self.split.nbytes[i])) - start)
+                if start < len(data):  # past the end, read() names the truncated shard
+                    data.madvise(mmap.MADV_WILLNEED, start, min(len(data), offset + int(self.split.nbytes[i])) - start)
             return [self.read(i) for i in ids.tolist()]
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(READ_THREADS), os.getpid()
@@ -106,10 +107,13 @@ def check_shards(root: str | Path, index: DatasetIndex, rank: int = 0, world_siz
     folder = Path(root).absolute() / SHARD_DIR
     for number, shard in enumerate(index.shards):
         path = folder / shard["file"]
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif (size := path.stat().st_size) != shard["bytes"]:
-            problems.append(f"{path} holds {size} bytes, not {shard['bytes']} (truncated or overwritten)")
-        elif checksums and number % world_size == rank and file_sha256(path) != shard["sha256"]:
-            problems.append(f"{path} fails its SHA-256 checksum (damaged)")
+        try:
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif (size := path.stat().st_size) != shard["bytes"]:
+                problems.append(f"{path} holds {size} bytes, not {shard['bytes']} (truncated or overwritten)")
+            elif checksums and number % world_size == rank and file_sha256(path) != shard["sha256"]:
+                problems.append(f"{path} fails its SHA-256 checksum (damaged)")
+        except OSError as err:  # a failing disk or a permission: the damage this looks for
+            problems.append(f"{path} cannot be read ({err.strerror or err})")
     return problems

@@ -260,3 +260,29 @@ def test_a_file_gone_since_indexing_is_named_with_the_fix(tmp_path, backend):
                                                 "model.num_classes=2", "data.image_size=24"]), ONE, 4)
     with pytest.raises(DatasetError, match=r"Cannot read .*\.JPEG.*changed since it was indexed.*verify"):
         next(iter(train))
+
+
+def test_a_shard_cut_short_before_it_is_mapped_is_named_when_read(packed_copy):
+    from pipeline.data.samples import SampleBytes
+
+    root, index = packed_copy
+    last = len(index.shards) - 1
+    shard = root / "shards" / index.shards[last]["file"]
+    shard.write_bytes(shard.read_bytes()[:10])
+    train = index.splits["train"]
+    ids = np.flatnonzero(np.asarray(train.shard) == last)[:2]
+    if not len(ids):  # the last shard may hold val samples only
+        ids, split = np.flatnonzero(np.asarray(index.splits["val"].shard) == last)[:2], "val"
+    else:
+        split = "train"
+    with pytest.raises(DatasetError, match=rf"{shard.name} at byte .* the shard is truncated"):
+        SampleBytes(root, load_index(root), split).read_many(ids)
+
+
+def test_an_index_json_of_the_wrong_shape_is_named(tmp_path):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 4, 2, 20, 40)
+    verify(root, workers=2)
+    meta = root / "index" / "index.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "counts": {}}))
+    with pytest.raises(DatasetError, match=r"index.json is damaged .*KeyError"):
+        load_index(root)
