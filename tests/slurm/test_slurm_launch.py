@@ -167,7 +167,9 @@ def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, t
         time.sleep(1)
     assert "(stop signal SIGTERM)" in (run_dir / "train.log").read_text()  # scancel's SIGTERM, then KillWait
     status = launch("status", str(run_dir))
-    assert f"job {job_id}: CANCELLED" in status.stdout and re.search(r"checkpoint .*step-0+[3-9]\.pt", status.stdout)
+    saved = re.search(r"checkpoint .*step-(\d{9})\.pt", status.stdout)
+    # at or after the step the cancel followed (a loaded machine may run a few more before SIGTERM lands)
+    assert f"job {job_id}: CANCELLED" in status.stdout and saved and int(saved.group(1)) >= 3
 
 
 @pytest.mark.parametrize("profile", ["pyxis-4x8", "apptainer-2x4"])
