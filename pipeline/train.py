@@ -42,7 +42,7 @@ from pipeline.checkpoint import (
     set_rng_state,
 )
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.data.index import DatasetIndex, describe_change
+from pipeline.data.index import describe_change
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.synthetic import ensure_generated
@@ -107,9 +107,10 @@ def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
     barrier()
 
 
-def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex | None) -> dict | None:
+def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None) -> dict | None:
     """The checkpoint to resume from, by ``run.resume``; rank 0 chooses, every rank loads the same file.
 
+    ``dataset`` is the index's :meth:`~pipeline.data.index.DatasetIndex.summary` (None for synthetic data).
     A checkpoint of another dataset index is refused, or (``run.on_dataset_change=next_epoch``) marked
     ``dataset_changed`` for the run to continue from the next epoch boundary on the new one.
     """
@@ -141,7 +142,7 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, index: DatasetIndex 
     problem = first_problem(problem)
     if problem:
         raise on_every_rank(CheckpointError(problem))
-    saved, current = state.get("dataset"), index.summary() if index else None
+    saved, current = state.get("dataset"), dataset
     state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
     if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":
         raise on_every_rank(CheckpointError(
@@ -242,9 +243,10 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
     index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
+    dataset = index.summary() if index else None  # recorded in every checkpoint
     train_loader, val_loader = build_loaders(cfg, dist, batch_size, index)
     steps_per_epoch = len(train_loader)
-    resume = find_resume_checkpoint(cfg, dist, index)
+    resume = find_resume_checkpoint(cfg, dist, dataset)
     run_dir = prepare_run_dir(cfg, dist)
 
     seed_everything(cfg.run.seed)
@@ -305,7 +307,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
                 state = {"format": FORMAT_VERSION, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "progress": asdict(progress),
-                         "loader": train_loader.state_dict(), "dataset": index.summary() if index else None,
+                         "loader": train_loader.state_dict(), "dataset": dataset,
                          "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
                          "mlflow_run_id": tracker.run_id if tracker else None,
                          "config": OmegaConf.to_container(cfg), "versions": library_versions()}

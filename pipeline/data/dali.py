@@ -93,7 +93,6 @@ class DaliLoader:
         self.epoch, self.start, self._consumed = 0, 0, 0
         self._it = None
         self._fed: deque = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
-        self.plan: TrainPlan | None = None  # the train loader's: which ids each step reads
         self.last_ids: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -172,7 +171,6 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
         train_loader = DaliLoader(
             lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, **common),
             train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch)
-        train_loader.plan = plan
 
     val_steps = -(-len(val_ids) // val_batch_size)
 

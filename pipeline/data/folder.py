@@ -86,8 +86,8 @@ class FolderLoader:
     that is all a restored loader needs to yield exactly the batches the interrupted one would have.
     """
 
-    def __init__(self, loader: DataLoader, sampler: StepSampler, root: str, plan: TrainPlan | None = None):
-        self.loader, self.sampler, self.root, self.plan = loader, sampler, root, plan
+    def __init__(self, loader: DataLoader, sampler: StepSampler, root: str):
+        self.loader, self.sampler, self.root = loader, sampler, root
         self._consumed = 0
         self.last_ids: np.ndarray | None = None  # the sample ids of the batch last yielded, from the workers
 
@@ -137,7 +137,7 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
         sampler = StepSampler(plan.ids, lambda: plan.steps)
         loader = DataLoader(IndexedImages(train, plan, size), sampler=sampler,
                             batch_size=plan.per_rank_batch, **common)
-        train_loader = FolderLoader(loader, sampler, root, plan)
+        train_loader = FolderLoader(loader, sampler, root)
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
