@@ -4,19 +4,23 @@
     python -m launch.local CONFIG --nnodes 2 --node-rank 0 --master-addr HOST [--master-port P] [key=value ...]
     python -m launch.local CONFIG --evaluate WEIGHTS [key=value ...]
 
-The config is checked here, before any process starts; then torchrun replaces this process,
-so signals reach it directly.
+The config is checked here, before any process starts; then torchrun runs in this process. It
+forwards SIGTERM to the ranks, and this launcher adds SIGUSR1 and SIGUSR2 (a scheduler's warning
+before the time limit): torchrun starts each rank in a session of its own, so a signal to this
+process group would not reach them. When every rank stopped to be resumed (exit 75), so does this.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import socket
 import sys
 
+import psutil
 import torch
 
+from pipeline.checkpoint import RESUME_EXIT_CODE
 from pipeline.config import ConfigError, load_config
 from pipeline.train import per_rank_batch
 
@@ -27,14 +31,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(args: argparse.Namespace) -> list[str]:
-    """The torchrun command line for ``args``; static rendezvous on the master address and port."""
+def torchrun_args(args: argparse.Namespace) -> list[str]:
+    """torchrun's arguments for ``args``; static rendezvous on the master address and port."""
     port = args.master_port or (free_port() if args.nnodes == 1 else 29500)
     module = ["-m", "pipeline.evaluate"] if args.evaluate else ["-m", "pipeline.train"]
     program_args = [args.config, *([args.evaluate] if args.evaluate else []), *args.overrides]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-            f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-            f"--master-port={port}", *module, *program_args]
+    return [f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
+            f"--master-addr={args.master_addr}", f"--master-port={port}", "--no-python", sys.executable,
+            *module, *program_args]
+
+
+def forward_to_ranks(signum, frame) -> None:
+    """Passes a stop signal on to the ranks (torchrun's children): each checkpoints at its next step."""
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun in this process; 75 when every rank that failed exited 75 (stopped to be resumed)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward_to_ranks)
+    try:
+        torchrun(argv)
+    except ChildFailedError as err:
+        if {failure.exitcode for failure in err.failures.values()} == {RESUME_EXIT_CODE}:
+            print(f"every rank checkpointed and stopped; run the same command again to resume "
+                  f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
+            return RESUME_EXIT_CODE
+        raise
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command = torchrun_command(args)
-    os.execv(command[0], command)
-    return 0  # not reached
+    return run_torchrun(torchrun_args(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class RunConfig:
     seed: int = 0
     resume: str = "auto"  # auto: from the newest good checkpoint in dir | never: refuse a non-empty dir | a file
     on_dataset_change: str = "refuse"  # resuming on another dataset index: refuse | next_epoch (continue on it)
+    dist_timeout_s: int = 1800  # how long a rank waits for the others (start, collectives); then it names the cause
 
 
 @dataclass
@@ -177,7 +178,7 @@ POSITIVE = (
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
-    "insights.every_steps",
+    "insights.every_steps", "run.dist_timeout_s",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,28 +49,60 @@ def check_rank_environment(env: Mapping[str, str], gpus: int) -> None:
     if not 0 <= rank < world_size:
         raise RankError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world_size}): ranks are numbered "
                         "from 0 across all nodes (the global rank), not per node.")
-    if gpus and local_rank >= gpus:
+    if gpus > 1 and local_rank >= gpus:
         raise RankError(f"LOCAL_RANK={local_rank} but this node shows {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
                         f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per visible GPU, with "
-                        "LOCAL_RANK counting from 0 on each node.")
+                        "LOCAL_RANK counting from 0 on each node, or bind one GPU to each task "
+                        "(--gpus-per-task=1, slurm.profile=gpu-8-per-task).")
 
 
-def init_distributed() -> DistInfo:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process), pick the device, join the group."""
-    check_rank_environment(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+def device_index(local_rank: int, gpus: int) -> int:
+    """The GPU of this rank: the only one it sees (a site that binds one GPU per task, with --gpus-per-task,
+    --gpu-bind or cgroups, shows each task its own as device 0), or its LOCAL_RANK among the node's GPUs."""
+    return 0 if gpus == 1 else local_rank
+
+
+def rendezvous_help(rank: int, world_size: int, err: Exception) -> str:
+    """What to check when the ranks did not all meet (at start, or in a collective that timed out)."""
+    master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"rank {rank} of {world_size} on {socket.gethostname()} could not reach all the other ranks through "
+            f"{master} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else err}). "
+            "Check that: every rank started (a rank that died first says why in its own log; SLURM writes one "
+            "per task); MASTER_ADDR resolves to an address of the first node that the others can reach; the "
+            "ranks use the interface that connects the nodes (NCCL_SOCKET_IFNAME for NCCL and "
+            "GLOO_SOCKET_IFNAME for gloo, which carries the control messages, e.g. both =ib0 or =eth0); no "
+            "firewall blocks MASTER_PORT. run.dist_timeout_s sets how long ranks wait for each other.")
+
+
+def init_distributed(timeout_s: float = 1800) -> DistInfo:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process), pick the device, join the group.
+
+    ``timeout_s``: how long a rank waits for the others, at the start and in any collective after.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_rank_environment(os.environ, gpus)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    if gpus:
+        device = torch.device("cuda", device_index(local_rank, gpus))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-        global _control
-        # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
-        _control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        timeout = timedelta(seconds=timeout_s)
+        try:
+            if device.type == "cuda":  # device_id: NCCL binds this GPU now, and its errors name it
+                dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timeout,
+                                        device_id=device)
+            else:
+                dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+            global _control
+            # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
+            _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" \
+                else dist.group.WORLD
+        except (RuntimeError, TimeoutError, OSError) as err:  # DistError and its kinds are RuntimeErrors
+            raise RankError(rendezvous_help(rank, world_size, err)) from err
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -45,7 +45,7 @@ def load_weights(model: nn.Module, path: str | Path, model_cfg) -> None:
 
 def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) -> dict:
     """Evaluate ``weights`` on ``cfg``'s validation split; rank 0 writes the result to ``out``."""
-    dist = init_distributed()
+    dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
     try:
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

@@ -220,12 +220,13 @@ def main(cfg: DictConfig) -> dict:
 
     Raises :class:`StopRequested` after checkpointing when a stop signal arrived.
     """
-    dist = init_distributed()
+    dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
     signals = StopSignals().install()
     together = False
     try:
-        summary = _train(cfg, dist, signals)
+        with ExitStack() as loaders:  # closed on every way out: the torchvision workers end with the run
+            summary = _train(cfg, dist, signals, loaders)
         together = True
         return summary
     except StopRequested:
@@ -239,12 +240,14 @@ def main(cfg: DictConfig) -> dict:
         shutdown(together)
 
 
-def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals) -> dict:
+def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, loaders: ExitStack) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
     index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
     dataset = index.summary() if index else None  # recorded in every checkpoint
     train_loader, val_loader = build_loaders(cfg, dist, batch_size, index)
+    loaders.callback(train_loader.close)
+    loaders.callback(val_loader.close)
     steps_per_epoch = len(train_loader)
     resume = find_resume_checkpoint(cfg, dist, dataset)
     run_dir = prepare_run_dir(cfg, dist)

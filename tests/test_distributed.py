@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import write_synthetic_imagenet
-from pipeline.distributed import RankError, check_rank_environment
+from pipeline.distributed import RankError, check_rank_environment, device_index
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +119,28 @@ def test_rank_variables_that_would_share_a_shard_or_a_gpu_are_refused(env, gpus,
                                  {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "SLURM_NTASKS": "4"}])
 def test_single_processes_and_complete_rank_variables_are_accepted(env):
     check_rank_environment(env, gpus=4)
+
+
+@pytest.mark.parametrize("local_rank, gpus, device", [("0", 1, 0), ("5", 1, 0), ("5", 8, 5), ("0", 8, 0)])
+def test_a_task_bound_to_one_gpu_uses_it_and_a_task_seeing_the_node_uses_its_local_rank(local_rank, gpus, device):
+    env = {"RANK": local_rank, "WORLD_SIZE": "16", "LOCAL_RANK": local_rank}
+    check_rank_environment(env, gpus)  # LOCAL_RANK 5 with one visible GPU: --gpus-per-task=1, not an error
+    assert device_index(int(local_rank), gpus) == device
+
+
+def test_a_rank_whose_peers_never_come_names_what_to_check(tmp_path):
+    from launch.local import free_port
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={tmp_path / 'run'}",
+                             "data.backend=synthetic", "tracking.backend=none", "run.dist_timeout_s=3"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    for named in ("rank 0 of 2", "127.0.0.1:", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "run.dist_timeout_s",
+                  "a rank that died first"):
+        assert named in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bare_srun_of_training_stops_before_writing_anything(tmp_path):

@@ -43,8 +43,9 @@ def logged_steps(run_dir):
     return [e["global_step"] for e in lines if e["event"] == "train"]
 
 
-def interrupt(cmd, run_dir, at_step, sig, log):
-    """Start ``cmd``, and once it has logged ``at_step`` send ``sig`` to its whole process group."""
+def interrupt(cmd, run_dir, at_step, sig, log, group=False):
+    """Start ``cmd``, and once it has logged ``at_step`` send ``sig`` to the launcher and every rank it started,
+    or (``group``) to every process of its process group, DataLoader workers included, as SLURM does."""
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -52,11 +53,25 @@ def interrupt(cmd, run_dir, at_step, sig, log):
         assert proc.poll() is None, Path(log).read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    # the launcher and every rank it started, as a scheduler signals all of a job's processes
+    if group:
+        os.killpg(proc.pid, sig)
+        return proc.wait(timeout=120), proc.pid
     parent = psutil.Process(proc.pid)
     for process in [parent, *parent.children(recursive=True)]:
         process.send_signal(sig)
     return proc.wait(timeout=120)
+
+
+def group_members(pgid):
+    """The processes still in process group ``pgid``."""
+    members = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == pgid:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +114,27 @@ def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_da
     assert_same_run(reference(ranks, backend), run_dir)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_sigterm_checkpoints_at_the_next_step_and_exits_to_be_resumed(tmp_path, mini_data, reference, ranks):
+def test_a_stop_signal_to_the_whole_process_group_checkpoints_at_the_next_step_and_resumes_bitwise(
+        tmp_path, mini_data, reference, ranks, backend, sig):
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = command(run_dir, mini_data, ranks, "dali")
+    cmd = command(run_dir, mini_data, ranks, backend)
     at_step = mid_epoch_step()
-    status = interrupt(cmd, run_dir, at_step, signal.SIGTERM, log)
-    if ranks == 1:
-        assert status == RESUME_EXIT_CODE
+    status, pgid = interrupt(cmd, run_dir, at_step, sig, log, group=True)
+    name = signal.Signals(sig).name
+    text = log.read_text()
+    assert "is killed by signal" not in text, text[-3000:]
+    if ranks == 1 or sig == signal.SIGUSR2:  # torchrun itself ends on SIGTERM, after forwarding it
+        assert status == RESUME_EXIT_CODE, text[-3000:]
     pointer = json.loads((run_dir / "checkpoints" / "latest").read_text())
     assert at_step <= pointer["global_step"] <= at_step + 2  # the next step boundary, not the next every_steps
-    assert "Checkpoint on disk" in log.read_text() and "after SIGTERM" in log.read_text()
+    assert "Checkpoint on disk" in text and f"after {name}" in text
+    time.sleep(0.5)
+    assert group_members(pgid) == []  # the workers ended with their rank
     assert run(cmd, log) == 0, log.read_text()[-3000:]
-    assert_same_run(reference(ranks, "dali"), run_dir)
+    assert_same_run(reference(ranks, backend), run_dir)
 
 
 def test_resume_with_more_epochs_continues_and_with_another_model_is_refused(tmp_path, mini_data, reference):

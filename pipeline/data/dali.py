@@ -109,6 +109,10 @@ class DaliLoader:
     def __len__(self) -> int:
         return self._steps() - self.start
 
+    def close(self) -> None:
+        """Releases the pipeline (its threads and buffers)."""
+        self._it = None
+
     def _iterator(self) -> DALIGenericIterator:
         if self._it is None:
             self._fed.clear()
@@ -147,11 +151,11 @@ class DaliLoader:
 
 
 def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
-                       val_batch_size: int, local_rank: int, device: torch.device,
+                       val_batch_size: int, device: torch.device,
                        channels_last: bool) -> tuple[DaliLoader | None, DaliLoader]:
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
     on_gpu = device.type == "cuda"
-    common = dict(num_threads=data_cfg.workers, device_id=local_rank if on_gpu else None,
+    common = dict(num_threads=data_cfg.workers, device_id=device.index if on_gpu else None,
                   prefetch_queue_depth=data_cfg.prefetch, image_size=data_cfg.image_size, mean=list(data_cfg.mean),
                   std=list(data_cfg.std), on_gpu=on_gpu, seed=0)
     resize = data_cfg.val_resize or round(data_cfg.image_size * 256 / 224)

@@ -17,7 +17,7 @@ from torchvision.transforms import functional as F
 from pipeline.data.layout import DecodeError, decode_error
 from pipeline.data.order import TrainPlan
 from pipeline.data.samples import SampleBytes
-from pipeline.signals import default_signal_handlers
+from pipeline.signals import end_workers_at_exit, ignore_stop_signals
 
 _MARK = "undecodable image file: "
 
@@ -100,6 +100,13 @@ class FolderLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.epoch, self.sampler.start, self._consumed = state["epoch"], state["step"], 0
 
+    def close(self) -> None:
+        """Ends the workers: they ignore stop signals, so the training process ends them when it stops.
+
+        Dropping the DataLoader drops its persistent iterator, which tells each worker to exit and joins it.
+        """
+        self.loader = None
+
     def __len__(self) -> int:
         return max(0, self.sampler.steps() - self.sampler.start)
 
@@ -129,8 +136,10 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
     mean, std = (255 * torch.tensor(list(v), dtype=torch.float32) for v in (data_cfg.mean, data_cfg.std))
     common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
                   collate_fn=functools.partial(stack, mean=mean, std=std, channels_last=channels_last),
-                  persistent_workers=data_cfg.workers > 0, worker_init_fn=default_signal_handlers,
+                  persistent_workers=data_cfg.workers > 0, worker_init_fn=ignore_stop_signals,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
+    if data_cfg.workers:
+        end_workers_at_exit()
     root = str(data_cfg.root)
     train_loader = None
     if plan is not None:

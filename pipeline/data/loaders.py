@@ -170,7 +170,7 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
     if backend == "dali":
         from pipeline.data.dali import build_dali_loaders
 
-        return build_dali_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.local_rank, dist.device,
+        return build_dali_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.device,
                                   cfg.train.channels_last)
     from pipeline.data.folder import build_folder_loaders
 

@@ -111,6 +111,9 @@ class RandomBatches:
     def __len__(self) -> int:
         return self.steps
 
+    def close(self) -> None:
+        """Nothing to release: the batches are freed with the loader."""
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._consumed = 0
         for _ in range(self.start, self.steps):
