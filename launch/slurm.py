@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.lock import LOCK_FILE
 from pipeline.train import per_rank_batch
 
 JOB_FILE = "slurm/job.json"  # in run.dir: job id, logs, MLflow link; read by `status` and `cancel`
@@ -129,6 +130,69 @@ def check_cluster(cfg: DictConfig) -> None:
         if result.returncode == 0 and accounts and s.account not in accounts:
             raise LaunchError(f"Unknown account 'slurm.account={s.account}' for user {user}. Your accounts: "
                               f"{', '.join(accounts)}.")
+    if shutil.which("sinfo"):
+        check_fit(cfg, partition_nodes(s.partition))
+
+
+def partition_nodes(partition: str) -> list[dict]:
+    """The nodes of ``partition`` (the default one if empty): name, CPUs, memory (MB), GPUs, state."""
+    result = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%t"])
+    if result.returncode != 0:
+        return []
+    nodes = {}
+    for line in result.stdout.splitlines():
+        name, part, cpus, memory, gres, state = (line.split("|") + [""] * 6)[:6]
+        default = part.endswith("*")
+        if (part.rstrip("*") == partition) if partition else default:
+            gpus = sum(int(n) for n in re.findall(r"gpu(?::[\w.-]+)?:(\d+)", gres))
+            nodes[name] = {"name": name, "cpus": int(cpus or 0), "mem_mb": int(memory.rstrip("+") or 0),
+                           "gpus": gpus, "state": state}
+    return list(nodes.values())
+
+
+def check_fit(cfg: DictConfig, nodes: list[dict]) -> None:
+    """Refuse a request that no node (or too few nodes) of the partition can hold: SLURM would accept it and
+    leave it pending for ever (Reason=PartitionConfig)."""
+    s = cfg.slurm
+    if not nodes:
+        return
+    tasks = tasks_per_node(cfg)
+    need = {"cpus": tasks * s.cpus_per_task, "gpus": s.gpus_per_node, "mem_mb": s.mem_gb * 1024}
+    fits = [n for n in nodes if all(n[k] >= v for k, v in need.items())]
+    if len(fits) >= s.nodes:
+        return
+    where = f"partition '{s.partition}'" if s.partition else "the default partition"
+    most = {k: max(n[k] for n in nodes) for k in need}
+    asked = (f"{s.nodes} node(s), each with {tasks} task(s) x {s.cpus_per_task} CPU(s) = {need['cpus']} CPUs, "
+             f"{need['gpus']} GPU(s)" + (f", {s.mem_gb} GB" if s.mem_gb else ""))
+    has = (f"{len(nodes)} node(s), {len(fits)} of which can hold that; the largest has {most['cpus']} CPUs, "
+           f"{most['gpus']} GPU(s), {most['mem_mb'] // 1024} GB")
+    raise LaunchError(f"The job asks for {asked}; {where} has {has}. SLURM would queue it for ever. Lower "
+                      "slurm.cpus_per_task, slurm.tasks_per_node, slurm.gpus_per_node, slurm.mem_gb or "
+                      "slurm.nodes, or choose another slurm.partition.")
+
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+def check_run_dirs_free(cfgs: list[DictConfig]) -> None:
+    """Refuse to submit into a run dir whose job (from its job.json) is still queued or running."""
+    for cfg in cfgs:
+        path = Path(cfg.run.dir) / JOB_FILE
+        if not path.is_file():
+            continue
+        try:
+            job_id = json.loads(path.read_text())["job_id"]
+        except (OSError, ValueError, KeyError):
+            continue
+        result = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
+        states = set(result.stdout.split()) & ACTIVE if result.returncode == 0 else set()
+        if states:
+            raise LaunchError(f"run.dir='{cfg.run.dir}' belongs to job {job_id}, which is {', '.join(sorted(states))}: "
+                              "a second job would train into the same checkpoints. Wait for it (python -m "
+                              f"launch.slurm status {cfg.run.dir}), cancel it (python -m launch.slurm cancel "
+                              f"{cfg.run.dir}), or choose another run.dir.")
 
 
 def clean_environment() -> dict[str, str]:
@@ -168,7 +232,11 @@ def sbatch_parameters(cfg: DictConfig, minutes: int) -> dict:
         "stderr_to_stdout": False,
     }
     optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
-                "gpus_per_node": s.gpus_per_node, "mem": s.mem_gb, "exclusive": s.exclusive or None}
+                "mem": s.mem_gb, "exclusive": s.exclusive or None}
+    if s.gpus_per_node and s.gpu_binding == "task":
+        optional["gpus_per_task"] = 1  # each task sees its own GPU, as device 0
+    else:
+        optional["gpus_per_node"] = s.gpus_per_node
     params.update({k: v for k, v in optional.items() if v})
     if s.setup:
         params["setup"] = list(s.setup)
@@ -296,7 +364,8 @@ def resolve_runs(config: str, overrides: list[str], sweeps: list[str]) -> list[D
     for words in points:
         run_dir = root / point_name(words) if words else root
         cfg = load_config(config, [*overrides, *words, f"run.dir={run_dir}"])
-        if cfg.run.resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
+        if cfg.run.resume == "never" and run_dir.is_dir() and any(p.name != LOCK_FILE
+                                                                   for p in run_dir.iterdir()):
             raise LaunchError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new run.dir, "
                               "or set run.resume=auto to continue the run in it.")
         cfgs.append(cfg)
@@ -432,15 +501,44 @@ def cancel(run_dir: str | Path) -> str:
             "again to resume.")
 
 
+# pending reasons that no amount of waiting resolves: the request itself must change
+NEVER_RESOLVES = {
+    "PartitionConfig": "the request exceeds what the partition's nodes or limits allow",
+    "PartitionNodeLimit": "more nodes than the partition allows a job",
+    "PartitionTimeLimit": "slurm.time_min is above the partition's time limit",
+    "BadConstraints": "no node has the features slurm.constraint asks for",
+    "InvalidAccount": "the account is not valid for this user or partition",
+    "InvalidQOS": "the QOS is not valid for this account",
+    "AccountNotAllowed": "the account may not use this partition",
+    "QOSNotAllowed": "the QOS may not be used in this partition",
+    "DependencyNeverSatisfied": "a dependency can never be met",
+    "JobHeldAdmin": "an administrator holds the job",
+}
+
+
 def wait(records: list[dict], poll_s: float = 5.0) -> int:
-    """Poll until every job has left the queue; 0 if each run wrote summary.json."""
+    """Poll until every job has left the queue, printing each change of its state and pending reason;
+    stops at a reason that never resolves. 0 if each run wrote summary.json."""
     pending = {r["job_id"] for r in records}
+    shown: dict[str, str] = {}
     while pending:
         time.sleep(poll_s)
-        for job_id in list(pending):
-            result = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        for job_id in sorted(pending):
+            result = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
             if result.returncode != 0 or not result.stdout.strip():
                 pending.discard(job_id)
+                continue
+            states = sorted({tuple(line.partition("|")[::2]) for line in result.stdout.splitlines() if line})
+            said = ", ".join(f"{state} ({reason})" if state == "PENDING" and reason not in ("", "None") else state
+                             for state, reason in states)  # an array has a line per task
+            if said != shown.get(job_id):
+                print(f"{job_id}: {said}", flush=True)
+                shown[job_id] = said
+            stuck = [reason for state, reason in states if state == "PENDING" and reason in NEVER_RESOLVES]
+            if stuck:
+                print(f"{job_id} cannot start: Reason={stuck[0]}, {NEVER_RESOLVES[stuck[0]]}. It stays queued "
+                      f"until you cancel it (scancel {job_id}); change the request and submit again.", flush=True)
+                return 1
     failed = 0
     for record in records:
         summary = Path(record["run_dir"]) / "summary.json"
@@ -491,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
             return 0
         check_cluster(cfgs[0])
+        check_run_dirs_free(cfgs)
         records = submit(cfgs, minutes)
     except (ConfigError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -132,6 +132,7 @@ class SlurmConfig:
     qos: str = ""
     nodes: int = 1
     gpus_per_node: int = 1  # 0 = CPU ranks over gloo
+    gpu_binding: str = "node"  # node: --gpus-per-node, each task sees the node's GPUs | task: --gpus-per-task=1
     tasks_per_node: int = 0  # 0 = one per GPU (or 1 without GPUs)
     cpus_per_task: int = 8  # also the cap for data.workers
     mem_gb: int = 0  # per node; 0 = the partition's default
@@ -172,6 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),
     "slurm.container_runtime": ("pyxis", "apptainer"),
+    "slurm.gpu_binding": ("node", "task"),
 }
 POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",

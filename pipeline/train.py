@@ -70,6 +70,7 @@ from pipeline.engine import (
     tune_backends,
 )
 from pipeline.insights import start_insights
+from pipeline.lock import LOCK_FILE, RunDirLock, RunDirLocked
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -118,7 +119,7 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
     if dist.is_main:
         try:
             run_dir = Path(cfg.run.dir)
-            if cfg.run.resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
+            if cfg.run.resume == "never" and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
                 raise ConfigError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new "
                                   "run.dir, or set run.resume=auto to continue the run in it.")
             if cfg.run.resume == "auto":
@@ -225,8 +226,8 @@ def main(cfg: DictConfig) -> dict:
     signals = StopSignals().install()
     together = False
     try:
-        with ExitStack() as loaders:  # closed on every way out: the torchvision workers end with the run
-            summary = _train(cfg, dist, signals, loaders)
+        with ExitStack() as held:  # released on every way out: the run dir's lock, the loaders' workers
+            summary = _train(cfg, dist, signals, held)
         together = True
         return summary
     except StopRequested:
@@ -240,17 +241,35 @@ def main(cfg: DictConfig) -> dict:
         shutdown(together)
 
 
-def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, loaders: ExitStack) -> dict:
+def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> bool:
+    """Rank 0 locks ``run.dir`` for the whole run, if it exists (a new one is locked once created); if another
+    run holds it, every rank stops before writing. Whether it is locked now (the same on every rank)."""
+    problem, exists = None, Path(cfg.run.dir).is_dir()
+    if dist.is_main and exists:
+        try:
+            held.callback(RunDirLock(cfg.run.dir).acquire().release)
+        except (RunDirLocked, OSError) as err:
+            problem = str(err)
+    problem, exists = broadcast_from_main((problem, exists))
+    if problem:
+        raise on_every_rank(RunDirLocked(problem))
+    return exists
+
+
+def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack) -> dict:
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
     index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
     dataset = index.summary() if index else None  # recorded in every checkpoint
     train_loader, val_loader = build_loaders(cfg, dist, batch_size, index)
-    loaders.callback(train_loader.close)
-    loaders.callback(val_loader.close)
+    held.callback(train_loader.close)
+    held.callback(val_loader.close)
     steps_per_epoch = len(train_loader)
+    locked = lock_run_dir(cfg, dist, held)
     resume = find_resume_checkpoint(cfg, dist, dataset)
     run_dir = prepare_run_dir(cfg, dist)
+    if not locked:
+        lock_run_dir(cfg, dist, held)
 
     seed_everything(cfg.run.seed)
     device = dist.device
@@ -434,7 +453,7 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except (ConfigError, DatasetError, CheckpointError, TrackingError, RankError) as err:
+    except (ConfigError, DatasetError, CheckpointError, TrackingError, RankError, RunDirLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested:

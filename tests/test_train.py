@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,22 @@ def test_without_dali_training_falls_back_to_torchvision_with_a_warning(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NVIDIA DALI could not be imported" in result.stdout and "data.backend=torchvision" in result.stdout
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 5
+
+
+def test_a_second_run_into_a_locked_run_dir_stops_at_once_naming_the_holder(tmp_path):
+    import socket
+
+    from pipeline.lock import RunDirLock
+
+    run_dir = tmp_path / "run"
+    lock = RunDirLock(run_dir).acquire()  # this process plays the run that holds the dir
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        result = subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"),
+                                 f"run.dir={run_dir}", "data.backend=synthetic", "tracking.backend=none"],
+                                capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing written

@@ -172,12 +172,14 @@ def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, t
     assert f"job {job_id}: CANCELLED" in status.stdout and saved and int(saved.group(1)) >= 3
 
 
-@pytest.mark.parametrize("profile", ["pyxis-4x8", "apptainer-2x4"])
-def test_dry_run_prints_the_reviewed_script_of_each_container_profile(profile):
+@pytest.mark.parametrize("profile, words", [("pyxis-4x8", []), ("apptainer-2x4", []),
+                                            ("gpu-8-per-task", ["slurm.nodes=4"])])
+def test_dry_run_prints_the_reviewed_script_of_each_cluster_profile(profile, words):
     result = launch(str(ROOT / "configs/densenet121.yaml"), f"slurm.profile={profile}", "slurm.partition=gpu",
-                    "slurm.account=vision", "--dry-run", env={**os.environ, "USER": "alice"})
+                    "slurm.account=vision", *words, "--dry-run", env={**os.environ, "USER": "alice"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (Path(__file__).with_name(f"expected-{profile}.sbatch")).read_text()
+    script = result.stdout.replace(sys.executable, "PYTHON")  # the interpreter of a job without a container
+    assert script == (Path(__file__).with_name(f"expected-{profile}.sbatch")).read_text()
     assert not Path("/checkpoints/alice").exists()
 
 
@@ -232,3 +234,35 @@ def test_slurm_time_formats(text, minutes):
 def test_bad_slurm_times_are_refused(text):
     with pytest.raises(LaunchError, match="slurm.time_min"):
         time_minutes(text)
+
+
+def node(cpus, gpus=0, mem_gb=64):
+    return {"name": "n", "cpus": cpus, "gpus": gpus, "mem_mb": mem_gb * 1024, "state": "idle"}
+
+
+@pytest.mark.parametrize("words, nodes, message", [
+    (["slurm.gpus_per_node=0", "slurm.tasks_per_node=2", "slurm.cpus_per_task=8"], [node(2)] * 2,
+     "1 node(s), each with 2 task(s) x 8 CPU(s) = 16 CPUs, 0 GPU(s); the default partition has 2 node(s), 0 of "
+     "which can hold that; the largest has 2 CPUs"),
+    (["slurm.gpus_per_node=8", "slurm.cpus_per_task=12", "slurm.nodes=2"], [node(96, 4)] * 4,
+     "8 task(s) x 12 CPU(s) = 96 CPUs, 8 GPU(s)"),
+    (["slurm.gpus_per_node=4", "slurm.cpus_per_task=8", "slurm.nodes=3", "slurm.partition=gpu"],
+     [node(64, 4), node(64, 4), node(16, 4)], "partition 'gpu' has 3 node(s), 2 of which can hold that"),
+    (["slurm.gpus_per_node=1", "slurm.cpus_per_task=4", "slurm.mem_gb=512"], [node(64, 8, 256)],
+     "4 CPUs, 1 GPU(s), 512 GB"),
+])
+def test_a_request_no_node_can_hold_is_refused_with_what_the_nodes_have(words, nodes, message):
+    from launch.slurm import check_fit
+    from pipeline.config import load_config
+
+    cfg = load_config(MINI, [*words, "data.workers=1"])
+    with pytest.raises(LaunchError, match=re.escape(message)):
+        check_fit(cfg, nodes)
+
+
+def test_a_request_that_fits_the_partition_is_accepted():
+    from launch.slurm import check_fit
+    from pipeline.config import load_config
+
+    cfg = load_config(MINI, ["slurm.gpus_per_node=8", "slurm.cpus_per_task=12", "slurm.nodes=2"])
+    check_fit(cfg, [node(96, 8), node(16, 2), node(128, 8, 1024)])

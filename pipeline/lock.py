@@ -1,0 +1,94 @@
+"""One run per run dir: rank 0 holds a POSIX lock on ``run.dir/run.lock`` for the whole run.
+
+The lock is an ``fcntl`` record lock, which NFS (v4, or v3 with lockd), GPFS, CephFS and Lustre mounted
+with ``-o flock`` hold across nodes. Lustre's ``localflock`` and BeeGFS without global file locks hold it
+on one node only: a second run from another node is then not stopped. A filesystem without locks is
+warned about and the run goes on. The kernel (or the NFS server, when the lease of a dead node expires)
+releases the lock when its process ends, however it ends, so a crashed run leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+# a requeued job may start again while the NFS server still holds its dead attempt's lock (lease: 90 s)
+SAME_JOB_GRACE_S = 150.0
+
+
+class RunDirLocked(RuntimeError):
+    """Another run holds the run dir."""
+
+
+def holder() -> dict:
+    """Who this process is, as written into the lock file."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def describe(who: dict) -> str:
+    job = f", SLURM job {who['slurm_job_id']}" if who.get("slurm_job_id") else ""
+    return f"pid {who.get('pid', '?')} on {who.get('host', '?')}{job}, since {who.get('since', '?')}"
+
+
+class RunDirLock:
+    """Held while the run lasts; :meth:`release` (or the process ending) lets the next run in."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, grace_s: float = SAME_JOB_GRACE_S) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        me, deadline = holder(), time.monotonic() + grace_s
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    log.warning("The filesystem of %s does not support file locks (%s): a second run into this "
+                                "run dir would not be stopped.", self.path.parent, os.strerror(err.errno))
+                    os.close(fd)
+                    return self
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                other = self._read(fd)
+                same_job = me["slurm_job_id"] and other.get("slurm_job_id") == me["slurm_job_id"]
+                if same_job and time.monotonic() < deadline:
+                    time.sleep(2)  # an earlier attempt of this very job, whose lock is not released yet
+                    continue
+                os.close(fd)
+                raise RunDirLocked(
+                    f"run.dir='{self.path.parent}' is in use by another run ({describe(other)}). Two runs in one "
+                    "dir would overwrite each other's metrics and checkpoints. Wait for it to end (or cancel "
+                    "it: python -m launch.slurm cancel RUN_DIR, or stop that process), or choose another "
+                    "run.dir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the lock; the file stays, naming the last holder
+            self._fd = None
