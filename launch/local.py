@@ -51,7 +51,8 @@ def forward_to_ranks(signum, frame) -> None:
 
 
 def run_torchrun(argv: list[str]) -> int:
-    """torchrun in this process; 75 when every rank that failed exited 75 (stopped to be resumed)."""
+    """torchrun in this process; 75 when the ranks stopped to be resumed (exit 75, or SIGTERMed by torchrun
+    after another rank did)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -60,7 +61,9 @@ def run_torchrun(argv: list[str]) -> int:
     try:
         torchrun(argv)
     except ChildFailedError as err:
-        if {failure.exitcode for failure in err.failures.values()} == {RESUME_EXIT_CODE}:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        # torchrun SIGTERMs the other ranks once the first exits; each stop checkpoint is on disk by then
+        if RESUME_EXIT_CODE in codes and codes <= {RESUME_EXIT_CODE, -signal.SIGTERM}:
             print(f"every rank checkpointed and stopped; run the same command again to resume "
                   f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
             return RESUME_EXIT_CODE
