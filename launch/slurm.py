@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.lock import LOCK_FILE
+from pipeline.lock import holds_files
 from pipeline.train import per_rank_batch
 
 JOB_FILE = "slurm/job.json"  # in run.dir: job id, logs, MLflow link; read by `status` and `cancel`
@@ -135,18 +135,18 @@ def check_cluster(cfg: DictConfig) -> None:
 
 
 def partition_nodes(partition: str) -> list[dict]:
-    """The nodes of ``partition`` (the default one if empty): name, CPUs, memory (MB), GPUs, state."""
-    result = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%t"])
+    """The nodes of ``partition`` (the default one if empty): name, CPUs, memory (MB), GPUs."""
+    result = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"])
     if result.returncode != 0:
         return []
     nodes = {}
     for line in result.stdout.splitlines():
-        name, part, cpus, memory, gres, state = (line.split("|") + [""] * 6)[:6]
+        name, part, cpus, memory, gres = (line.split("|") + [""] * 5)[:5]
         default = part.endswith("*")
         if (part.rstrip("*") == partition) if partition else default:
             gpus = sum(int(n) for n in re.findall(r"gpu(?::[\w.-]+)?:(\d+)", gres))
             nodes[name] = {"name": name, "cpus": int(cpus or 0), "mem_mb": int(memory.rstrip("+") or 0),
-                           "gpus": gpus, "state": state}
+                           "gpus": gpus}
     return list(nodes.values())
 
 
@@ -364,8 +364,7 @@ def resolve_runs(config: str, overrides: list[str], sweeps: list[str]) -> list[D
     for words in points:
         run_dir = root / point_name(words) if words else root
         cfg = load_config(config, [*overrides, *words, f"run.dir={run_dir}"])
-        if cfg.run.resume == "never" and run_dir.is_dir() and any(p.name != LOCK_FILE
-                                                                   for p in run_dir.iterdir()):
+        if cfg.run.resume == "never" and holds_files(run_dir):
             raise LaunchError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new run.dir, "
                               "or set run.resume=auto to continue the run in it.")
         cfgs.append(cfg)

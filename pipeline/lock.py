@@ -26,6 +26,12 @@ LOCK_FILE = "run.lock"
 SAME_JOB_GRACE_S = 150.0
 
 
+def holds_files(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` exists and holds anything but its lock file (what run.resume=never refuses)."""
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+
+
 class RunDirLocked(RuntimeError):
     """Another run holds the run dir."""
 

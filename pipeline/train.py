@@ -70,7 +70,7 @@ from pipeline.engine import (
     tune_backends,
 )
 from pipeline.insights import start_insights
-from pipeline.lock import LOCK_FILE, RunDirLock, RunDirLocked
+from pipeline.lock import RunDirLock, RunDirLocked, holds_files
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -119,7 +119,7 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
     if dist.is_main:
         try:
             run_dir = Path(cfg.run.dir)
-            if cfg.run.resume == "never" and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            if cfg.run.resume == "never" and holds_files(run_dir):
                 raise ConfigError(f"run.dir='{run_dir}' already holds files and run.resume=never. Choose a new "
                                   "run.dir, or set run.resume=auto to continue the run in it.")
             if cfg.run.resume == "auto":

@@ -237,7 +237,7 @@ def test_bad_slurm_times_are_refused(text):
 
 
 def node(cpus, gpus=0, mem_gb=64):
-    return {"name": "n", "cpus": cpus, "gpus": gpus, "mem_mb": mem_gb * 1024, "state": "idle"}
+    return {"name": "n", "cpus": cpus, "gpus": gpus, "mem_mb": mem_gb * 1024}
 
 
 @pytest.mark.parametrize("words, nodes, message", [
