@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -296,8 +297,8 @@ class Training(submitit.helpers.Checkpointable):
         if cfg.run.resume == "never" or read_pointer(run_dir):
             cfg = OmegaConf.merge(cfg, {"run": {"resume": "auto"}})
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, run dir "
-              f"{run_dir}", flush=True)
+        print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, host "
+              f"{socket.gethostname()}, run dir {run_dir}", flush=True)
         if job.global_rank == 0 and shutil.which("scontrol") is None:
             print("Warning: scontrol is not on PATH here (a container without SLURM's tools?): a time limit or "
                   "preemption will checkpoint but cannot requeue the job; resubmit to resume, or make scontrol "
@@ -521,7 +522,6 @@ def wait(records: list[dict], poll_s: float = 5.0) -> int:
     pending = {r["job_id"] for r in records}
     shown: dict[str, str] = {}
     while pending:
-        time.sleep(poll_s)
         for job_id in sorted(pending):
             result = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
             if result.returncode != 0 or not result.stdout.strip():
@@ -538,6 +538,8 @@ def wait(records: list[dict], poll_s: float = 5.0) -> int:
                 print(f"{job_id} cannot start: Reason={stuck[0]}, {NEVER_RESOLVES[stuck[0]]}. It stays queued "
                       f"until you cancel it (scancel {job_id}); change the request and submit again.", flush=True)
                 return 1
+        if pending:
+            time.sleep(poll_s)
     failed = 0
     for record in records:
         summary = Path(record["run_dir"]) / "summary.json"

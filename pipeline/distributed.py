@@ -74,6 +74,18 @@ def rendezvous_help(rank: int, world_size: int, err: Exception) -> str:
             "firewall blocks MASTER_PORT. run.dist_timeout_s sets how long ranks wait for each other.")
 
 
+def placement(hosts: list[str], shown: int = 8) -> str:
+    """Where the ranks run, from each rank's host name in rank order: 'node1 (ranks 0-1), node2 (ranks 2-3)'."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    parts = [f"{host} (rank {r[0]})" if len(r) == 1 else
+             f"{host} (ranks {r[0]}-{r[-1]})" if r == list(range(r[0], r[-1] + 1)) else
+             f"{host} (ranks {','.join(map(str, r))})" for host, r in ranks.items()]
+    more = f", and {len(parts) - shown} more" if len(parts) > shown else ""
+    return f"{len(hosts)} ranks on {len(parts)} host(s): {', '.join(parts[:shown])}{more}"
+
+
 def init_distributed(timeout_s: float = 1800) -> DistInfo:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process), pick the device, join the group.
 

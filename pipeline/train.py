@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import socket
 import sys
@@ -57,6 +58,7 @@ from pipeline.distributed import (
     gather_to_main,
     init_distributed,
     on_every_rank,
+    placement,
     replicas_identical,
     shutdown,
 )
@@ -200,6 +202,9 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
     hosts = gather_to_main(socket.gethostname())
     tracker, error = None, None
     if dist.is_main:
+        if dist.world_size > 1:
+            log.info("%s; rendezvous %s:%s", placement(hosts), os.environ.get("MASTER_ADDR", "?"),
+                     os.environ.get("MASTER_PORT", "?"))
         try:
             tracker = open_tracker(cfg, run_dir, dist.world_size, hosts)
         except TrackingError as err:

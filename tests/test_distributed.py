@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import write_synthetic_imagenet
-from pipeline.distributed import RankError, check_rank_environment, device_index
+from pipeline.distributed import RankError, check_rank_environment, device_index, placement
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,16 @@ def test_a_task_bound_to_one_gpu_uses_it_and_a_task_seeing_the_node_uses_its_loc
     env = {"RANK": local_rank, "WORLD_SIZE": "16", "LOCAL_RANK": local_rank}
     check_rank_environment(env, gpus)  # LOCAL_RANK 5 with one visible GPU: --gpus-per-task=1, not an error
     assert device_index(int(local_rank), gpus) == device
+
+
+@pytest.mark.parametrize("hosts, said", [
+    (["n1", "n1", "n2", "n2"], "4 ranks on 2 host(s): n1 (ranks 0-1), n2 (ranks 2-3)"),
+    (["n1", "n2", "n1", "n2"], "4 ranks on 2 host(s): n1 (ranks 0,2), n2 (ranks 1,3)"),  # a cyclic distribution
+    (["n1"] + [f"m{i}" for i in range(9)], "10 ranks on 10 host(s): n1 (rank 0), m0 (rank 1)"),
+])
+def test_the_log_says_which_ranks_run_on_which_host(hosts, said):
+    assert placement(hosts).startswith(said)
+    assert placement(hosts).endswith(", and 2 more") == (len(set(hosts)) == 10)
 
 
 def test_a_rank_whose_peers_never_come_names_what_to_check(tmp_path):

@@ -1,11 +1,14 @@
-"""The SLURM launcher against a real one-node SLURM cluster (tests/slurm/cluster.sh), with CPU ranks on gloo."""
+"""The SLURM launcher against a real SLURM cluster of two nodes (tests/slurm/cluster.sh), with CPU ranks on gloo:
+each node is a slurmd in its own network namespace, so ranks on different nodes meet over the nodes' addresses."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,18 @@ def wait_done(job_id: str, run_dir: Path, timeout: float = 300) -> None:
     assert (run_dir / "summary.json").is_file(), job_logs(run_dir)
 
 
+def job_fields(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job -o``, one dict per job (an array has one per task): what SLURM says the job held."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+    return [dict(word.split("=", 1) for word in line.split() if "=" in word) for line in out.stdout.splitlines()]
+
+
+def task_hosts(run_dir: Path, job_id: str, tasks: int) -> list[str]:
+    """The host each task says it ran on, in task order (the first attempt's line)."""
+    return [re.search(rf"job {job_id}, task {t} of {tasks}, attempt \d+, host (\S+),",
+                      (run_dir / f"slurm/{job_id}_{t}_log.out").read_text()).group(1) for t in range(tasks)]
+
+
 def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
@@ -70,6 +85,15 @@ def reference(slurm, tmp_path_factory, mini_data):
     return run_dir, job_id, result.stdout
 
 
+@pytest.fixture(scope="module")
+def two_node_reference(slurm, tmp_path_factory, mini_data):
+    """The same run as ``reference`` (world 2) as one task on each of two nodes, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.nodes=2", "slurm.tasks_per_node=1")))
+    wait_done(job_id, run_dir)
+    return run_dir, job_id
+
+
 @pytest.mark.slow
 def test_two_cpu_ranks_train_the_mini_config_and_report_where_everything_is(reference):
     run_dir, job_id, stdout = reference
@@ -81,17 +105,49 @@ def test_two_cpu_ranks_train_the_mini_config_and_report_where_everything_is(refe
     assert job["job_id"] == job_id and job["tasks"] == 2
     # the ranks found each other from SLURM's variables alone
     out = (run_dir / f"slurm/{job_id}_1_log.out").read_text()
-    assert f"job {job_id}, task 1 of 2, attempt 1" in out
+    assert f"job {job_id}, task 1 of 2, attempt 1, host node1," in out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["preemption", "time-out"])
-def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(reference, tmp_path, mini_data, case):
+@pytest.mark.parametrize("tasks_per_node", [1, 2])
+def test_a_two_node_job_trains_the_mini_config_with_ranks_meeting_across_the_nodes(
+        request, reference, tmp_path, mini_data, tasks_per_node):
+    if tasks_per_node == 1:
+        run_dir, job_id = request.getfixturevalue("two_node_reference")
+    else:
+        run_dir = tmp_path / "run"
+        job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.nodes=2", "slurm.tasks_per_node=2")))
+        wait_for_step(run_dir, 3)
+        status = launch("status", str(run_dir))
+        assert f"job {job_id}: RUNNING, restarts 0" in status.stdout, status.stdout + status.stderr
+        wait_done(job_id, run_dir)
+    tasks = 2 * tasks_per_node
+    # SLURM itself says the job held both nodes
+    (job,) = job_fields(job_id)
+    assert (job["JobState"], job["NumNodes"], job["NodeList"], job["NumTasks"]) == \
+        ("COMPLETED", "2", "node[1-2]", str(tasks))
+    # and each task ran where SLURM put it: the first tasks_per_node on node1, the rest on node2
+    assert task_hosts(run_dir, job_id, tasks) == ["node1"] * tasks_per_node + ["node2"] * tasks_per_node
+    ranks = "rank 0), node2 (rank 1)" if tasks_per_node == 1 else "ranks 0-1), node2 (ranks 2-3)"
+    assert f"{tasks} ranks on 2 host(s): node1 ({ranks}; rendezvous node1:" in (run_dir / "train.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == tasks and summary["replicas_identical"] and summary["epochs_completed"] == 1
+    if tasks_per_node == 1:
+        # world 2 on two nodes trains exactly what world 2 on one node does
+        assert (run_dir / "model_final.pt").read_bytes() == (reference[0] / "model_final.pt").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["preemption", "time-out", "preemption on 2 nodes"])
+def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(request, capsys, tmp_path, mini_data, case):
     run_dir = tmp_path / "run"
+    two_nodes = case.endswith("2 nodes")
+    reference = request.getfixturevalue("two_node_reference" if two_nodes else "reference")
     # submitit counts a USR2 as a time-out when the job ran past min(0.8 T, T - 10 min)
     limit = "5" if case == "time-out" else "30"
     tracking = ["tracking.backend=mlflow"] if case == "preemption" else []
-    result = launch(*job_words(run_dir, mini_data, f"slurm.time_min={limit}", *tracking))
+    placement = ["slurm.nodes=2", "slurm.tasks_per_node=1"] if two_nodes else []
+    result = launch(*job_words(run_dir, mini_data, f"slurm.time_min={limit}", *tracking, *placement))
     job_id = submitted_id(result)
     if tracking:
         assert "mlflow   run " in result.stdout  # the run exists (SCHEDULED) before the job starts
@@ -100,11 +156,17 @@ def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(referenc
     status = launch("status", str(run_dir))
     assert f"job {job_id}: RUNNING, restarts 0" in status.stdout and "progress   epoch 1, global step" in status.stdout
     assert "INFO pipeline.train: epoch 1 step" in status.stdout
+    signalled = time.time()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what submitit's job._interrupt() does
     wait_done(job_id, run_dir)
 
     err = (run_dir / f"slurm/{job_id}_0_log.err").read_text()
     assert f"this job is {'timed-out' if case == 'time-out' else 'preempted'}" in err
+    if two_nodes:
+        (job,) = job_fields(job_id)
+        assert (job["JobState"], job["NumNodes"], job["Restarts"]) == ("COMPLETED", "2", "1")
+        with capsys.disabled():
+            report_interruption(run_dir, signalled, (run_dir / f"slurm/{job_id}_0_log.out").read_text())
     log = (run_dir / "train.log").read_text()
     assert "(stop signal SIGUSR2)" in log and "Resuming from" in log and "epoch 1, step" in log
     out = (run_dir / f"slurm/{job_id}_0_log.out").read_text()
@@ -121,6 +183,22 @@ def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(referenc
         runs = client.search_runs([client.get_experiment_by_name("densenet").experiment_id])
         assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 21))
+
+
+def report_interruption(run_dir: Path, signalled: float, out: str) -> None:
+    """Print the two figures of a preemption: signal -> stop checkpoint on disk, requeue -> first resumed step."""
+    stop = re.search(r"Saved (step-\d+\.pt) \(stop signal SIGUSR2\)", (run_dir / "train.log").read_text()).group(1)
+    in_run = re.search(r"Checkpoint on disk ([\d.]+)s after SIGUSR2", (run_dir / "train.log").read_text()).group(1)
+    on_disk = (run_dir / "checkpoints" / stop).stat().st_mtime - signalled
+    requeued = re.search(r"submitit \w+ \(([\d-]+ [\d:,]+)\) - Requeued job", out).group(1)
+    requeued = datetime.strptime(requeued, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = next(e["time"] for e in events if e["event"] == "train" and e["time"] > requeued)
+    started = re.findall(r"submitit INFO \(([\d-]+ [\d:,]+)\) - Starting with JobEnvironment", out)[-1]
+    started = datetime.strptime(started, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    print(f"\n2-node preemption: signal -> checkpoint on disk {on_disk:.2f}s (the run measured {in_run}s from "
+          f"receiving it); requeue -> first resumed step {resumed - requeued:.1f}s (SLURM: requeue -> task start "
+          f"{started - requeued:.1f}s; the run: start -> first step {resumed - started:.1f}s)")
 
 
 @pytest.mark.slow
@@ -141,24 +219,34 @@ def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
 
 
 @pytest.mark.slow
-def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_data):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_data, nodes):
     base = tmp_path / "sweep"
-    result = launch(*job_words(base, mini_data, "slurm.tasks_per_node=1", *SYNTHETIC, "data.synthetic_steps=4"),
-                    "--sweep", "optim.lr=0.05,0.1", "--wait", timeout=600)
+    result = launch(*job_words(base, mini_data, f"slurm.nodes={nodes}", "slurm.tasks_per_node=1", *SYNTHETIC,
+                               "data.synthetic_steps=4"), "--sweep", "optim.lr=0.05,0.1", "--wait", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r"submitted job (\S+)", result.stdout)
     assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two tasks
+    # each point of the array held its own `nodes` nodes
+    held = {job["JobId"]: job["NumNodes"] for job in job_fields(ids[0].split("_")[0])}
+    assert sorted(held.values()) == [str(nodes)] * 2, held
     for point, lr in (("lr-0.05", 0.05), ("lr-0.1", 0.1)):
         run_dir = base / point
-        assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
+        assert json.loads((run_dir / "summary.json").read_text())["world_size"] == nodes
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.slow
-def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, tmp_path, mini_data):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, tmp_path, mini_data, nodes):
     run_dir = tmp_path / "run"
-    job_id = submitted_id(launch(*job_words(run_dir, mini_data, *SYNTHETIC)))
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, *SYNTHETIC, f"slurm.nodes={nodes}",
+                                            f"slurm.tasks_per_node={2 // nodes}")))
     wait_for_step(run_dir, 3)
+    if nodes == 2:
+        status = launch("status", str(run_dir))
+        assert f"job {job_id}: RUNNING, restarts 0" in status.stdout, status.stdout + status.stderr
+        assert job_fields(job_id)[0]["NodeList"] == "node[1-2]"
     cancelled = launch("cancel", str(run_dir))
     assert cancelled.returncode == 0 and f"cancelled job {job_id}" in cancelled.stdout
     deadline = time.monotonic() + 60
@@ -170,6 +258,63 @@ def test_cancel_checkpoints_at_the_next_step_and_status_tells_the_state(slurm, t
     saved = re.search(r"checkpoint .*step-(\d{9})\.pt", status.stdout)
     # at or after the step the cancel followed (a loaded machine may run a few more before SIGTERM lands)
     assert f"job {job_id}: CANCELLED" in status.stdout and saved and int(saved.group(1)) >= 3
+
+
+def hold_both_nodes(seconds: int) -> str:
+    """A job that takes every CPU of both nodes for a while, so the next one must wait (Reason=Resources)."""
+    out = subprocess.run(["sbatch", "--parsable", "-N", "2", "--exclusive", "-o", "/dev/null", "--wrap",
+                          f"sleep {seconds}"], capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+def test_wait_tells_each_pending_reason_and_a_busy_run_dir_is_refused(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    blocker = hold_both_nodes(90)
+    try:
+        waiting = subprocess.Popen([sys.executable, "-m", "launch.slurm", *job_words(run_dir, mini_data, *SYNTHETIC),
+                                    "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        said = []
+        while not said or not re.search(r"PENDING \(|RUNNING", said[-1]):  # the first reason --wait reports
+            line = waiting.stdout.readline()
+            assert line, "".join(said) + waiting.stderr.read()
+            said.append(line)
+        job_id = json.loads((run_dir / "slurm/job.json").read_text())["job_id"]
+        assert said[-1] == f"{job_id}: PENDING (Resources)\n"
+        # the job is queued behind the blocker: a second submission into its run dir is refused, by name
+        before = queue()
+        again = launch(*job_words(run_dir, mini_data, *SYNTHETIC))
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert f"run.dir='{run_dir}' belongs to job {job_id}, which is PENDING" in again.stderr
+        assert queue() == before
+    finally:
+        subprocess.run(["scancel", blocker])
+    stdout, stderr = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, stdout + stderr
+    assert stdout.splitlines()[0] == f"{job_id}: RUNNING", stdout  # the next change, once the nodes are free
+    assert '"epochs_completed": 1' in stdout
+
+
+@pytest.mark.slow
+def test_wait_stops_at_a_pending_reason_that_never_resolves(slurm, tmp_path, capsys):
+    from launch.slurm import wait
+
+    # more CPUs on one node than any node has: SLURM takes the job and keeps it PENDING (PartitionConfig)
+    out = subprocess.run(["sbatch", "--parsable", "-N", "1", "--ntasks-per-node=2", "--cpus-per-task=8", "-o",
+                          "/dev/null", "--wrap", "true"], capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip()
+    returned = []
+    waiting = threading.Thread(target=lambda: returned.append(wait([{"job_id": job_id, "run_dir": str(tmp_path)}],
+                                                                    poll_s=0.5)), daemon=True)
+    waiting.start()
+    waiting.join(timeout=30)
+    subprocess.run(["scancel", job_id])  # ends a wait that did not stop by itself
+    waiting.join(timeout=30)
+    said = capsys.readouterr().out
+    assert returned == [1], said
+    assert f"{job_id}: PENDING (PartitionConfig)" in said
+    assert f"{job_id} cannot start: Reason=PartitionConfig, the request exceeds what the partition's nodes or " \
+           f"limits allow. It stays queued until you cancel it (scancel {job_id})" in said
 
 
 @pytest.mark.parametrize("profile, words", [("pyxis-4x8", []), ("apptainer-2x4", []),
