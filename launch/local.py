@@ -4,9 +4,9 @@
     python -m launch.local CONFIG --nnodes 2 --node-rank 0 --master-addr HOST [--master-port P] [key=value ...]
     python -m launch.local CONFIG --evaluate WEIGHTS [key=value ...]
 
-The config is checked here, before any process starts; then torchrun runs in this process. It
-forwards SIGTERM to the ranks, and this launcher adds SIGUSR1 and SIGUSR2 (a scheduler's warning
-before the time limit): torchrun starts each rank in a session of its own, so a signal to this
+The config is checked here, before any process starts; then torchrun runs in this process. This
+launcher forwards the stop signals (SIGTERM, and SIGUSR1 and SIGUSR2: a scheduler's warning before
+the time limit) to the ranks: torchrun starts each rank in a session of its own, so a signal to this
 process group would not reach them. When every rank stopped to be resumed (exit 75), so does this.
 """
 
@@ -50,16 +50,27 @@ def forward_to_ranks(signum, frame) -> None:
             pass
 
 
+def torchrun_signal_args() -> list[str]:
+    """Leave SIGTERM to this launcher where torchrun can be told so (PyTorch 2.9 and later): torchrun would
+    otherwise stop on it and SIGKILL the ranks 30 s later, and exit 1; forwarded, the ranks checkpoint in their
+    own time and exit 75. Older torchruns forward SIGTERM themselves and exit 1."""
+    from torch.distributed.run import get_args_parser
+
+    words = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"]
+    parsed, _ = get_args_parser().parse_known_args([*words, "training_script"])
+    return words if hasattr(parsed, "signals_to_handle") else []
+
+
 def run_torchrun(argv: list[str]) -> int:
     """torchrun in this process; 75 when the ranks stopped to be resumed (exit 75, or SIGTERMed by torchrun
     after another rank did)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, forward_to_ranks)
     try:
-        torchrun(argv)
+        torchrun([*torchrun_signal_args(), *argv])
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
         # torchrun SIGTERMs the other ranks once the first exits; each stop checkpoint is on disk by then

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.lock import holds_files
+from pipeline.lock import RunDirLock, RunDirLocked, holds_files
 from pipeline.train import per_rank_batch
 
 JOB_FILE = "slurm/job.json"  # in run.dir: job id, logs, MLflow link; read by `status` and `cancel`
@@ -144,7 +144,7 @@ def partition_nodes(partition: str) -> list[dict]:
     for line in result.stdout.splitlines():
         name, part, cpus, memory, gres = (line.split("|") + [""] * 5)[:5]
         default = part.endswith("*")
-        if (part.rstrip("*") == partition) if partition else default:
+        if (part.rstrip("*") in partition.split(",")) if partition else default:  # "a,b": either partition
             gpus = sum(int(n) for n in re.findall(r"gpu(?::[\w.-]+)?:(\d+)", gres))
             nodes[name] = {"name": name, "cpus": int(cpus or 0), "mem_mb": int(memory.rstrip("+") or 0),
                            "gpus": gpus}
@@ -178,22 +178,40 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 
 
 def check_run_dirs_free(cfgs: list[DictConfig]) -> None:
-    """Refuse to submit into a run dir whose job (from its job.json) is still queued or running."""
+    """Refuse to submit into a run dir that a run holds (its lock) or whose job (from its job.json) is still
+    queued or running; one squeue call for all of them. Nothing is written before this passes."""
+    jobs: dict[str, str] = {}  # job id -> run dir
     for cfg in cfgs:
-        path = Path(cfg.run.dir) / JOB_FILE
-        if not path.is_file():
+        run_dir = Path(cfg.run.dir)
+        if not run_dir.is_dir():
             continue
         try:
-            job_id = json.loads(path.read_text())["job_id"]
+            RunDirLock(run_dir).acquire(grace_s=0).release()
+        except RunDirLocked as err:
+            raise LaunchError(str(err)) from None
+        except OSError:
+            pass  # a lock that cannot be tried here is tried again by the job's rank 0
+        try:
+            jobs[str(json.loads((run_dir / JOB_FILE).read_text())["job_id"])] = str(run_dir)
         except (OSError, ValueError, KeyError):
             continue
-        result = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
-        states = set(result.stdout.split()) & ACTIVE if result.returncode == 0 else set()
-        if states:
-            raise LaunchError(f"run.dir='{cfg.run.dir}' belongs to job {job_id}, which is {', '.join(sorted(states))}: "
-                              "a second job would train into the same checkpoints. Wait for it (python -m "
-                              f"launch.slurm status {cfg.run.dir}), cancel it (python -m launch.slurm cancel "
-                              f"{cfg.run.dir}), or choose another run.dir.")
+    if not jobs:
+        return
+    bases = sorted({job.split("_")[0] for job in jobs})  # an array's id lists all its tasks
+    result = _run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T"])
+    if result.returncode != 0 and "Invalid job id" not in result.stderr:
+        raise LaunchError(f"squeue could not tell whether job(s) {', '.join(jobs)} still run "
+                          f"({result.stderr.strip() or result.returncode}): not submitting into their run dirs "
+                          "while that is unknown. Try again when the controller answers.")
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        listed, _, state = line.partition("|")  # 12, 12_3, or 12_[4-7] for an array's tasks still pending
+        mine = [job for job in jobs if job == listed or ("[" in listed and job.split("_")[0] == listed.split("_")[0])]
+        if state in ACTIVE and mine:
+            job, run_dir = mine[0], jobs[mine[0]]
+            raise LaunchError(f"run.dir='{run_dir}' belongs to job {job}, which is {state}: a second job would "
+                              "train into the same checkpoints. Wait for it (python -m launch.slurm status "
+                              f"{run_dir}), cancel it (python -m launch.slurm cancel {run_dir}), or choose "
+                              "another run.dir.")
 
 
 def clean_environment() -> dict[str, str]:

@@ -63,7 +63,7 @@ def device_index(local_rank: int, gpus: int) -> int:
 
 
 def rendezvous_help(rank: int, world_size: int, err: Exception) -> str:
-    """What to check when the ranks did not all meet (at start, or in a collective that timed out)."""
+    """What to check when the ranks did not all meet at the start."""
     master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     return (f"rank {rank} of {world_size} on {socket.gethostname()} could not reach all the other ranks through "
             f"{master} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else err}). "
@@ -113,9 +113,30 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
             # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
             _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" \
                 else dist.group.WORLD
-        except (RuntimeError, TimeoutError, OSError) as err:  # DistError and its kinds are RuntimeErrors
+        except (dist.DistError, TimeoutError, OSError) as err:  # DistStoreError, DistNetworkError, ...
             raise RankError(rendezvous_help(rank, world_size, err)) from err
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            gpus_of_ranks = [None] * world_size
+            dist.all_gather_object(gpus_of_ranks, (socket.gethostname(), str(getattr(props, "uuid", device.index))),
+                                   group=_control)
+            problem = shared_gpus(gpus_of_ranks)
+            if problem:
+                raise on_every_rank(RankError(problem))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def shared_gpus(gpus_of_ranks: list[tuple[str, str]]) -> str | None:
+    """What is wrong when two ranks would drive one GPU (each task shown the same single GPU), else None."""
+    seen: dict[tuple[str, str], int] = {}
+    for rank, gpu in enumerate(gpus_of_ranks):
+        if gpu in seen:
+            return (f"ranks {seen[gpu]} and {rank} on {gpu[0]} would both use GPU {gpu[1]}: every task sees "
+                    "one GPU, but not its own. Ask for one GPU per task (slurm.gpu_binding=task, "
+                    "--gpus-per-task=1), or let each task see all of the node's GPUs (slurm.gpu_binding=node), "
+                    "or start no more tasks per node than it has GPUs.")
+        seen[gpu] = rank
+    return None
 
 
 _control = None

@@ -39,6 +39,7 @@ class RunDirLocked(RuntimeError):
 def holder() -> dict:
     """Who this process is, as written into the lock file."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -72,9 +73,11 @@ class RunDirLock:
                     os.close(fd)
                     raise
                 other = self._read(fd)
-                same_job = me["slurm_job_id"] and other.get("slurm_job_id") == me["slurm_job_id"]
-                if same_job and time.monotonic() < deadline:
-                    time.sleep(2)  # an earlier attempt of this very job, whose lock is not released yet
+                # an earlier attempt of this very job (requeued), not another run inside the same allocation
+                earlier = me["slurm_job_id"] and other.get("slurm_job_id") == me["slurm_job_id"] \
+                    and int(other.get("slurm_restart") or 0) < me["slurm_restart"]
+                if earlier and time.monotonic() < deadline:
+                    time.sleep(2)  # its lock is not released yet (an NFS server waits for the lease to expire)
                     continue
                 os.close(fd)
                 raise RunDirLocked(
@@ -84,6 +87,7 @@ class RunDirLock:
                     "run.dir.") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        os.fsync(fd)  # so a run on another node reads who holds it
         self._fd = fd
         return self
 

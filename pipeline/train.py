@@ -72,7 +72,7 @@ from pipeline.engine import (
     tune_backends,
 )
 from pipeline.insights import start_insights
-from pipeline.lock import RunDirLock, RunDirLocked, holds_files
+from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, holds_files
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -246,22 +246,42 @@ def main(cfg: DictConfig) -> dict:
         shutdown(together)
 
 
-def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> bool:
-    """Rank 0 locks ``run.dir`` for the whole run, if it exists (a new one is locked once created); if another
-    run holds it, every rank stops before writing. Whether it is locked now (the same on every rank)."""
-    problem, exists = None, Path(cfg.run.dir).is_dir()
-    if dist.is_main and exists:
+def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> None:
+    """Before anything else, rank 0 locks ``run.dir`` (creating it if new) for the whole run; if another run
+    holds it, every rank stops before writing. A dir created here is removed again if the run stops before
+    writing anything into it."""
+    problem = None
+    if dist.is_main:
+        run_dir = Path(cfg.run.dir)
         try:
-            held.callback(RunDirLock(cfg.run.dir).acquire().release)
-        except (RunDirLocked, OSError) as err:
+            try:
+                run_dir.mkdir(parents=True)
+                held.callback(remove_if_unused, run_dir)
+            except FileExistsError:
+                pass
+            grace = min(SAME_JOB_GRACE_S, cfg.run.dist_timeout_s / 2)  # the other ranks wait in the broadcast
+            held.callback(RunDirLock(run_dir).acquire(grace_s=grace).release)
+        except RunDirLocked as err:
             problem = str(err)
-    problem, exists = broadcast_from_main((problem, exists))
+        except OSError as err:
+            problem = f"Cannot create or lock run.dir='{run_dir}' ({err}): choose a run.dir this user can write."
+    problem = broadcast_from_main(problem)
     if problem:
         raise on_every_rank(RunDirLocked(problem))
-    return exists
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove ``run_dir`` if it holds nothing but its lock file (a run that stopped before writing)."""
+    if run_dir.is_dir() and not holds_files(run_dir):
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
 
 
 def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack) -> dict:
+    lock_run_dir(cfg, dist, held)
     batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
     generate_data(cfg, dist)
     index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
@@ -270,11 +290,8 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStac
     held.callback(train_loader.close)
     held.callback(val_loader.close)
     steps_per_epoch = len(train_loader)
-    locked = lock_run_dir(cfg, dist, held)
     resume = find_resume_checkpoint(cfg, dist, dataset)
     run_dir = prepare_run_dir(cfg, dist)
-    if not locked:
-        lock_run_dir(cfg, dist, held)
 
     seed_everything(cfg.run.seed)
     device = dist.device

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import write_synthetic_imagenet
-from pipeline.distributed import RankError, check_rank_environment, device_index, placement
+from pipeline.distributed import RankError, check_rank_environment, device_index, placement, shared_gpus
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +136,12 @@ def test_a_task_bound_to_one_gpu_uses_it_and_a_task_seeing_the_node_uses_its_loc
 def test_the_log_says_which_ranks_run_on_which_host(hosts, said):
     assert placement(hosts).startswith(said)
     assert placement(hosts).endswith(", and 2 more") == (len(set(hosts)) == 10)
+
+
+def test_two_ranks_shown_the_same_single_gpu_are_refused_and_tasks_bound_to_their_own_are_not():
+    assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n2", "GPU-b")]) is None
+    problem = shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a")])
+    assert problem.startswith("ranks 0 and 1 on n1 would both use GPU GPU-a") and "gpu_binding" in problem
 
 
 def test_a_rank_whose_peers_never_come_names_what_to_check(tmp_path):

@@ -264,7 +264,12 @@ def hold_both_nodes(seconds: int) -> str:
     """A job that takes every CPU of both nodes for a while, so the next one must wait (Reason=Resources)."""
     out = subprocess.run(["sbatch", "--parsable", "-N", "2", "--exclusive", "-o", "/dev/null", "--wrap",
                           f"sleep {seconds}"], capture_output=True, text=True, check=True)
-    return out.stdout.strip().split(";")[0]
+    job_id = out.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 30
+    while job_fields(job_id)[0]["JobState"] != "RUNNING":  # else the next job may wait on Priority instead
+        assert time.monotonic() < deadline, job_fields(job_id)
+        time.sleep(0.2)
+    return job_id
 
 
 @pytest.mark.slow
@@ -300,8 +305,10 @@ def test_wait_stops_at_a_pending_reason_that_never_resolves(slurm, tmp_path, cap
     from launch.slurm import wait
 
     # more CPUs on one node than any node has: SLURM takes the job and keeps it PENDING (PartitionConfig)
-    out = subprocess.run(["sbatch", "--parsable", "-N", "1", "--ntasks-per-node=2", "--cpus-per-task=8", "-o",
-                          "/dev/null", "--wrap", "true"], capture_output=True, text=True, check=True)
+    cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    out = subprocess.run(["sbatch", "--parsable", "-N", "1", "--ntasks-per-node=2", f"--cpus-per-task={cpus}",
+                          "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True, check=True)
     job_id = out.stdout.strip()
     returned = []
     waiting = threading.Thread(target=lambda: returned.append(wait([{"job_id": job_id, "run_dir": str(tmp_path)}],

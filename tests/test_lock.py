@@ -1,0 +1,66 @@
+"""The run dir's lock between real processes: who holds it, when a requeued attempt waits, what the launcher says."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.lock import RunDirLock, RunDirLocked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hold(run_dir: Path, seconds: float, **env) -> subprocess.Popen:
+    """Another process that holds ``run_dir``'s lock for ``seconds``, with these SLURM variables."""
+    code = ("import sys, time; from pipeline.lock import RunDirLock; RunDirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | env
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=environ)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_the_holder_is_named_with_its_slurm_job_and_another_run_of_the_same_job_is_refused_at_once(
+        tmp_path, monkeypatch):
+    holder = hold(tmp_path, 30, SLURM_JOB_ID="41", SLURM_RESTART_COUNT="0")
+    try:
+        # a second run inside the same allocation (not a later attempt of the job): no grace
+        monkeypatch.setenv("SLURM_JOB_ID", "41")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        began = time.monotonic()
+        with pytest.raises(RunDirLocked, match=rf"in use by another run \(pid {holder.pid} on \S+, SLURM job 41, "):
+            RunDirLock(tmp_path).acquire(grace_s=20)
+        assert time.monotonic() - began < 2
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_requeued_attempt_waits_for_its_earlier_attempt_to_let_go(tmp_path, monkeypatch):
+    holder = hold(tmp_path, 3, SLURM_JOB_ID="41", SLURM_RESTART_COUNT="0")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    began = time.monotonic()
+    lock = RunDirLock(tmp_path).acquire(grace_s=30)
+    waited = time.monotonic() - began
+    lock.release()
+    holder.wait()
+    assert 1 < waited < 20
+
+
+def test_the_launcher_refuses_a_run_dir_that_a_run_holds(tmp_path):
+    from launch.slurm import LaunchError, check_run_dirs_free
+    from pipeline.config import load_config
+
+    holder = hold(tmp_path, 30)
+    try:
+        cfg = load_config(ROOT / "configs/mini.yaml", [f"run.dir={tmp_path}"])
+        with pytest.raises(LaunchError, match=rf"run.dir='{tmp_path}' is in use by another run \(pid {holder.pid}"):
+            check_run_dirs_free([cfg])
+    finally:
+        holder.kill()
+        holder.wait()
