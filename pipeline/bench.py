@@ -9,6 +9,9 @@
     checkpoint   save and load time and size of a full training checkpoint (model, SGD momentum,
                  schedule, grad scaler, loader position, per-rank RNG state), written the way training writes it
     tracking     images/s of the mini config with MLflow tracking off and on (an SQLite store), and their ratio
+    boundary     N gloo ranks on this machine emulate steps of T ms (a sleep) and run the real step-boundary rules:
+                 the time each step waits on the ranks' decision, agreed within the step (blocking, the old
+                 design) and across one step (asynchronous), by world size
 """
 
 from __future__ import annotations
@@ -192,6 +195,62 @@ def bench_train(args: argparse.Namespace) -> dict:
     return {"runs": runs, "train_loop_images_per_s": train, "bare_loop_images_per_s": bare, "ratio": train / bare}
 
 
+def _boundary_rank(rank: int, world: int, port: int, step_ms: float, steps: int, results) -> None:
+    """One rank of ``bench boundary``: both designs in turn, the same steps, the same process group."""
+    from pipeline.boundary import StepBoundary
+    from pipeline.distributed import gather_to_main, init_distributed, shutdown
+    from pipeline.signals import StopSignals
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist_info = init_distributed(timeout_s=300)
+    loss = torch.tensor(2.3)
+    figures = {}
+    for design, blocking in (("blocking", True), ("async", False)):
+        boundary = StepBoundary(StopSignals(), dist_info.device, every_minutes=30.0, blocking=blocking)
+        waited, spent = [], []
+        for step in range(1, steps + 11):
+            time.sleep(step_ms / 1000)  # the step's compute
+            began = time.perf_counter()
+            boundary.after_step(step, loss, last_in_epoch=False)
+            if step > 10:  # after a warm-up
+                spent.append(1000 * (time.perf_counter() - began))
+                waited.append(1000 * boundary.waited)
+        boundary.before_save(steps + 10, lambda: True)  # nothing left in flight
+        everyone = gather_to_main((waited, spent))
+        if rank == 0:
+            figures[design] = [statistics.median(w for ranks in everyone for w in ranks[i]) for i in (0, 1)]
+    if rank == 0:
+        results.put(figures)
+    shutdown(True)
+
+
+def bench_boundary(args: argparse.Namespace) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    runs = []
+    for world in args.world_size:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_boundary_rank, args=(r, world, port, args.step_ms, args.steps, results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        figures = results.get(timeout=600)
+        for p in procs:
+            p.join(timeout=60)
+        (before, before_all), (after, after_all) = figures["blocking"], figures["async"]
+        runs.append({"world_size": world, "step_ms": args.step_ms, "steps": args.steps,
+                     "blocked_ms_per_step_blocking": before, "blocked_ms_per_step": after, "ratio": after / before,
+                     "boundary_ms_per_step_blocking": before_all, "boundary_ms_per_step": after_all})
+    return {"runs": runs, "cpus": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--repeat", type=int, default=5)
     ckpt.add_argument("--dir", default=None, help="where to write (default: the temp folder)")
     ckpt.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    bound = sub.add_parser("boundary", help="the time each step waits on the ranks' decision, by world size")
+    bound.add_argument("--world-size", type=int, nargs="+", default=[2, 4, 8, 16], help="gloo ranks on this machine")
+    bound.add_argument("--step-ms", type=float, default=20.0, help="the emulated step (a sleep)")
+    bound.add_argument("--steps", type=int, default=200, help="timed steps per design")
+    bound.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     track = sub.add_parser("tracking", help="mini config images/s with tracking off and on")
     track.add_argument("--epochs", type=int, default=4)
     track.add_argument("--repeat", type=int, default=2)
@@ -285,6 +349,20 @@ def main(argv: list[str] | None = None) -> int:
                      [("what", "loop", ""), ("v", "images/s", ".1f")]))
         print(f"ratio train/bare: {result['ratio']:.3f} (median of {args.repeat} alternated runs each)")
     if args.command in ("model", "loader", "index", "train"):
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return 0
+    if args.command == "boundary":
+        result = bench_boundary(args)
+        print(_table(result["runs"], [("world_size", "ranks", ""),
+                                      ("blocked_ms_per_step_blocking", "blocking ms", ".3f"),
+                                      ("blocked_ms_per_step", "async ms", ".3f"),
+                                      ("ratio", "async/blocking", ".3f"),
+                                      ("boundary_ms_per_step_blocking", "all, blocking", ".3f"),
+                                      ("boundary_ms_per_step", "all, async", ".3f")]))
+        print(f"(blocked_ms_per_step: the median time a step waits for the ranks' decision, over ranks and "
+              f"{args.steps} steps of {args.step_ms:g} ms each; 'all': the whole step boundary, with this rank's "
+              f"flags and the start of the next reduction; {result['cpus']} CPUs shared by the ranks)")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
         return 0

@@ -77,6 +77,8 @@ class TrainConfig:
     compile: bool = False
     label_smoothing: float = 0.0
     log_every_steps: int = 50
+    # fp16: stop when the grad scaler skipped more steps than this in a row (every gradient overflows); 0: never
+    max_skipped_steps: int = 20
 
 
 @dataclass
@@ -185,7 +187,7 @@ POSITIVE = (
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
-                "slurm.max_requeues")
+                "slurm.max_requeues", "train.max_skipped_steps")
 
 
 class ConfigError(ValueError):

@@ -142,6 +142,11 @@ def shared_gpus(gpus_of_ranks: list[tuple[str, str]]) -> str | None:
 _control = None
 
 
+def control_group():
+    """The group for small decisions: gloo on CPU tensors (the world group itself when it is gloo)."""
+    return _control
+
+
 def agree(*flags: bool) -> tuple[bool, ...]:
     """Each flag is true on every rank if it is true on any: one small all-reduce, so ranks never disagree."""
     if not dist.is_initialized():

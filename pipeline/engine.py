@@ -62,6 +62,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg, epochs: int,
         optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, schedule_cfg))
 
 
+def step_flops(model_cfg, batch: int, image_size: int) -> float:
+    """FLOPs of one training step (forward and backward) of one rank's batch, counted once by PyTorch's flop
+    counter on a copy of the model on the meta device: no memory, no compute, and the real model untouched.
+    The recomputation of memory-efficient layers is not counted (it is overhead, not model work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg.name, model_cfg.num_classes, False, model_cfg.drop_rate, model_cfg.depth,
+                            model_cfg.growth_rate).train()
+        images = torch.empty(batch, 3, image_size, image_size)
+        labels = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(images), labels).backward()
+    return float(counter.get_total_flops())
+
+
 def compile_report() -> str:
     """How many graphs ``torch.compile`` captured: more than one means graph breaks split the model.
 
@@ -100,12 +118,13 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cri
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
-                    world_size: int, on_log: Callable[[dict], None], on_step: Callable[[int], bool],
+                    world_size: int, on_log: Callable[[dict], None],
+                    on_step: Callable[[int, torch.Tensor], bool],
                     progress=None) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
-    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step)``
-    runs after every step (checkpoints, stop signals) and returns True to stop.
+    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step, loss)``
+    runs after every step (checkpoints, stop signals, a finite loss) and returns True to stop.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -139,7 +158,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             loss_sum.zero_()
             window_images, window_steps, data_wait = 0, 0, 0.0
             window_start = time.perf_counter()
-        if on_step(global_step):
+        if on_step(global_step, loss):
             return global_step, True
 
 

@@ -328,9 +328,16 @@ class Tracker:
         version = self.client.create_model_version(name, source=source, run_id=self.run_id)
         log.info("Registered model_final.pt as model '%s' version %s", name, version.version)
 
-    def finish(self, artifacts: list[Path], status: str = "FINISHED") -> None:
-        """Flush the metrics, upload the artifacts (secrets redacted from text files), end the run."""
+    def finish(self, artifacts: list[Path], status: str = "FINISHED", reason: str = "") -> None:
+        """Flush the metrics, upload the artifacts (secrets redacted from text files), end the run; ``reason``
+        (why it failed) becomes its ``failure_reason`` tag."""
         import mlflow
+
+        if reason:
+            try:
+                self.client.set_tag(self.run_id, "failure_reason", redact(reason)[:4000])
+            except Exception as err:
+                log.warning("Could not tag the MLflow run %s with why it failed: %s", self.run_id, err)
 
         unsent = self.sender.close(timeout=self.cfg.flush_timeout_s)
         if self.sender.pictures:
@@ -386,7 +393,7 @@ def finish_on_error(tracker: Tracker | None, log_file: Path) -> Iterator[None]:
         if tracker:
             tracker.finish([], status="KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
         if tracker:
-            tracker.finish([log_file], status="FAILED")
+            tracker.finish([log_file], status="FAILED", reason=f"{type(err).__name__}: {err}")
         raise

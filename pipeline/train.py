@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline.boundary import NONFINITE_EXIT_CODE, NonFiniteLoss, StepBoundary
 from pipeline.checkpoint import (
     FORMAT_VERSION,
     RESUME_EXIT_CODE,
@@ -50,7 +51,6 @@ from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import (
     DistInfo,
     RankError,
-    agree,
     barrier,
     broadcast_buffers,
     broadcast_from_main,
@@ -68,6 +68,7 @@ from pipeline.engine import (
     build_scheduler,
     compile_report,
     evaluate,
+    step_flops,
     train_one_epoch,
     tune_backends,
 )
@@ -281,186 +282,259 @@ def remove_if_unused(run_dir: Path) -> None:
 
 
 def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack) -> dict:
+    """Lock the run dir, set up, resume, train the epochs, finish."""
     lock_run_dir(cfg, dist, held)
-    batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
-    generate_data(cfg, dist)
-    index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
-    dataset = index.summary() if index else None  # recorded in every checkpoint
-    train_loader, val_loader = build_loaders(cfg, dist, batch_size, index)
-    held.callback(train_loader.close)
-    held.callback(val_loader.close)
-    steps_per_epoch = len(train_loader)
-    resume = find_resume_checkpoint(cfg, dist, dataset)
-    run_dir = prepare_run_dir(cfg, dist)
+    run = Run(cfg, dist, signals, held)
+    run.resume(find_resume_checkpoint(cfg, dist, run.dataset))
+    run.start()
+    with finish_on_error(run.tracker, run.run_dir / "train.log"), ExitStack() as closing:
+        run.train_epochs(closing)
+        return run.finish()
 
-    seed_everything(cfg.run.seed)
-    device = dist.device
-    tune_backends(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient, cfg.model.drop_rate,
-                        cfg.model.depth, cfg.model.growth_rate).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    scaler = build_scaler(device, cfg.train.precision)
-    progress = Progress()
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        progress = Progress(**resume["progress"])
-        restore(resume, dist, cfg, progress, train_loader, scheduler, steps_per_epoch)
-        if progress.epoch >= cfg.train.epochs:
-            log.info("The run in %s already completed %d of %d epochs: nothing to train. Raise train.epochs to "
-                     "continue it, or choose a new run.dir.", cfg.run.dir, progress.epoch, cfg.train.epochs)
-        else:
-            log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"],
-                     progress.epoch + 1, progress.step_in_epoch, steps_per_epoch, progress.global_step)
-    net: nn.Module = model
-    if dist.world_size > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        net = torch.compile(net)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    metrics = MetricsFile(run_dir / "metrics.jsonl", keep=resume["metrics_lines"] if resume else 0) \
-        if dist.is_main else None
-    tracker = start_tracking(cfg, dist, run_dir)
-    insights = start_insights(cfg.insights, model, run_dir, metrics, tracker,
-                              progress.global_step - progress.step_in_epoch) if dist.is_main else None
-    with finish_on_error(tracker, run_dir / "train.log"), ExitStack() as closing:
+
+class Run:
+    """One attempt of a training run: what its phases share, and what each step boundary does."""
+
+    def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack):
+        """Data, model, optimizer, schedule and grad scaler, before any resume."""
+        self.cfg, self.dist, self.signals = cfg, dist, signals
+        self.batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
+        generate_data(cfg, dist)
+        index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
+        self.dataset = index.summary() if index else None  # recorded in every checkpoint
+        self.train_loader, self.val_loader = build_loaders(cfg, dist, self.batch_size, index)
+        held.callback(self.train_loader.close)
+        held.callback(self.val_loader.close)
+        self.steps_per_epoch = len(self.train_loader)
+
+        seed_everything(cfg.run.seed)
+        self.device = device = dist.device
+        tune_backends(device)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient,
+                                 cfg.model.drop_rate, cfg.model.depth, cfg.model.growth_rate
+                                 ).to(device, memory_format=memory_format)
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.train.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
+        self.scaler = build_scaler(device, cfg.train.precision)
+        self.progress = Progress()
+        self.metrics_lines = 0
+        self.boundary = StepBoundary(signals, device, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes,
+                                     cfg.train.max_skipped_steps)
+        self.stop_signal = ""
+        self.save_seconds = 0.0
+
+    def resume(self, resume: dict | None) -> None:
+        """Continue from ``resume`` (a loaded checkpoint), if any; then the run dir is written."""
+        cfg, progress = self.cfg, self.progress
+        self.resumed_from = resume
+        if resume:
+            self.model.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.scaler.load_state_dict(resume["scaler"])
+            self.progress = progress = Progress(**resume["progress"])
+            self.metrics_lines = resume["metrics_lines"]
+            restore(resume, self.dist, cfg, progress, self.train_loader, self.scheduler, self.steps_per_epoch)
+            if progress.epoch >= cfg.train.epochs:
+                log.info("The run in %s already completed %d of %d epochs: nothing to train. Raise train.epochs "
+                         "to continue it, or choose a new run.dir.", cfg.run.dir, progress.epoch, cfg.train.epochs)
+            else:
+                log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"],
+                         progress.epoch + 1, progress.step_in_epoch, self.steps_per_epoch, progress.global_step)
+        self.run_dir = prepare_run_dir(cfg, self.dist)
+
+    def start(self) -> None:
+        """Wrap the model for DDP (and compile), open the metrics file, the MLflow run and the insights."""
+        cfg, dist, model = self.cfg, self.dist, self.model
+        net: nn.Module = model
+        if dist.world_size > 1:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
+        self.tracker = start_tracking(cfg, dist, self.run_dir)
+        self.insights = start_insights(cfg.insights, model, self.run_dir, self.metrics, self.tracker,
+                                       self.progress.global_step - self.progress.step_in_epoch) \
+            if dist.is_main else None
         params = sum(p.numel() for p in model.parameters())
         log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s%s, global batch %d, %d steps/epoch, "
-                 "run dir %s", cfg.model.name, params / 1e6, device.type, dist.world_size, cfg.train.precision,
+                 "run dir %s", cfg.model.name, params / 1e6, self.device.type, dist.world_size, cfg.train.precision,
                  cfg.train.channels_last, ", cudnn.benchmark" if torch.backends.cudnn.benchmark else "",
-                 cfg.train.batch_size, steps_per_epoch, run_dir)
+                 cfg.train.batch_size, self.steps_per_epoch, self.run_dir)
+        self.flops = step_flops(cfg.model, self.batch_size, cfg.data.image_size) if dist.is_main else 0.0
+        self.attempt_start, self.wall_before = time.perf_counter(), self.progress.wall_seconds
+        self.compile_pending = cfg.train.compile and dist.is_main
+        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
 
-        attempt_start, wall_before = time.perf_counter(), progress.wall_seconds
-        last_save = time.monotonic()
-        save_seconds = 0.0
-        stop_signal = ""
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.attempt_start
 
-        def wall_seconds() -> float:
-            return wall_before + time.perf_counter() - attempt_start
+    # ---------------------------------------------------------------- the epochs
 
-        def save(reason: str) -> None:
-            nonlocal last_save, save_seconds
-            began = time.perf_counter()
-            ranks = gather_to_main({"rng": rng_state()})
-            if dist.is_main:
-                progress.wall_seconds = wall_seconds()
-                state = {"format": FORMAT_VERSION, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "progress": asdict(progress),
-                         "loader": train_loader.state_dict(), "dataset": dataset,
-                         "ranks": ranks, "world_size": dist.world_size, "metrics_lines": metrics.lines,
-                         "mlflow_run_id": tracker.run_id if tracker else None,
-                         "config": OmegaConf.to_container(cfg), "versions": library_versions()}
-                path = save_checkpoint(state, run_dir, progress.global_step, cfg.checkpoint.keep_last,
-                                       progress.best_step)
-                save_seconds = time.perf_counter() - began
-                log.info("Saved %s (%s) in %.2fs", path.name, reason, save_seconds)
-            barrier()  # no rank leaves (or exits) before the checkpoint is on disk
-            last_save = time.monotonic()
-
-        compile_pending = cfg.train.compile and dist.is_main
-        ids_file = None
-        if cfg.data.record_ids and hasattr(train_loader, "last_ids"):
-            (run_dir / "sample_ids").mkdir(exist_ok=True)
-            ids_file = closing.enter_context(open(run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
-
-        def on_step(global_step: int) -> bool:
-            nonlocal stop_signal, compile_pending
-            if compile_pending:  # the first step compiled the forward and backward
-                compile_pending = False
-                log.info("%s; first step done %.1fs after start", compile_report(),
-                         time.perf_counter() - attempt_start)
-            progress.global_step = global_step
-            if ids_file:
-                ids = train_loader.last_ids  # as the loader delivered them with the batch
-                ids_file.write(f"{dist.world_size} {progress.epoch} {progress.step_in_epoch} "
-                               f"{' '.join(map(str, ids.tolist()))}\n")
-                ids_file.flush()
-            progress.step_in_epoch += 1
-            if insights:
-                insights.on_step(global_step)  # the gradients of this step are still there
-            every = cfg.checkpoint.every_steps
-            minutes = cfg.checkpoint.every_minutes
-            timed = minutes > 0 and time.monotonic() - last_save >= 60 * minutes
-            timed, stop = agree(timed, signals.received is not None)
-            if stop:
-                names = gather_to_main(signals.name)  # which signal, wherever it arrived
-                stop_signal = next((n for n in names if n), "") if names else signals.name
-                save(f"stop signal {signals.name or 'on another rank'}")
-                if signals.received is not None:
-                    log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
-                return True
-            if (every and global_step % every == 0) or timed:
-                save("every_steps" if every and global_step % every == 0 else "every_minutes")
-            return False
-
-        def on_log(record: dict) -> None:
-            log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  data-wait %.0f%%", progress.epoch + 1,
-                     progress.step_in_epoch + 1, steps_per_epoch, record["loss"], record["lr"],
-                     record["images_per_s"], 100 * record["data_wait"])
-            if metrics:
-                metrics.log("train", epoch=progress.epoch, **record)
-            if tracker:
-                tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait")},
-                                    record["global_step"])
-
+    def train_epochs(self, closing: ExitStack) -> None:
+        cfg, progress, dist = self.cfg, self.progress, self.dist
+        self.ids_file = None
+        if cfg.data.record_ids and hasattr(self.train_loader, "last_ids"):
+            (self.run_dir / "sample_ids").mkdir(exist_ok=True)
+            self.ids_file = closing.enter_context(open(self.run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
         while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
             epoch_start = time.perf_counter()
             if progress.step_in_epoch == 0:
-                train_loader.set_epoch(epoch)
-            if progress.step_in_epoch < steps_per_epoch:
+                self.train_loader.set_epoch(epoch)
+            if progress.step_in_epoch < self.steps_per_epoch:
                 show_bar = dist.is_main and sys.stderr.isatty()
-                with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
+                with tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
                           disable=not show_bar, leave=False) as bar:
-                    _, stopped = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, cfg.train,
-                                                 device, progress.global_step, dist.world_size, on_log, on_step, bar)
+                    _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
+                                                 self.scheduler, self.scaler, cfg.train, self.device,
+                                                 progress.global_step, dist.world_size, self.on_log, self.on_step,
+                                                 bar)
                 if stopped:
-                    raise StopRequested(stop_signal)
-            broadcast_buffers(model)
-            # the plain model: each rank evaluates its own share, with no DDP collective per batch
-            val = evaluate(model, val_loader, device, cfg.train.precision, cfg.train.channels_last)
-            progress.val = val
-            if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
-                progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
-            epoch_seconds = time.perf_counter() - epoch_start
-            log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
-                     epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
-            if metrics:
-                metrics.log("val", epoch=epoch, global_step=progress.global_step, **val, epoch_seconds=epoch_seconds,
-                            checkpoint_seconds=save_seconds)
-            if tracker:
-                tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
-                                     "epoch_seconds": epoch_seconds, "checkpoint_seconds": save_seconds},
-                                    progress.global_step)
-            if insights:
-                insights.on_epoch_end(epoch, progress.global_step)
+                    raise StopRequested(self.stop_signal)
+            self.validate(epoch, time.perf_counter() - epoch_start)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            save("end of epoch")
+            self.save("end of epoch")
 
-        progress.wall_seconds = wall_seconds()
+    def on_step(self, global_step: int, loss: torch.Tensor) -> bool:
+        """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop."""
+        progress = self.progress
+        if self.compile_pending:  # the first step compiled the forward and backward
+            self.compile_pending = False
+            log.info("%s; first step done %.1fs after start", compile_report(),
+                     time.perf_counter() - self.attempt_start)
+        progress.global_step = global_step
+        if self.ids_file:
+            ids = self.train_loader.last_ids  # as the loader delivered them with the batch
+            self.ids_file.write(f"{self.dist.world_size} {progress.epoch} {progress.step_in_epoch} "
+                                f"{' '.join(map(str, ids.tolist()))}\n")
+            self.ids_file.flush()
+        progress.step_in_epoch += 1
+        if self.insights:
+            self.insights.on_step(global_step)  # the gradients of this step are still there
+        skipped = None
+        if self.last_scale is not None:
+            # the scaler lowers its scale exactly when it skipped the step; its step() already waited for the
+            # device (it reads found_inf), so reading the scale costs only the update's few kernels
+            scale = self.scaler.get_scale()
+            skipped, self.last_scale = scale < self.last_scale, scale
+        decision = self.boundary.after_step(global_step, loss, skipped,
+                                            last_in_epoch=progress.step_in_epoch == self.steps_per_epoch)
+        if decision.stop:
+            self.stop()
+            return True
+        if decision.save:
+            every = self.cfg.checkpoint.every_steps
+            if self.save("every_steps" if every and global_step % every == 0 else "every_minutes"):
+                self.stop()
+                return True
+        return False
+
+    def stop(self) -> None:
+        """A stop signal reached some rank: checkpoint here (every rank), then the loop stops."""
+        signals = self.signals
+        names = gather_to_main(signals.name)  # which signal, wherever it arrived
+        self.stop_signal = next((n for n in names if n), "") if names else signals.name
+        self.save(f"stop signal {signals.name or 'on another rank'}")
+        if signals.received is not None:
+            log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
+
+    def save(self, reason: str) -> bool:
+        """A checkpoint of this step (every rank calls it), unless the loss or weights are not finite (then every
+        rank raises NonFiniteLoss). Returns whether a stop signal reached some rank meanwhile."""
+        dist, progress = self.dist, self.progress
+        stop = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model))
+        began = time.perf_counter()
+        ranks = gather_to_main({"rng": rng_state()})
+        if dist.is_main:
+            progress.wall_seconds = self.wall_seconds()
+            state = {"format": FORMAT_VERSION, "model": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "progress": asdict(progress),
+                     "loader": self.train_loader.state_dict(), "dataset": self.dataset,
+                     "ranks": ranks, "world_size": dist.world_size, "metrics_lines": self.metrics.lines,
+                     "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+                     "config": OmegaConf.to_container(self.cfg), "versions": library_versions()}
+            path = save_checkpoint(state, self.run_dir, progress.global_step, self.cfg.checkpoint.keep_last,
+                                   progress.best_step)
+            self.save_seconds = time.perf_counter() - began
+            log.info("Saved %s (%s) in %.2fs", path.name, reason, self.save_seconds)
+        barrier()  # no rank leaves (or exits) before the checkpoint is on disk
+        self.boundary.saved()
+        return stop
+
+    def on_log(self, record: dict) -> None:
+        """A logged window: the loss, the rate of the job and of each GPU (or CPU rank), and its TFLOP/s."""
+        progress = self.progress
+        per_gpu = record["images_per_s"] / self.dist.world_size
+        record = {**record, "images_per_s_per_gpu": per_gpu,
+                  "tflops_per_gpu": self.flops * per_gpu / self.batch_size / 1e12}
+        log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%",
+                 progress.epoch + 1, progress.step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
+                 record["images_per_s"], per_gpu, "GPU" if self.device.type == "cuda" else "rank",
+                 record["tflops_per_gpu"], 100 * record["data_wait"])
+        if self.metrics:
+            self.metrics.log("train", epoch=progress.epoch, **record)
+        if self.tracker:
+            self.tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait",
+                                                                       "images_per_s_per_gpu", "tflops_per_gpu")},
+                                     record["global_step"])
+
+    def validate(self, epoch: int, train_seconds: float) -> None:
+        cfg, progress = self.cfg, self.progress
+        epoch_start = time.perf_counter() - train_seconds
+        broadcast_buffers(self.model)
+        # the plain model: each rank evaluates its own share, with no DDP collective per batch
+        val = evaluate(self.model, self.val_loader, self.device, cfg.train.precision, cfg.train.channels_last)
+        progress.val = val
+        if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
+            progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
+        epoch_seconds = time.perf_counter() - epoch_start
+        log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
+                 epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
+        if self.metrics:
+            self.metrics.log("val", epoch=epoch, global_step=progress.global_step, **val,
+                             epoch_seconds=epoch_seconds, checkpoint_seconds=self.save_seconds)
+        if self.tracker:
+            self.tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
+                                      "epoch_seconds": epoch_seconds, "checkpoint_seconds": self.save_seconds},
+                                     progress.global_step)
+        if self.insights:
+            self.insights.on_epoch_end(epoch, progress.global_step)
+
+    # ---------------------------------------------------------------- the end
+
+    def finish(self) -> dict:
+        """The final model and summary (rank 0), the MLflow run closed; the summary on every rank."""
+        cfg, progress, dist, run_dir = self.cfg, self.progress, self.dist, self.run_dir
+        progress.wall_seconds = self.wall_seconds()
         summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
                    "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * cfg.train.batch_size,
                    "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
-                   "replicas_identical": replicas_identical(model)}
+                   "replicas_identical": replicas_identical(self.model)}
         if not summary["replicas_identical"]:
             log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
         if dist.is_main:
-            atomic_torch_save(model.state_dict(), run_dir / "model_final.pt")
+            atomic_torch_save(self.model.state_dict(), run_dir / "model_final.pt")
             atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-            metrics.log("summary", **summary)
-            metrics.close()
-            if tracker:
-                tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
-                                                             "train.log")])
+            self.metrics.log("summary", **summary)
+            self.metrics.close()
+            if self.tracker:
+                self.tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
+                                                                  "train.log")])
             log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
                      progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
         return summary
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one device sync: for checkpoints, not for steps)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -480,6 +554,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except StopRequested:
         return RESUME_EXIT_CODE
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
     return 0
 
 

@@ -65,3 +65,13 @@ def test_train_compares_the_training_loop_with_a_bare_loop(tmp_path):
                            tmp_path=tmp_path)
     assert result["ratio"] == pytest.approx(result["train_loop_images_per_s"] / result["bare_loop_images_per_s"])
     assert "ratio train/bare" in stdout
+
+
+def test_boundary_measures_both_designs_at_each_world_size(tmp_path):
+    stdout, result = bench("boundary", "--world-size", "2", "3", "--steps", "20", "--step-ms", "10",
+                           tmp_path=tmp_path)
+    assert [r["world_size"] for r in result["runs"]] == [2, 3] and "async/blocking" in stdout
+    for run in result["runs"]:
+        # the blocking design waits a whole round trip per step; the asynchronous one only reads a finished one
+        assert run["blocked_ms_per_step"] < 0.5 * run["blocked_ms_per_step_blocking"]
+        assert run["boundary_ms_per_step"] >= run["blocked_ms_per_step"]

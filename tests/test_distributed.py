@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import load_config
 from pipeline.data.synthetic import write_synthetic_imagenet
 from pipeline.distributed import RankError, check_rank_environment, device_index, placement, shared_gpus
+from pipeline.engine import step_flops
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +36,15 @@ def test_two_ranks_end_with_identical_parameters_and_one_summary(tmp_path, mini_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_identical"] is True
     assert summary["global_step"] == 2 * 20 and summary["images_seen"] == 2 * 640
-    events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
     assert events.count("summary") == 1 and events.count("val") == 2
     assert "[rank 0/2]" in result.stdout
+    # the job's rate, each rank's share of it, and each rank's TFLOP/s from the FLOPs of its batch of 16
+    flops = step_flops(load_config(MINI).model, 16, 32)
+    for r in (r for r in records if r["event"] == "train"):
+        assert r["images_per_s_per_gpu"] == pytest.approx(r["images_per_s"] / 2)
+        assert r["tflops_per_gpu"] == pytest.approx(flops * r["images_per_s_per_gpu"] / 16 / 1e12)
 
 
 @pytest.mark.slow

@@ -120,3 +120,12 @@ def test_compile_report_says_when_graph_breaks_split_the_model():
     assert compile_report().startswith("torch.compile: graph breaks split the model into 2 graphs (")
     torch._dynamo.reset()
     counters.clear()
+
+
+def test_the_flops_of_a_step_are_three_times_the_forward_of_densenet121():
+    from pipeline.engine import step_flops
+
+    # torchvision's DenseNet-121: 2.83 GMAC (5.67 GFLOP) forward per 224 px image; backward is about twice that
+    cfg = OmegaConf.create({"name": "densenet121", "num_classes": 1000, "drop_rate": 0.0, "depth": 100,
+                            "growth_rate": 12})
+    assert step_flops(cfg, 2, 224) / 2 / 1e9 == pytest.approx(3 * 5.67, rel=0.03)

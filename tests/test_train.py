@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,37 @@ def test_a_second_run_into_a_locked_run_dir_stops_at_once_naming_the_holder(tmp_
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing written
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_the_first_non_finite_value_and_keeps_the_last_finite_checkpoint(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.boundary import NONFINITE_EXIT_CODE
+    from pipeline.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "runs" / "diverged"
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"),
+                             f"run.dir={run_dir}", "data.backend=synthetic", "optim.lr=2000",
+                             "schedule.warmup_epochs=1", "checkpoint.every_steps=2", "checkpoint.keep_last=100",
+                             "train.log_every_steps=1", "tracking.backend=mlflow"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == NONFINITE_EXIT_CODE, result.stdout[-3000:] + result.stderr[-3000:]
+    stopped = re.search(r"Stopped: the (?:loss at step (\d+) is \S+|weights after step (\d+) hold non-finite "
+                        r"values)\. No checkpoint of it was written", result.stderr)
+    assert stopped, result.stderr[-3000:]
+    bad_step = int(stopped.group(1) or stopped.group(2))
+    # every checkpoint on disk is finite and older than the bad step; latest names the newest of them
+    saved = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    assert len(saved) >= 3
+    for path in saved:
+        state = load_checkpoint(path)
+        assert state["progress"]["global_step"] < bad_step
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), path
+    latest = json.loads((run_dir / "checkpoints/latest").read_text())
+    assert latest["file"] == saved[-1].name
+    assert not (run_dir / "model_final.pt").exists() and not (run_dir / "summary.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("densenet").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: Stopped: the ")

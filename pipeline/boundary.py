@@ -1,0 +1,207 @@
+"""The rules at a step boundary: stop signals, checkpoint cadence and a finite loss, decided alike on every rank.
+
+Every rank must act at the same step: a rank that checkpoints or stops alone leaves the others waiting in a
+collective. The ranks agree through one small all-reduce (MAX) of their flags, and no step waits for it: the
+reduction of step s is started at step s and read at step s + 1, so it has a whole step of compute to travel.
+
+Why this is safe: every rank starts exactly one reduction per step, at the same step, on the same process
+group, and waits for it at the next step before starting the next one; so every rank reads the same result at
+the same step, and the collectives of the group stay in the same order on every rank. Before anything else
+is sent on the group (a checkpoint's gather, the end of an epoch), the reduction in flight is read
+(:meth:`StepBoundary.drain`). A stop signal that arrives during step s is in step s's flags and is acted on at
+step s + 1: the stop checkpoint holds at most 2 steps more than the signal's. At an epoch's last step the
+reduction is read at once (one blocking round trip per epoch), so an epoch never ends with a decision in
+flight.
+
+The loss is checked without a host sync: its value is copied to pinned host memory without blocking and read
+one step later, when the GPU has long finished that step. A non-finite loss, or (fp16) more than
+``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with :class:`NonFiniteLoss`; before
+any checkpoint the loss of the current step and the weights are checked (blocking, once per checkpoint), so no
+checkpoint of a step after the bad one is ever written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.distributed import control_group, first_problem, on_every_rank
+
+NONFINITE_EXIT_CODE = 3  # neither 0 (done) nor 75 (stopped to resume): the run diverged, do not restart it
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or the weights) stopped being finite; the run stopped without checkpointing it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does at this step boundary."""
+    stop: bool = False  # a stop signal reached some rank: checkpoint and stop
+    save: bool = False  # checkpoint now (checkpoint.every_steps, or every_minutes on some rank)
+    diverged: bool = False  # some rank saw a non-finite loss, or too many skipped steps: stop, no checkpoint
+
+
+class LossWatch:
+    """A step's loss, read one step later without waiting for the device (on a CPU, at once)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._slots = [torch.zeros((), dtype=torch.float32, pin_memory=self.cuda) for _ in range(2)]  # pinned
+        self._events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self._step: list[int | None] = [None, None]
+        self._next = 0
+
+    def record(self, step: int, loss: torch.Tensor) -> tuple[int, float] | None:
+        """Keep step ``step``'s loss; return the previous step's (step, value) if it was not finite."""
+        previous = self.read(1 - self._next)
+        slot = self._next
+        if self.cuda:
+            self._slots[slot].copy_(loss.detach(), non_blocking=True)
+            self._events[slot].record()
+        else:
+            self._slots[slot] = loss.detach()  # already on the host
+        self._step[slot] = step
+        self._next = 1 - slot
+        return previous
+
+    def read(self, slot: int) -> tuple[int, float] | None:
+        if self._step[slot] is None:
+            return None
+        if self.cuda:
+            self._events[slot].synchronize()  # that step finished long ago: no wait in steady state
+        step, value = self._step[slot], self._slots[slot].item()
+        self._step[slot] = None
+        return None if math.isfinite(value) else (step, value)
+
+    def read_all(self) -> tuple[int, float] | None:
+        """Every loss kept so far, now (a host sync): the first non-finite one."""
+        first = self.read(1 - self._next)
+        latest = self.read(self._next)
+        return first or latest
+
+
+class StepBoundary:
+    """Decides, after each training step, whether every rank checkpoints, stops, or stops because the run
+    diverged. ``blocking=True`` agrees within the step (one blocking round trip per step: the old design, kept
+    as the baseline of ``bench boundary``)."""
+
+    def __init__(self, signals, device: torch.device, every_steps: int = 0, every_minutes: float = 0.0,
+                 max_skipped: int = 0, blocking: bool = False, clock: Callable[[], float] = time.monotonic):
+        self.signals = signals
+        self.every_steps = every_steps
+        self.every_minutes = every_minutes
+        self.max_skipped = max_skipped
+        self.blocking = blocking
+        self.clock = clock
+        self.loss = LossWatch(device)
+        self.last_save = clock()
+        self.skipped_in_a_row = 0
+        self.problem: str | None = None  # this rank's reason to stop for divergence, once it has one
+        self._pending: tuple[object, np.ndarray] | None = None
+        # two flag buffers in turn (one may be in flight), written through numpy: no tensor made per step
+        self._buffers = [np.zeros(3, dtype=np.int32) for _ in range(2)]
+        self._tensors = [torch.from_numpy(b) for b in self._buffers]
+        self._turn = 0
+        self.waited = 0.0  # seconds the last step boundary waited for the ranks' decision
+
+    # ---------------------------------------------------------------- the flags of one rank
+
+    def _flags(self, step: int, loss: torch.Tensor | None, skipped: bool | None, now: bool) -> list[int]:
+        if loss is not None:
+            bad = self.loss.record(step, loss)
+            if bad and self.problem is None:
+                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
+        if now:
+            bad = self.loss.read_all()
+            if bad and self.problem is None:
+                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
+        if skipped is not None:
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            if self.max_skipped and self.skipped_in_a_row > self.max_skipped and self.problem is None:
+                self.problem = (f"the fp16 grad scaler skipped {self.skipped_in_a_row} steps in a row up to step "
+                                f"{step} (more than train.max_skipped_steps={self.max_skipped}): every gradient "
+                                "overflows")
+        timed = self.every_minutes > 0 and self.clock() - self.last_save >= 60 * self.every_minutes
+        return [int(self.signals.received is not None), int(timed), int(self.problem is not None)]
+
+    # ---------------------------------------------------------------- agreeing
+
+    def _start(self, flags: list[int]) -> None:
+        buffer, tensor = self._buffers[self._turn], self._tensors[self._turn]
+        self._turn = 1 - self._turn
+        buffer[:] = flags
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=control_group(), async_op=True) \
+            if dist.is_initialized() else None
+        self._pending = (work, buffer)
+
+    def _read(self) -> list[int]:
+        if self._pending is None:
+            return [0, 0, 0]
+        work, buffer = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        return buffer.tolist()
+
+    def drain(self) -> Decision:
+        """Read the reduction in flight now (before the group carries anything else)."""
+        stop, timed, diverged = self._read()
+        return Decision(stop=bool(stop), save=bool(timed), diverged=bool(diverged))
+
+    def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: bool | None = None,
+                   last_in_epoch: bool = False) -> Decision:
+        """The decision at the boundary after step ``step`` (``skipped``: whether the fp16 scaler skipped it)."""
+        now = self.blocking or last_in_epoch
+        flags = self._flags(step, loss, skipped, now)
+        began = time.perf_counter()
+        if now:  # the one in flight and this step's, agreed within the step: a round trip waited for
+            earlier = self._read()
+            self._start([max(a, b) for a, b in zip(earlier, flags, strict=True)])
+            stop, timed, diverged = self._read()
+            self.waited = time.perf_counter() - began
+        else:  # the previous step's, started a step ago (only its end is waited for); this step's goes out
+            stop, timed, diverged = self._read()
+            self.waited = time.perf_counter() - began
+            self._start(flags)
+        if diverged:
+            self.stop_diverged()
+        every = bool(self.every_steps) and step % self.every_steps == 0
+        return Decision(stop=bool(stop), save=bool(timed) or every)
+
+    # ---------------------------------------------------------------- checkpoints and divergence
+
+    def before_save(self, step: int, weights_finite: Callable[[], bool]) -> bool:
+        """Called by every rank before a checkpoint: read what is in flight and check the latest loss and the
+        weights (blocking, once per checkpoint); a non-finite one stops every rank before anything is written.
+        Returns whether a stop signal reached some rank meanwhile (stop after this checkpoint)."""
+        stop, _, diverged = self._read()
+        if self.problem is None:
+            bad = self.loss.read_all()
+            if bad:
+                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
+            elif not weights_finite():
+                self.problem = f"the weights after step {step} hold non-finite values"
+        self._start([stop, 0, int(diverged or self.problem is not None)])
+        stop, _, diverged = self._read()
+        if diverged:
+            self.stop_diverged()
+        return bool(stop)
+
+    def saved(self) -> None:
+        self.last_save = self.clock()
+
+    def stop_diverged(self) -> None:
+        """Every rank raises :class:`NonFiniteLoss`, with the first rank's reason."""
+        self._pending = None
+        reason = first_problem(self.problem)
+        raise on_every_rank(NonFiniteLoss(
+            f"Stopped: {reason or 'another rank saw a non-finite loss'}. No checkpoint of it was written; the "
+            "newest checkpoint is the last finite one. Lower optim.lr, lengthen schedule.warmup_epochs, or use "
+            "train.precision=bf16 (fp16 overflows sooner), then resume or start again."))
