@@ -20,9 +20,12 @@ import sys
 import psutil
 import torch
 
+from pipeline.boundary import NONFINITE_EXIT_CODE
 from pipeline.checkpoint import RESUME_EXIT_CODE
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, global_batch, load_config
 from pipeline.train import per_rank_batch
+
+USAGE_EXIT_CODE = 2  # a config, dataset, checkpoint or rank error that the run names
 
 
 def free_port() -> int:
@@ -78,6 +81,10 @@ def run_torchrun(argv: list[str]) -> int:
             print(f"every rank checkpointed and stopped; run the same command again to resume "
                   f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
             return RESUME_EXIT_CODE
+        rank, first = err.get_first_failure()
+        if first.exitcode in (USAGE_EXIT_CODE, NONFINITE_EXIT_CODE):  # a refusal, or the run diverged: said above
+            print(f"rank {rank} stopped with exit status {first.exitcode} (its error is above)", file=sys.stderr)
+            return first.exitcode
         raise
     return 0
 
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if not args.evaluate:
-            per_rank_batch(cfg.train.batch_size, args.nproc_per_node * args.nnodes)
+            world = args.nproc_per_node * args.nnodes
+            per_rank_batch(global_batch(cfg.train, world), world)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, global_batch, load_config, to_yaml
 from pipeline.lock import RunDirLock, RunDirLocked, holds_files
 from pipeline.train import per_rank_batch
 
@@ -86,7 +86,7 @@ def check_job(cfg: DictConfig) -> int:
                           f"{s.gpus_per_node}: one task runs per GPU. Leave tasks_per_node at 0.")
     world = s.nodes * tasks_per_node(cfg)
     try:
-        per_rank_batch(cfg.train.batch_size, world)
+        per_rank_batch(global_batch(cfg.train, world), world)
     except ConfigError as err:
         raise LaunchError(f"{err} (slurm.nodes={s.nodes} x {tasks_per_node(cfg)} tasks per node)") from None
     minutes = time_minutes(s.time_min)

@@ -200,14 +200,16 @@ def library_versions() -> dict:
 # keys that define the model and the data of a run: a resume must not change them
 # (the dataset is named by its index hash, checked apart, not by data.root: a moved or packed copy may continue)
 MUST_MATCH = ("model.", "data.backend", "data.image_size", "data.val_resize", "data.mean", "data.std",
-              "data.generate.", "train.batch_size", "run.seed")
+              "data.generate.", "run.seed")  # the global batch is checked on its own (with train.batch_per_gpu)
+MAY_CHANGE = ("model.sync_bn",)  # SyncBatchNorm holds the same parameters and statistics as BatchNorm
 
 
 def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
     """Refuse a resume whose config changes the model or the data; other changes (epochs, logging) are fine."""
     old, new = flatten(saved_config), flatten(config)
-    changed = [k for k in sorted(set(old) | set(new))
-               if (k.startswith(MUST_MATCH) or k in MUST_MATCH) and old.get(k) != new.get(k)]
+    # a key the saved config lacks came with a newer version, whose default keeps the old behaviour
+    changed = [k for k in sorted(set(old) | set(new)) if k in old and k not in MAY_CHANGE
+               and (k.startswith(MUST_MATCH) or k in MUST_MATCH) and old.get(k) != new.get(k)]
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise CheckpointError(f"Cannot resume from {path}: the config changes {details}. These keys define the "

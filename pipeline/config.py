@@ -38,6 +38,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     depth: int = 100  # densenet_bc only: L = 6n + 4
     growth_rate: int = 12  # densenet_bc only: k
+    sync_bn: bool = False  # BatchNorm over the whole global batch under DDP (SyncBatchNorm; CUDA only)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 90
-    batch_size: int = 256  # GLOBAL batch, split evenly over ranks
+    batch_size: int | None = 256  # GLOBAL batch, split evenly over ranks; or null with batch_per_gpu
+    batch_per_gpu: int | None = None  # per rank (GPU); the global batch is then this x the world size
     precision: str = "bf16"  # bf16 | fp16 (with a grad scaler) | fp32
     channels_last: bool = True
     compile: bool = False
@@ -94,7 +96,8 @@ class ScheduleConfig:
     name: str = "step"  # step | cosine
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # epochs, for step
     gamma: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up from zero, then the schedule
+    # linear warm-up from zero, then the schedule; auto: none up to a global batch of 1024, 5 epochs above
+    warmup_epochs: Any = "auto"
 
 
 @dataclass
@@ -180,11 +183,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.num_classes", "data.image_size", "data.workers", "data.prefetch", "data.synthetic_steps",
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
-    "train.epochs", "train.batch_size", "train.log_every_steps", "optim.lr", "model.growth_rate",
+    "train.epochs", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s",
 )
-NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "schedule.warmup_epochs", "data.val_resize",
+NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps")
@@ -250,6 +253,24 @@ def _parse_overrides(words: list[str]) -> DictConfig:
         raise ConfigError(f"Could not parse the command-line overrides {words}: {err}") from None
 
 
+# Goyal et al. 2017: a linear warm-up of 5 epochs lets a global batch of 8192 match 256; small batches need none
+WARMUP_ABOVE = 1024
+AUTO_WARMUP_EPOCHS = 5
+
+
+def warmup_epochs(schedule_cfg, global_batch: int) -> float:
+    """``schedule.warmup_epochs`` as a number: auto is none up to a global batch of 1024, 5 epochs above."""
+    if schedule_cfg.warmup_epochs == "auto":
+        return float(AUTO_WARMUP_EPOCHS if global_batch > WARMUP_ABOVE else 0)
+    return float(schedule_cfg.warmup_epochs)
+
+
+def global_batch(train_cfg, world_size: int) -> int:
+    """``train.batch_size``, or ``train.batch_per_gpu`` x the world size."""
+    per_gpu = train_cfg.get("batch_per_gpu")  # absent from the configs of older checkpoints
+    return per_gpu * world_size if per_gpu is not None else train_cfg["batch_size"]
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot: choices, ranges and relations between keys."""
     for key, allowed in CHOICES.items():
@@ -264,8 +285,20 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be 0 or more, got {OmegaConf.select(cfg, key)!r}.")
     if not 0 <= cfg.train.label_smoothing < 1:
         raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}.")
-    if cfg.schedule.warmup_epochs >= cfg.train.epochs:
-        raise ConfigError(f"'schedule.warmup_epochs' ({cfg.schedule.warmup_epochs}) must be less than "
+    batch, per_gpu = cfg.train.batch_size, cfg.train.batch_per_gpu
+    if (batch is None) == (per_gpu is None):
+        raise ConfigError(f"Set exactly one of 'train.batch_size' (the global batch; now {batch}) and "
+                          f"'train.batch_per_gpu' (per GPU; now {per_gpu}): e.g. train.batch_size=null "
+                          "train.batch_per_gpu=64 for 64 images per GPU at any world size.")
+    for key, value in (("train.batch_size", batch), ("train.batch_per_gpu", per_gpu)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"'{key}' must be greater than 0, got {value!r}.")
+    warmup = cfg.schedule.warmup_epochs
+    if warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0):
+        raise ConfigError(f"'schedule.warmup_epochs' is {warmup!r}: a number of epochs (0 or more), or auto (none "
+                          f"up to a global batch of {WARMUP_ABOVE}, {AUTO_WARMUP_EPOCHS} epochs above).")
+    if warmup != "auto" and warmup >= cfg.train.epochs:
+        raise ConfigError(f"'schedule.warmup_epochs' ({warmup}) must be less than "
                           f"'train.epochs' ({cfg.train.epochs}).")
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"'schedule.milestones' must be increasing epochs, got {list(cfg.schedule.milestones)}.")

@@ -43,7 +43,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import WARMUP_ABOVE, ConfigError, flatten, global_batch, load_config, to_yaml, warmup_epochs
 from pipeline.data.index import describe_change
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
@@ -104,6 +104,25 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
+def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: int, warmup: float) -> None:
+    """Refuse SyncBN without CUDA; warn (rank 0, once) of a small per-GPU batch and of no warm-up at a large one."""
+    if cfg.model.sync_bn and dist.device.type != "cuda":
+        raise on_every_rank(ConfigError(
+            "model.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. Set model.sync_bn=false "
+            "on CPU ranks."))
+    if not dist.is_main:
+        return
+    if per_rank < 32 and not cfg.model.sync_bn:
+        log.warning("%d images per %s: BatchNorm's statistics over fewer than 32 images are noisy and hurt "
+                    "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
+                    "schedule.warmup_epochs=auto), or set model.sync_bn=true to normalise over all ranks' images.",
+                    per_rank, "GPU" if dist.device.type == "cuda" else "rank")
+    if batch > WARMUP_ABOVE and warmup == 0:
+        log.warning("schedule.warmup_epochs=0 at a global batch of %d: the learning rate starts at %.3g on step 1, "
+                    "where large batches diverge or lose accuracy without a warm-up (Goyal et al. 2017 warm up "
+                    "for 5 epochs). Use schedule.warmup_epochs=auto.", batch, cfg.optim.lr * batch / 256)
+
+
 def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
     """Write the synthetic JPEG tree at ``data.root`` if the config asks for it and it is missing."""
     if cfg.data.backend != "synthetic" and cfg.data.generate.enabled and dist.is_main:
@@ -146,6 +165,16 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
     problem = first_problem(problem)
     if problem:
         raise on_every_rank(CheckpointError(problem))
+    saved_batch = state.get("global_batch") or global_batch(OmegaConf.create(state["config"]).train,
+                                                            state["world_size"])
+    if saved_batch != global_batch(cfg.train, dist.world_size):
+        how = (f"train.batch_per_gpu={cfg.train.batch_per_gpu} x {dist.world_size} ranks"
+               if cfg.train.batch_per_gpu is not None else f"train.batch_size={cfg.train.batch_size}")
+        raise on_every_rank(CheckpointError(
+            f"Cannot resume from {path}: the global batch changes from {saved_batch} to "
+            f"{global_batch(cfg.train, dist.world_size)} ({how}). The learning rate and the epochs' order are "
+            "built on the global batch: keep it (with a per-GPU batch, keep the number of ranks, or set "
+            f"train.batch_size={saved_batch} train.batch_per_gpu=null), or start a new run.dir."))
     saved, current = state.get("dataset"), dataset
     state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
     if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":
@@ -298,7 +327,10 @@ class Run:
     def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack):
         """Data, model, optimizer, schedule and grad scaler, before any resume."""
         self.cfg, self.dist, self.signals = cfg, dist, signals
-        self.batch_size = per_rank_batch(cfg.train.batch_size, dist.world_size)
+        self.global_batch = global_batch(cfg.train, dist.world_size)
+        self.batch_size = per_rank_batch(self.global_batch, dist.world_size)
+        self.warmup = warmup_epochs(cfg.schedule, self.global_batch)
+        check_batch_settings(cfg, dist, self.global_batch, self.batch_size, self.warmup)
         generate_data(cfg, dist)
         index = dataset_index(cfg, dist) if cfg.data.backend != "synthetic" else None
         self.dataset = index.summary() if index else None  # recorded in every checkpoint
@@ -314,8 +346,11 @@ class Run:
         self.model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient,
                                  cfg.model.drop_rate, cfg.model.depth, cfg.model.growth_rate
                                  ).to(device, memory_format=memory_format)
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.train.batch_size)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
+        if cfg.model.sync_bn and dist.world_size > 1:  # BatchNorm over the global batch, before DDP wraps it
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
+        schedule = OmegaConf.merge(cfg.schedule, {"warmup_epochs": self.warmup})
+        self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = build_scaler(device, cfg.train.precision)
         self.progress = Progress()
         self.metrics_lines = 0
@@ -332,7 +367,14 @@ class Run:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
             self.scheduler.load_state_dict(resume["scheduler"])
-            self.scaler.load_state_dict(resume["scaler"])
+            saved = flatten(resume["config"])
+            if saved.get("train.precision", cfg.train.precision) == cfg.train.precision:
+                self.scaler.load_state_dict(resume["scaler"])
+            else:  # a grad scaler's state belongs to fp16 alone
+                log.info("train.precision changed from %s to %s since the checkpoint: applied%s.",
+                         saved["train.precision"], cfg.train.precision,
+                         ", with a new grad scaler" if cfg.train.precision == "fp16" else " (no grad scaler)")
+            apply_changed_settings(saved, cfg, self.optimizer, self.scheduler, self.global_batch)
             self.progress = progress = Progress(**resume["progress"])
             self.metrics_lines = resume["metrics_lines"]
             restore(resume, self.dist, cfg, progress, self.train_loader, self.scheduler, self.steps_per_epoch)
@@ -363,7 +405,7 @@ class Run:
         log.info("%s (%.2fM parameters) on %s x%d, %s, channels_last=%s%s, global batch %d, %d steps/epoch, "
                  "run dir %s", cfg.model.name, params / 1e6, self.device.type, dist.world_size, cfg.train.precision,
                  cfg.train.channels_last, ", cudnn.benchmark" if torch.backends.cudnn.benchmark else "",
-                 cfg.train.batch_size, self.steps_per_epoch, self.run_dir)
+                 self.global_batch, self.steps_per_epoch, self.run_dir)
         self.flops = step_flops(cfg.model, self.batch_size, cfg.data.image_size) if dist.is_main else 0.0
         self.attempt_start, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         self.compile_pending = cfg.train.compile and dist.is_main
@@ -455,7 +497,8 @@ class Run:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "progress": asdict(progress),
                      "loader": self.train_loader.state_dict(), "dataset": self.dataset,
-                     "ranks": ranks, "world_size": dist.world_size, "metrics_lines": self.metrics.lines,
+                     "ranks": ranks, "world_size": dist.world_size, "global_batch": self.global_batch,
+                     "metrics_lines": self.metrics.lines,
                      "mlflow_run_id": self.tracker.run_id if self.tracker else None,
                      "config": OmegaConf.to_container(self.cfg), "versions": library_versions()}
             path = save_checkpoint(state, self.run_dir, progress.global_step, self.cfg.checkpoint.keep_last,
@@ -509,11 +552,11 @@ class Run:
 
     def finish(self) -> dict:
         """The final model and summary (rank 0), the MLflow run closed; the summary on every rank."""
-        cfg, progress, dist, run_dir = self.cfg, self.progress, self.dist, self.run_dir
+        progress, dist, run_dir = self.progress, self.dist, self.run_dir
         progress.wall_seconds = self.wall_seconds()
         summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
-                   "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * cfg.train.batch_size,
+                   "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * self.global_batch,
                    "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
                    "replicas_identical": replicas_identical(self.model)}
         if not summary["replicas_identical"]:
@@ -529,6 +572,30 @@ class Run:
             log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
                      progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
         return summary
+
+
+def apply_changed_settings(saved: dict, cfg: DictConfig, optimizer: torch.optim.Optimizer, scheduler,
+                           batch: int) -> None:
+    """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
+    optimizer and schedule (each named in the log), from the step the run resumes at. (The model, the data and
+    the global batch cannot change: :func:`check_resumable` refuses those.)"""
+    current = flatten(OmegaConf.to_container(cfg))
+    keys = [k for k in sorted(current) if k.startswith(("optim.", "schedule.")) or k == "train.epochs"]
+    changed = {k: (saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]}
+    if not changed:
+        return
+    base = cfg.optim.lr * batch / 256
+    for group in optimizer.param_groups:
+        group.update(initial_lr=base, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                     weight_decay=cfg.optim.weight_decay)
+    scheduler.base_lrs = [base for _ in optimizer.param_groups]
+    # the schedule is computed from the current settings at each step: the learning rate of the resumed step
+    for group, factor in zip(optimizer.param_groups, [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas],
+                             strict=True):
+        group["lr"] = base * factor
+    log.info("Changed since the checkpoint, applied from global step %d on: %s (learning rate now %.4g)",
+             scheduler.last_epoch, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+             optimizer.param_groups[0]["lr"])
 
 
 def weights_finite(model: nn.Module) -> bool:

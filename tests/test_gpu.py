@@ -62,3 +62,61 @@ def test_mini_config_on_the_gpu_with_bf16_and_channels_last(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on cuda" in result.stdout and "cudnn.benchmark" in result.stdout
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0
+
+
+def _sync_bn_rank(rank: int, port: int, backend: str, out) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank if backend == "nccl" else 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    torch.backends.cudnn.deterministic = True
+    torch.manual_seed(0)
+    reference = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).to(device)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("densenet_bc", num_classes=10, depth=16,
+                                                                growth_rate=12).to(device))
+    model.load_state_dict(reference.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2)).to(device)
+    loss = nn.functional.cross_entropy(ddp(x[rank * 8:(rank + 1) * 8]), y[rank * 8:(rank + 1) * 8])
+    loss.backward()  # DDP averages the gradients: the gradient of the mean loss over all 16 images
+    losses = [torch.zeros((), device=device) for _ in range(2)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        full = nn.functional.cross_entropy(reference(x), y)  # one process, the whole batch of 16
+        full.backward()
+        grads = {n: p.grad for n, p in reference.named_parameters()}
+        worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item()
+                    for n, p in model.named_parameters())
+        stats = max((a - b).abs().max().item() for (k, a), (_, b) in zip(model.state_dict().items(),
+                                                                      reference.state_dict().items(), strict=True)
+                    if "running" in k)
+        out.put((abs((sum(losses) / 2 - full).item()), worst, stats))
+    dist.destroy_process_group()
+
+
+def test_sync_batchnorm_at_world_2_matches_one_process_with_the_whole_batch():
+    """Per-rank batch 8 at world 2 with SyncBatchNorm: the loss, every gradient and the running statistics of
+    one process with the batch of 16 (fp32). One GPU: both ranks share it over gloo; two or more: NCCL."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_sync_bn_rank, args=(r, port, backend, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    loss_gap, worst_grad, stats_gap = out.get(timeout=300)
+    for p in procs:
+        p.join(timeout=60)
+    assert loss_gap < 1e-5 and worst_grad < 1e-4 and stats_gap < 1e-5, (loss_gap, worst_grad, stats_gap)

@@ -174,3 +174,27 @@ def test_a_diverging_run_stops_at_the_first_non_finite_value_and_keeps_the_last_
     (run,) = client.search_runs([client.get_experiment_by_name("densenet").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: Stopped: the ")
+
+
+def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.engine import lr_factor
+
+    run_dir = tmp_path / "run"
+    words = [f"run.dir={run_dir}", "data.backend=synthetic", "data.synthetic_steps=4", "train.log_every_steps=1"]
+    first = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=2", "optim.lr=0.4", "train.precision=fp16",
+                  cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "Traceback" not in out
+    assert "train.precision changed from fp32 to fp16 since the checkpoint: applied, with a new grad scaler" in out
+    assert "optim.lr 0.8 -> 0.4" in out and "train.epochs 1 -> 2" in out
+    # the schedule of the new settings, from the resumed step on: lr 0.4 per 256 images at batch 32
+    schedule = OmegaConf.create({"name": "cosine", "warmup_epochs": 0.5, "milestones": [], "gamma": 0.1})
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {e["global_step"]: e["lr"] for e in events if e["event"] == "train"}
+    for step in (5, 6, 7):
+        assert lrs[step] == pytest.approx(0.4 * 32 / 256 * lr_factor(step, 4, 2, schedule))

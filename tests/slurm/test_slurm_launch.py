@@ -219,6 +219,24 @@ def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
 
 
 @pytest.mark.slow
+def test_a_diverging_job_fails_and_is_not_requeued(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "data.backend=synthetic", "data.synthetic_steps=100",
+                                            "train.batch_size=32", "optim.lr=2000", "schedule.warmup_epochs=0.5",
+                                            "checkpoint.every_steps=2")))
+    deadline = time.monotonic() + 300
+    while job_id in queue():
+        assert time.monotonic() < deadline, job_logs(run_dir)
+        time.sleep(1)
+    (job,) = job_fields(job_id)
+    assert (job["JobState"], job["Restarts"]) == ("FAILED", "0"), job_logs(run_dir)
+    assert "NonFiniteLoss: Stopped: the " in (run_dir / f"slurm/{job_id}_0_log.err").read_text()
+    assert not (run_dir / "summary.json").exists()
+    status = launch("status", str(run_dir))
+    assert f"job {job_id}: FAILED" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_a_sweep_is_one_array_with_a_run_dir_per_point(slurm, tmp_path, mini_data, nodes):
     base = tmp_path / "sweep"
