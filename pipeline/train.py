@@ -360,9 +360,9 @@ class Run:
         self.save_seconds = 0.0
 
     def resume(self, resume: dict | None) -> None:
-        """Continue from ``resume`` (a loaded checkpoint), if any; then the run dir is written."""
+        """Write the run dir (the config, the log), then continue from ``resume`` (a loaded checkpoint), if any."""
         cfg, progress = self.cfg, self.progress
-        self.resumed_from = resume
+        self.run_dir = prepare_run_dir(cfg, self.dist)  # from here on rank 0's log also goes to train.log
         if resume:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -384,7 +384,6 @@ class Run:
             else:
                 log.info("Resuming from %s: epoch %d, step %d of %d (global step %d)", resume["path"],
                          progress.epoch + 1, progress.step_in_epoch, self.steps_per_epoch, progress.global_step)
-        self.run_dir = prepare_run_dir(cfg, self.dist)
 
     def start(self) -> None:
         """Wrap the model for DDP (and compile), open the metrics file, the MLflow run and the insights."""

@@ -192,6 +192,8 @@ def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(t
     assert "Traceback" not in out
     assert "train.precision changed from fp32 to fp16 since the checkpoint: applied, with a new grad scaler" in out
     assert "optim.lr 0.8 -> 0.4" in out and "train.epochs 1 -> 2" in out
+    log = (run_dir / "train.log").read_text()  # what a resume says reaches the run's own log too
+    assert "Resuming from" in log and "optim.lr 0.8 -> 0.4" in log and "with a new grad scaler" in log
     # the schedule of the new settings, from the resumed step on: lr 0.4 per 256 images at batch 32
     schedule = OmegaConf.create({"name": "cosine", "warmup_epochs": 0.5, "milestones": [], "gamma": 0.1})
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -215,7 +215,10 @@ def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
     err = (run_dir / f"slurm/{job_id}_0_log.err").read_text()
     assert "Not requeued: the job was already requeued 0 times (slurm.max_requeues=0)" in err
     status = launch("status", str(run_dir))
-    assert status.returncode == 0 and re.search(r"checkpoint .*step-0+[3-6]\.pt", status.stdout)
+    saved = re.search(r"checkpoint .*step-(\d{9})\.pt", status.stdout)
+    # the stop checkpoint: at or after the step the signal followed (a loaded machine runs a few more steps
+    # before the signal lands, and the ranks agree a step later), well before the end (step 40)
+    assert status.returncode == 0 and saved and 3 <= int(saved.group(1)) < 40, status.stdout
 
 
 @pytest.mark.slow
@@ -325,8 +328,13 @@ def test_wait_stops_at_a_pending_reason_that_never_resolves(slurm, tmp_path, cap
     # more CPUs on one node than any node has: SLURM takes the job and keeps it PENDING (PartitionConfig)
     cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True,
                                               check=True).stdout.split())
-    out = subprocess.run(["sbatch", "--parsable", "-N", "1", "--ntasks-per-node=2", f"--cpus-per-task={cpus}",
-                          "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True, check=True)
+    for factor in (1, 2, 4, 8):  # sbatch refuses some such requests at once (a node's CPU count), keeps others
+        out = subprocess.run(["sbatch", "--parsable", "-N", "1", "--ntasks-per-node=2",
+                              f"--cpus-per-task={factor * cpus}", "-o", "/dev/null", "--wrap", "true"],
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            break
+    assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     returned = []
     waiting = threading.Thread(target=lambda: returned.append(wait([{"job_id": job_id, "run_dir": str(tmp_path)}],
