@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import sys
 
 import psutil
@@ -23,15 +22,10 @@ import torch
 from pipeline.boundary import NONFINITE_EXIT_CODE
 from pipeline.checkpoint import RESUME_EXIT_CODE
 from pipeline.config import ConfigError, global_batch, load_config
+from pipeline.distributed import free_port
 from pipeline.train import per_rank_batch
 
 USAGE_EXIT_CODE = 2  # a config, dataset, checkpoint or rank error that the run names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_args(args: argparse.Namespace) -> list[str]:

@@ -195,7 +195,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     return {"runs": runs, "train_loop_images_per_s": train, "bare_loop_images_per_s": bare, "ratio": train / bare}
 
 
-def _boundary_rank(rank: int, world: int, port: int, step_ms: float, steps: int, results) -> None:
+def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, steps: int) -> None:
     """One rank of ``bench boundary``: both designs in turn, the same steps, the same process group."""
     from pipeline.boundary import StepBoundary
     from pipeline.distributed import gather_to_main, init_distributed, shutdown
@@ -226,24 +226,11 @@ def _boundary_rank(rank: int, world: int, port: int, step_ms: float, steps: int,
 
 
 def bench_boundary(args: argparse.Namespace) -> dict:
-    import socket
+    from pipeline.distributed import run_local_ranks
 
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     runs = []
     for world in args.world_size:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        results = ctx.Queue()
-        procs = [ctx.Process(target=_boundary_rank, args=(r, world, port, args.step_ms, args.steps, results))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        figures = results.get(timeout=600)
-        for p in procs:
-            p.join(timeout=60)
+        [figures] = run_local_ranks(_boundary_rank, world, args.step_ms, args.steps)
         (before, before_all), (after, after_all) = figures["blocking"], figures["async"]
         runs.append({"world_size": world, "step_ms": args.step_ms, "steps": args.steps,
                      "blocked_ms_per_step_blocking": before, "blocked_ms_per_step": after, "ratio": after / before,

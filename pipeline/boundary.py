@@ -6,18 +6,21 @@ reduction of step s is started at step s and read at step s + 1, so it has a who
 
 Why this is safe: every rank starts exactly one reduction per step, at the same step, on the same process
 group, and waits for it at the next step before starting the next one; so every rank reads the same result at
-the same step, and the collectives of the group stay in the same order on every rank. Before anything else
-is sent on the group (a checkpoint's gather, the end of an epoch), the reduction in flight is read
-(:meth:`StepBoundary.drain`). A stop signal that arrives during step s is in step s's flags and is acted on at
-step s + 1: the stop checkpoint holds at most 2 steps more than the signal's. At an epoch's last step the
+the same step, and the collectives of the group stay in the same order on every rank. The rule that keeps it
+so: nothing else is sent on the group while a reduction is in flight. Every path that sends something else
+reads the one in flight first: a checkpoint (:meth:`StepBoundary.before_save`, before its gather of the
+random states), a divergence stop (:meth:`StepBoundary.stop_diverged`, before it gathers the reason), and
+the end of an epoch. A stop signal that arrives during step s is in step s's flags and is acted on at step
+s + 1: the stop checkpoint holds at most 2 steps more than the signal's. At an epoch's last step the
 reduction is read at once (one blocking round trip per epoch), so an epoch never ends with a decision in
-flight.
+flight, and validation's collectives never meet one.
 
 The loss is checked without a host sync: its value is copied to pinned host memory without blocking and read
-one step later, when the GPU has long finished that step. A non-finite loss, or (fp16) more than
-``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with :class:`NonFiniteLoss`; before
-any checkpoint the loss of the current step and the weights are checked (blocking, once per checkpoint), so no
-checkpoint of a step after the bad one is ever written.
+one step later, when the GPU has long finished that step. The loss of step s is so checked at step s + 1
+and travels in that step's flags: every rank stops at step s + 2 at the latest. A non-finite loss, or (fp16)
+more than ``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with
+:class:`NonFiniteLoss`; before any checkpoint the loss of the current step and the weights are checked
+(blocking, once per checkpoint), so no checkpoint of a step after the bad one is ever written.
 """
 
 from __future__ import annotations
@@ -180,8 +183,10 @@ class StepBoundary:
     def before_save(self, step: int, weights_finite: Callable[[], bool]) -> bool:
         """Called by every rank before a checkpoint: read what is in flight and check the latest loss and the
         weights (blocking, once per checkpoint); a non-finite one stops every rank before anything is written.
-        Returns whether a stop signal reached some rank meanwhile (stop after this checkpoint)."""
+        Returns whether a stop signal reached some rank, in flight or now (this checkpoint is then the stop's:
+        the caller stops after it)."""
         stop, _, diverged = self._read()
+        stop = max(stop, int(self.signals.received is not None))
         if self.problem is None:
             bad = self.loss.read_all()
             if bad:
@@ -198,8 +203,9 @@ class StepBoundary:
         self.last_save = self.clock()
 
     def stop_diverged(self) -> None:
-        """Every rank raises :class:`NonFiniteLoss`, with the first rank's reason."""
-        self._pending = None
+        """Every rank raises :class:`NonFiniteLoss`, with the first rank's reason (the reduction in flight is
+        read first: the gather of the reason must not meet it on the group)."""
+        self._read()
         reason = first_problem(self.problem)
         raise on_every_rank(NonFiniteLoss(
             f"Stopped: {reason or 'another rank saw a non-finite loss'}. No checkpoint of it was written; the "

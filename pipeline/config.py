@@ -300,6 +300,9 @@ def validate(cfg: DictConfig) -> None:
     if warmup != "auto" and warmup >= cfg.train.epochs:
         raise ConfigError(f"'schedule.warmup_epochs' ({warmup}) must be less than "
                           f"'train.epochs' ({cfg.train.epochs}).")
+    if cfg.optim.nesterov and not cfg.optim.momentum > 0:
+        raise ConfigError(f"'optim.nesterov' is true but 'optim.momentum' is {cfg.optim.momentum}: Nesterov momentum "
+                          "needs a momentum above 0. Set optim.momentum (e.g. 0.9) or optim.nesterov=false.")
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"'schedule.milestones' must be increasing epochs, got {list(cfg.schedule.milestones)}.")
     if cfg.model.name == "densenet_bc" and (cfg.model.depth < 10 or (cfg.model.depth - 4) % 6):

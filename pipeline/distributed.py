@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +30,48 @@ class DistInfo:
 
 class RankError(RuntimeError):
     """The process's rank variables cannot describe a correct job."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_local_ranks(target: Callable, world_size: int, *args, timeout_s: float = 600.0) -> list:
+    """``target(rank, world_size, port, results, *args)`` in ``world_size`` new processes of this machine (a
+    group on a free port of 127.0.0.1); returns what they put on ``results``, a queue. A rank that fails, or
+    ranks still running after ``timeout_s``, end them all with a RuntimeError that names them."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, results, *args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out, deadline = [], time.monotonic() + timeout_s
+    try:
+        while True:  # the queue is read while they run: a process exits only once what it put is read
+            try:
+                out.append(results.get(timeout=0.2))
+                continue
+            except queue.Empty:
+                pass
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"rank {failed[0][0]} of {world_size} exited with status {failed[0][1]}")
+            if all(p.exitcode == 0 for p in procs):
+                return out
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {[r for r, p in enumerate(procs) if p.is_alive()]} of {world_size} "
+                                   f"still running after {timeout_s:.0f}s")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=10)
 
 
 def check_rank_environment(env: Mapping[str, str], gpus: int) -> None:

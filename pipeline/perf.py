@@ -332,7 +332,7 @@ def measure_index(spec: dict) -> dict:
 
 def measure_bare_loop(spec: dict) -> dict:
     """The mini model's forward/backward/step on one synthetic batch, timed in windows like training's log."""
-    from pipeline.config import load_config
+    from pipeline.config import global_batch, load_config
 
     cfg = load_config(spec["config"], spec["overrides"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -343,7 +343,7 @@ def measure_bare_loop(spec: dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = build_scaler(device, cfg.train.precision)
     criterion = nn.CrossEntropyLoss()
-    batch = cfg.train.batch_size
+    batch = global_batch(cfg.train, 1)  # one process: the global batch (or the per-GPU one) is its batch
     images, labels = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes, device, memory_format)
     window, rates = cfg.train.log_every_steps, []
     for _ in range(spec["windows"] + 1):

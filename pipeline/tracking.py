@@ -312,6 +312,13 @@ class Tracker:
             if step > self.skip_until.get(key, -1):
                 self.sender.queue.put(Metric(key, float(value), now, step))
 
+    def set_tag(self, key: str, value: str) -> None:
+        """Tag the run now (secrets redacted); a tag that cannot be sent is a warning, never the run's end."""
+        try:
+            self.client.set_tag(self.run_id, key, redact(value)[:4000])
+        except Exception as err:  # noqa: BLE001 - the tracking server's outage is reported, training goes on
+            log.warning("Could not tag the MLflow run %s with %s: %s", self.run_id, key, err)
+
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
         self.sender.queue.put(Picture(key, Path(path).read_bytes(), step))

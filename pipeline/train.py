@@ -110,9 +110,14 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
         raise on_every_rank(ConfigError(
             "model.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. Set model.sync_bn=false "
             "on CPU ranks."))
+    if cfg.schedule.warmup_epochs == "auto" and warmup >= cfg.train.epochs:  # a number is checked with the config
+        raise on_every_rank(ConfigError(
+            f"schedule.warmup_epochs=auto warms up for {warmup:g} epochs at a global batch of {batch} (above "
+            f"{WARMUP_ABOVE}), but train.epochs={cfg.train.epochs}: the warm-up would never end. Train for more "
+            f"than {warmup:g} epochs, or set schedule.warmup_epochs to fewer epochs than train.epochs."))
     if not dist.is_main:
         return
-    if per_rank < 32 and not cfg.model.sync_bn:
+    if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
         log.warning("%d images per %s: BatchNorm's statistics over fewer than 32 images are noisy and hurt "
                     "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
                     "schedule.warmup_epochs=auto), or set model.sync_bn=true to normalise over all ranks' images.",
@@ -121,6 +126,17 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
         log.warning("schedule.warmup_epochs=0 at a global batch of %d: the learning rate starts at %.3g on step 1, "
                     "where large batches diverge or lose accuracy without a warm-up (Goyal et al. 2017 warm up "
                     "for 5 epochs). Use schedule.warmup_epochs=auto.", batch, cfg.optim.lr * batch / 256)
+
+
+def build_net(model_cfg: DictConfig, device: torch.device, channels_last: bool, world_size: int) -> nn.Module:
+    """The model on ``device`` (channels-last if asked); with ``model.sync_bn`` over several ranks its
+    BatchNorms become SyncBatchNorm, which normalise over every rank's batch (before DDP wraps it)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(model_cfg.name, model_cfg.num_classes, model_cfg.memory_efficient, model_cfg.drop_rate,
+                        model_cfg.depth, model_cfg.growth_rate).to(device, memory_format=memory_format)
+    if model_cfg.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
@@ -342,12 +358,7 @@ class Run:
         seed_everything(cfg.run.seed)
         self.device = device = dist.device
         tune_backends(device)
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient,
-                                 cfg.model.drop_rate, cfg.model.depth, cfg.model.growth_rate
-                                 ).to(device, memory_format=memory_format)
-        if cfg.model.sync_bn and dist.world_size > 1:  # BatchNorm over the global batch, before DDP wraps it
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = build_net(cfg.model, device, cfg.train.channels_last, dist.world_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
         schedule = OmegaConf.merge(cfg.schedule, {"warmup_epochs": self.warmup})
         self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
@@ -358,6 +369,7 @@ class Run:
                                      cfg.train.max_skipped_steps)
         self.stop_signal = ""
         self.save_seconds = 0.0
+        self.changed = ""  # the settings a resume changed, as the log names them
 
     def resume(self, resume: dict | None) -> None:
         """Write the run dir (the config, the log), then continue from ``resume`` (a loaded checkpoint), if any."""
@@ -374,7 +386,7 @@ class Run:
                 log.info("train.precision changed from %s to %s since the checkpoint: applied%s.",
                          saved["train.precision"], cfg.train.precision,
                          ", with a new grad scaler" if cfg.train.precision == "fp16" else " (no grad scaler)")
-            apply_changed_settings(saved, cfg, self.optimizer, self.scheduler, self.global_batch)
+            self.changed = apply_changed_settings(saved, cfg, self.optimizer, self.scheduler, self.global_batch)
             self.progress = progress = Progress(**resume["progress"])
             self.metrics_lines = resume["metrics_lines"]
             restore(resume, self.dist, cfg, progress, self.train_loader, self.scheduler, self.steps_per_epoch)
@@ -397,6 +409,8 @@ class Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
         self.tracker = start_tracking(cfg, dist, self.run_dir)
+        if self.tracker and self.changed:  # MLflow's params are the first attempt's: a change is a tag
+            self.tracker.set_tag(f"changed_at_step_{self.progress.global_step}", self.changed)
         self.insights = start_insights(cfg.insights, model, self.run_dir, self.metrics, self.tracker,
                                        self.progress.global_step - self.progress.step_in_epoch) \
             if dist.is_main else None
@@ -438,7 +452,8 @@ class Run:
                     raise StopRequested(self.stop_signal)
             self.validate(epoch, time.perf_counter() - epoch_start)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            self.save("end of epoch")
+            if self.save("end of epoch"):  # a signal during validation: this checkpoint is the stop's
+                raise StopRequested(self.stop_signal)
 
     def on_step(self, global_step: int, loss: torch.Tensor) -> bool:
         """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop."""
@@ -464,30 +479,22 @@ class Run:
             skipped, self.last_scale = scale < self.last_scale, scale
         decision = self.boundary.after_step(global_step, loss, skipped,
                                             last_in_epoch=progress.step_in_epoch == self.steps_per_epoch)
-        if decision.stop:
-            self.stop()
-            return True
-        if decision.save:
+        if decision.stop or decision.save:
             every = self.cfg.checkpoint.every_steps
-            if self.save("every_steps" if every and global_step % every == 0 else "every_minutes"):
-                self.stop()
-                return True
+            return self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
+                             stopping=decision.stop)
         return False
 
-    def stop(self) -> None:
-        """A stop signal reached some rank: checkpoint here (every rank), then the loop stops."""
-        signals = self.signals
-        names = gather_to_main(signals.name)  # which signal, wherever it arrived
-        self.stop_signal = next((n for n in names if n), "") if names else signals.name
-        self.save(f"stop signal {signals.name or 'on another rank'}")
-        if signals.received is not None:
-            log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
-
-    def save(self, reason: str) -> bool:
+    def save(self, reason: str, stopping: bool = False) -> bool:
         """A checkpoint of this step (every rank calls it), unless the loss or weights are not finite (then every
-        rank raises NonFiniteLoss). Returns whether a stop signal reached some rank meanwhile."""
-        dist, progress = self.dist, self.progress
-        stop = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model))
+        rank raises NonFiniteLoss). Returns whether it is a stop's checkpoint (``stopping``, or a stop signal
+        reached some rank meanwhile): the caller stops after it. One checkpoint per step, whatever asked."""
+        dist, progress, signals = self.dist, self.progress, self.signals
+        stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
+        if stopping:  # which signal, wherever it arrived (the group is free: before_save read what was in flight)
+            names = gather_to_main(signals.name)
+            self.stop_signal = next((n for n in names if n), "") if names else signals.name
+            reason = f"stop signal {signals.name or f'{self.stop_signal} on another rank'}"
         began = time.perf_counter()
         ranks = gather_to_main({"rng": rng_state()})
         if dist.is_main:
@@ -506,7 +513,9 @@ class Run:
             log.info("Saved %s (%s) in %.2fs", path.name, reason, self.save_seconds)
         barrier()  # no rank leaves (or exits) before the checkpoint is on disk
         self.boundary.saved()
-        return stop
+        if stopping and signals.received is not None:
+            log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
+        return stopping
 
     def on_log(self, record: dict) -> None:
         """A logged window: the loss, the rate of the job and of each GPU (or CPU rank), and its TFLOP/s."""
@@ -574,15 +583,21 @@ class Run:
 
 
 def apply_changed_settings(saved: dict, cfg: DictConfig, optimizer: torch.optim.Optimizer, scheduler,
-                           batch: int) -> None:
+                           batch: int) -> str:
     """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
-    optimizer and schedule (each named in the log), from the step the run resumes at. (The model, the data and
-    the global batch cannot change: :func:`check_resumable` refuses those.)"""
+    optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
+    names them ("" if none). (The model, the data and the global batch cannot change: :func:`check_resumable`
+    refuses those.) A warm-up is compared in epochs: auto and the number it stands for are the same."""
     current = flatten(OmegaConf.to_container(cfg))
+    saved = dict(saved)
+    for flat in (saved, current):
+        if "schedule.warmup_epochs" in flat:
+            flat["schedule.warmup_epochs"] = warmup_epochs(OmegaConf.create({"warmup_epochs":
+                                                                            flat["schedule.warmup_epochs"]}), batch)
     keys = [k for k in sorted(current) if k.startswith(("optim.", "schedule.")) or k == "train.epochs"]
     changed = {k: (saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]}
     if not changed:
-        return
+        return ""
     base = cfg.optim.lr * batch / 256
     for group in optimizer.param_groups:
         group.update(initial_lr=base, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
@@ -592,9 +607,10 @@ def apply_changed_settings(saved: dict, cfg: DictConfig, optimizer: torch.optim.
     for group, factor in zip(optimizer.param_groups, [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas],
                              strict=True):
         group["lr"] = base * factor
+    names = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
     log.info("Changed since the checkpoint, applied from global step %d on: %s (learning rate now %.4g)",
-             scheduler.last_epoch, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
-             optimizer.param_groups[0]["lr"])
+             scheduler.last_epoch, names, optimizer.param_groups[0]["lr"])
+    return names
 
 
 def weights_finite(model: nn.Module) -> bool:

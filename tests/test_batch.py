@@ -1,6 +1,7 @@
 """Batch semantics at scale: a global or a per-GPU batch, warm-up that follows it, BatchNorm over small batches."""
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,39 @@ def test_small_per_gpu_batches_and_no_warm_up_at_a_large_batch_are_warned_about(
     assert said[1].startswith("schedule.warmup_epochs=0 at a global batch of 2048: the learning rate starts at 6.4")
 
 
+def test_an_auto_warm_up_as_long_as_the_run_is_refused_by_name():
+    cfg = load_config(MINI, ["schedule.warmup_epochs=auto", "train.epochs=5"])
+    with pytest.raises(ConfigError, match=r"schedule.warmup_epochs=auto warms up for 5 epochs at a global batch "
+                                          r"of 2048 \(above 1024\), but train.epochs=5: the warm-up would never end"):
+        check_batch_settings(cfg, CPU, 2048, 64, warmup_epochs(cfg.schedule, 2048))
+    check_batch_settings(load_config(MINI, ["schedule.warmup_epochs=auto", "train.epochs=6"]), CPU, 2048, 64, 5.0)
+    check_batch_settings(cfg, CPU, 1024, 64, warmup_epochs(cfg.schedule, 1024))  # no warm-up at 1024
+
+
+def test_a_resume_compares_the_warm_up_in_epochs_and_names_what_changed():
+    from pipeline.config import flatten
+    from pipeline.engine import build_optimizer, build_scheduler
+    from pipeline.train import apply_changed_settings
+
+    def restored(words):
+        cfg = load_config(MINI, words)
+        optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.optim, 256)
+        return cfg, optimizer, build_scheduler(optimizer, OmegaConf.merge(cfg.schedule, {"warmup_epochs": 0.0}),
+                                               cfg.train.epochs, 10)
+
+    saved = flatten(OmegaConf.to_container(load_config(MINI, ["schedule.warmup_epochs=0"])))
+    assert apply_changed_settings(saved, *restored(["schedule.warmup_epochs=auto"]), 256) == ""  # auto is 0 here
+    assert apply_changed_settings(saved, *restored(["schedule.warmup_epochs=auto"]), 2048) == \
+        "schedule.warmup_epochs 0.0 -> 5.0"
+    assert apply_changed_settings(saved, *restored(["optim.lr=0.05", "schedule.warmup_epochs=0"]), 256) == \
+        "optim.lr 0.8 -> 0.05"
+
+
 def test_sync_bn_without_cuda_is_refused_by_name(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={tmp_path / 'run'}",
                              "data.backend=synthetic", "model.sync_bn=true", "tracking.backend=none"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # a CPU rank, on a GPU machine too
     assert result.returncode == 2 and "model.sync_bn=true needs CUDA" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 

@@ -2,14 +2,13 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeline.boundary import NonFiniteLoss, StepBoundary
+from pipeline.distributed import run_local_ranks
 
 CPU = torch.device("cpu")
 FINITE = torch.tensor(2.3)
@@ -98,7 +97,7 @@ def test_too_many_skipped_fp16_steps_in_a_row_stop_the_run():
         b.after_step(9, FINITE, False)
 
 
-def _ranks(rank: int, world: int, port: int, case: str, out) -> None:
+def _ranks(rank: int, world: int, port: int, out, case: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -123,15 +122,5 @@ def _ranks(rank: int, world: int, port: int, case: str, out) -> None:
 @pytest.mark.parametrize("case, expected", [("signal", ("stop", 5)),
                                             ("nan", ("Stopped: the loss at step 4 is nan", 6))])
 def test_every_rank_takes_the_decision_of_one_at_the_same_step(case, expected):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_ranks, args=(r, 2, port, case, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-    results = sorted(out.get(timeout=5) for _ in procs)
+    results = sorted(run_local_ranks(_ranks, 2, case, timeout_s=120))
     assert results == [(0, *expected), (1, *expected)]

@@ -82,6 +82,12 @@ def test_out_of_range_values_name_the_key(word, key):
         load_config(None, [word])
 
 
+def test_nesterov_without_momentum_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"'optim.nesterov' is true but 'optim.momentum' is 0.0"):
+        load_config(None, ["optim.momentum=0"])
+    assert load_config(None, ["optim.momentum=0", "optim.nesterov=false"]).optim.momentum == 0
+
+
 def test_densenet_bc_depth_must_be_6n_plus_4():
     with pytest.raises(ConfigError, match="model.depth"):
         load_config(None, ["model.name=densenet_bc", "model.depth=41"])

@@ -153,7 +153,7 @@ def test_two_ranks_shown_the_same_single_gpu_are_refused_and_tasks_bound_to_thei
 
 
 def test_a_rank_whose_peers_never_come_names_what_to_check(tmp_path):
-    from launch.local import free_port
+    from pipeline.distributed import free_port
 
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}

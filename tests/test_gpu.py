@@ -64,21 +64,27 @@ def test_mini_config_on_the_gpu_with_bf16_and_channels_last(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0
 
 
-def _sync_bn_rank(rank: int, port: int, backend: str, out) -> None:
+def _sync_bn_rank(rank: int, world: int, port: int, out, backend: str) -> None:
     import os
 
     import torch.distributed as dist
+    from omegaconf import OmegaConf
     from torch import nn
+
+    from pipeline.train import build_net
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank if backend == "nccl" else 0)
     torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=2)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides
+    model_cfg = OmegaConf.create({"name": "densenet_bc", "num_classes": 10, "memory_efficient": False,
+                                  "drop_rate": 0.0, "depth": 16, "growth_rate": 12, "sync_bn": True})
     torch.manual_seed(0)
-    reference = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).to(device)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("densenet_bc", num_classes=10, depth=16,
-                                                                growth_rate=12).to(device))
+    reference = build_net(model_cfg, device, False, 1)  # one process: plain BatchNorm
+    model = build_net(model_cfg, device, False, world)  # the pipeline's own conversion
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     model.load_state_dict(reference.state_dict())
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
@@ -91,32 +97,21 @@ def _sync_bn_rank(rank: int, port: int, backend: str, out) -> None:
         full = nn.functional.cross_entropy(reference(x), y)  # one process, the whole batch of 16
         full.backward()
         grads = {n: p.grad for n, p in reference.named_parameters()}
-        worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item()
-                    for n, p in model.named_parameters())
+        worst, name = max((((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item(), n)
+                          for n, p in model.named_parameters())
         stats = max((a - b).abs().max().item() for (k, a), (_, b) in zip(model.state_dict().items(),
                                                                       reference.state_dict().items(), strict=True)
                     if "running" in k)
-        out.put((abs((sum(losses) / 2 - full).item()), worst, stats))
+        out.put((abs((sum(losses) / 2 - full).item()), worst, name, stats))
     dist.destroy_process_group()
 
 
 def test_sync_batchnorm_at_world_2_matches_one_process_with_the_whole_batch():
-    """Per-rank batch 8 at world 2 with SyncBatchNorm: the loss, every gradient and the running statistics of
-    one process with the batch of 16 (fp32). One GPU: both ranks share it over gloo; two or more: NCCL."""
-    import socket
+    """Per-rank batch 8 at world 2 with SyncBatchNorm (the pipeline's build_net): the loss, every gradient and
+    the running statistics of one process with the batch of 16 (fp32, no TF32). One GPU: both ranks share it
+    over gloo; two or more: NCCL."""
+    from pipeline.distributed import run_local_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_sync_bn_rank, args=(r, port, backend, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    loss_gap, worst_grad, stats_gap = out.get(timeout=300)
-    for p in procs:
-        p.join(timeout=60)
-    assert loss_gap < 1e-5 and worst_grad < 1e-4 and stats_gap < 1e-5, (loss_gap, worst_grad, stats_gap)
+    [(loss_gap, worst_grad, worst_name, stats_gap)] = run_local_ranks(_sync_bn_rank, 2, backend, timeout_s=300)
+    assert loss_gap < 1e-5 and worst_grad < 1e-4 and stats_gap < 1e-5, (loss_gap, worst_grad, worst_name, stats_gap)

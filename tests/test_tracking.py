@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
 SECRET = "hunter2-s3cret-value"
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

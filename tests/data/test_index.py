@@ -4,7 +4,6 @@ import faulthandler
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.data.index import has_index, load_index
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.synthetic import write_synthetic_imagenet
-from pipeline.distributed import DistInfo
+from pipeline.distributed import DistInfo, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -146,9 +145,7 @@ def test_a_tree_without_an_index_is_listed_by_rank_0_alone(tmp_path):
         "print('RESULT', info.rank, len(seen), index.hash, len(index.splits['train']))\n"
         "dist.destroy_process_group()\n"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
@@ -205,11 +202,6 @@ def test_verify_survives_the_odd_and_damaged_files_of_a_larger_tree_five_times(t
         assert [Path(p).name for p in report["undecodable"]] == ["third.JPEG", "empty.JPEG"]
         assert len(report["png_as_jpeg"]) == len(report["cmyk"]) == len(report["grayscale"]) == 1
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
