@@ -138,24 +138,46 @@ def test_channels_last_input_stays_channels_last_through_every_block():
 #
 # The reference is the plain eager model in float64 on the CPU. Each fast path (channels-last, torch.compile,
 # memory-efficient layers, CUDA) must compute the same function, which float64 shows to ~1e-15, and lose no
-# more than fp32 rounding in fp32: 1e-5 relative on the logits and on all parameter gradients.
+# more than fp32 rounding in fp32: 1e-5 relative on the logits and on all parameter gradients together, and
+# 5e-5 relative on each parameter's own gradient (a BatchNorm bias's gradient is a sum over every pixel of a
+# batch whose terms largely cancel: its fp32 rounding reaches 1e-5 relative on the CPU, the worst measured).
 #
 # One fp32 subtlety: a ReLU input within rounding of 0 can land on the other side of 0 than in float64, and
 # then one more or one fewer gradient element passes, which moves the gradients by ~1e-3 relative in any
-# layout or precision (8 images of 32 px give 2.2M ReLU inputs; in float64 such flips do not happen). The
-# eager fp32 checks therefore record the fp32 run's ReLU decisions and make the reference take the same ones.
+# layout or precision (8 images of 32 px give 2.2M ReLU inputs; in float64 such flips do not happen). The fp32
+# checks therefore record the fp32 run's ReLU decisions (eager or compiled: Dynamo traces the recording hooks)
+# and make the reference take the same ones; no more than 1 in 100,000 inputs may need moving, so that a fast
+# path that computes another function near 0 cannot hide behind the moves.
+
+FP32_TOLERANCE, FP32_PER_PARAMETER, MAX_MOVED_FRACTION = 1e-5, 5e-5, 1e-5
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.cpu().double() - reference).norm() / reference.norm()).item()
 
 
-def outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The logits, and every parameter's gradient of the cross-entropy loss in one vector (in name order)."""
+def outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits, and each parameter's gradient of the cross-entropy loss, by name (float64, on the CPU)."""
     out = model(x)
     torch.nn.functional.cross_entropy(out, y).backward()
-    grads = {name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters()}
-    return out.detach(), torch.cat([grads[name].flatten().double() for name in sorted(grads)])
+    return out.detach(), {name.removeprefix("_orig_mod."): p.grad.detach().cpu().double()
+                          for name, p in model.named_parameters()}
+
+
+def all_gradients(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([grads[name].flatten() for name in sorted(grads)])
+
+
+def assert_close(out, grads, out_ref, grads_ref, tolerance: float, per_parameter: float) -> None:
+    """The logits and all gradients within ``tolerance`` relative, and each parameter's gradient within
+    ``per_parameter`` relative (the worst one named)."""
+    assert grads.keys() == grads_ref.keys()
+    assert relative_error(out, out_ref) < tolerance
+    assert relative_error(all_gradients(grads), all_gradients(grads_ref)) < tolerance
+    worst = max(grads, key=lambda name: relative_error(grads[name], grads_ref[name]))
+    error = relative_error(grads[worst], grads_ref[worst])
+    assert error < per_parameter, f"the gradient of {worst} is {error:.2e} relative from the reference's"
 
 
 def model_reference_and_batch(memory_efficient: bool, seed: int = 0, images: int = 8):
@@ -167,7 +189,7 @@ def model_reference_and_batch(memory_efficient: bool, seed: int = 0, images: int
 
 
 def run_path(model: torch.nn.Module, device: str, memory_format: torch.memory_format, compile: bool,
-             x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+             x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = model.to(device, memory_format=memory_format)
     net = torch.compile(model) if compile else model
     return outputs_and_gradients(net, x.to(device, model.classifier.weight.dtype).contiguous(
@@ -216,18 +238,21 @@ def assert_same_function_in_float64(device: str, memory_format: torch.memory_for
     model, reference, x, y = model_reference_and_batch(memory_efficient)
     out_ref, grads_ref = outputs_and_gradients(reference, x.double(), y)
     out, grads = run_path(model.double(), device, memory_format, compile, x, y)
-    assert relative_error(out, out_ref) < 1e-12
-    assert relative_error(grads, grads_ref) < 1e-12
+    assert_close(out, grads, out_ref, grads_ref, 1e-12, 1e-10)
 
 
-def assert_eager_fp32_within_1e_5(device: str, memory_format: torch.memory_format, memory_efficient: bool) -> None:
+def assert_fp32_within_1e_5(device: str, memory_format: torch.memory_format, memory_efficient: bool,
+                            compile: bool = False) -> None:
     model, reference, x, y = model_reference_and_batch(memory_efficient)
     decisions = record_relu_decisions(model)
-    out, grads = run_path(model, device, memory_format, False, x, y)
-    take_relu_decisions(reference, decisions)
+    out, grads = run_path(model, device, memory_format, compile, x, y)
+    moved = take_relu_decisions(reference, decisions)
     out_ref, grads_ref = outputs_and_gradients(reference, x.double(), y)
-    assert relative_error(out, out_ref) < 1e-5
-    assert relative_error(grads, grads_ref) < 1e-5
+    inputs = sum(d.numel() for d in decisions.values())
+    print(f"{moved[0]} of {inputs} ReLU inputs moved to the fp32 run's side of 0")
+    assert len(decisions) == sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) + 1  # every ReLU seen
+    assert moved[0] <= MAX_MOVED_FRACTION * inputs, f"{moved[0]} of {inputs} ReLU inputs on the other side of 0"
+    assert_close(out, grads, out_ref, grads_ref, FP32_TOLERANCE, FP32_PER_PARAMETER)
 
 
 LAYOUTS = pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format],
@@ -238,7 +263,7 @@ MEMORY_EFFICIENT = pytest.mark.parametrize("memory_efficient", [False, True], id
 @LAYOUTS
 @MEMORY_EFFICIENT
 def test_eager_fp32_matches_the_float64_reference_within_1e_5(memory_format, memory_efficient):
-    assert_eager_fp32_within_1e_5("cpu", memory_format, memory_efficient)
+    assert_fp32_within_1e_5("cpu", memory_format, memory_efficient)
 
 
 def test_relu_decisions_explain_the_fp32_gradient_error_they_cause():
@@ -253,11 +278,13 @@ def test_relu_decisions_explain_the_fp32_gradient_error_they_cause():
         if moved[0]:
             break
     assert moved[0], "no fp32 ReLU input rounded across 0 in 20 batches"
+    inputs = sum(d.numel() for d in decisions.values())
+    assert moved[0] <= MAX_MOVED_FRACTION * inputs  # a handful: rounding, not another function
     # ... there the plain reference's gradients differ by more than the fp32 tolerance ...
     _, grads_plain = outputs_and_gradients(plain, x.double(), y)
-    assert relative_error(grads, grads_plain) > 1e-5
+    assert relative_error(all_gradients(grads), all_gradients(grads_plain)) > FP32_TOLERANCE
     # ... and the reference that takes the fp32 run's decisions agrees within it
-    assert relative_error(grads, grads_following) < 1e-5
+    assert relative_error(all_gradients(grads), all_gradients(grads_following)) < FP32_TOLERANCE
 
 
 @pytest.mark.slow
@@ -272,13 +299,7 @@ def test_fast_paths_compute_the_references_function_in_float64(memory_format, co
 @pytest.mark.slow
 @MEMORY_EFFICIENT
 def test_compiled_fp32_channels_last_matches_the_float64_reference_within_1e_5(memory_efficient):
-    # Compiled code cannot carry the ReLU-recording hooks without graph breaks, so this compares directly: on
-    # this batch no fp32 ReLU input rounds across 0 on the CPU (the eager checks above count such flips).
-    model, reference, x, y = model_reference_and_batch(memory_efficient)
-    out_ref, grads_ref = outputs_and_gradients(reference, x.double(), y)
-    out, grads = run_path(model, "cpu", torch.channels_last, True, x, y)
-    assert relative_error(out, out_ref) < 1e-5
-    assert relative_error(grads, grads_ref) < 1e-5
+    assert_fp32_within_1e_5("cpu", torch.channels_last, memory_efficient, compile=True)
 
 
 @pytest.fixture
@@ -292,8 +313,9 @@ def ieee_fp32():
 
 @pytest.mark.gpu
 @MEMORY_EFFICIENT
-def test_eager_fp32_channels_last_on_cuda_matches_the_float64_reference_within_1e_5(memory_efficient, ieee_fp32):
-    assert_eager_fp32_within_1e_5("cuda", torch.channels_last, memory_efficient)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fp32_channels_last_on_cuda_matches_the_float64_reference_within_1e_5(memory_efficient, compile, ieee_fp32):
+    assert_fp32_within_1e_5("cuda", torch.channels_last, memory_efficient, compile)
 
 
 @pytest.mark.gpu
