@@ -1,6 +1,7 @@
 """Checks that need CUDA; skipped without it (see tests/conftest.py)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,14 @@ def test_amp_step_on_cuda(precision):
     scaler = build_scaler(torch.device("cuda"), precision)
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device="cuda")
-    for _ in range(3):
-        loss = train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, precision)
-    assert torch.isfinite(loss)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = [float(train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, precision))
+              for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses), losses
+    still = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+    assert not still, f"{len(still)} parameters did not move in 3 steps, e.g. {still[:3]}"
+    if precision == "fp16":  # a scaler that skipped all 3 steps halved its scale 3 times
+        assert scaler.get_scale() >= 2.0 ** 14, scaler.get_scale()  # at most 2 of 3 skipped
 
 
 def test_memory_efficient_matches_plain_on_cuda():

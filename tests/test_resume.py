@@ -3,11 +3,13 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import psutil
@@ -99,17 +101,21 @@ def assert_same_run(reference_dir, run_dir):
     assert ours["val_top1"] == theirs["val_top1"] and ours["images_seen"] == theirs["images_seen"]
 
 
-def mid_epoch_step():
-    step = random.randint(STEPS_PER_EPOCH + 2, 2 * STEPS_PER_EPOCH - 2)
-    print(f"interrupting at global step {step}")
+def mid_epoch_step(request, low=STEPS_PER_EPOCH + 2, high=2 * STEPS_PER_EPOCH - 2):
+    """A step in [low, high] drawn from a seed fixed by the test's id; both are printed to replay a failure
+    (RESUME_SEED=N overrides the seed)."""
+    seed = int(os.environ.get("RESUME_SEED") or zlib.crc32(request.node.nodeid.encode()))
+    step = random.Random(seed).randint(low, high)
+    print(f"interrupting at global step {step} (RESUME_SEED={seed})")
     return step
 
 
 @pytest.mark.parametrize("ranks,backend", [(1, "dali"), (1, "torchvision"), (2, "dali")])
-def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_data, reference, ranks, backend):
+def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_data, reference, ranks, backend,
+                                                               request):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     cmd = command(run_dir, mini_data, ranks, backend)
-    interrupt(cmd, run_dir, mid_epoch_step(), signal.SIGKILL, log)
+    interrupt(cmd, run_dir, mid_epoch_step(request), signal.SIGKILL, log)
     assert not (run_dir / "model_final.pt").exists()
     assert run(cmd, log) == 0, log.read_text()[-3000:]
     assert "Resuming from" in log.read_text()
@@ -120,10 +126,10 @@ def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_da
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_stop_signal_to_the_whole_process_group_checkpoints_at_the_next_step_and_resumes_bitwise(
-        tmp_path, mini_data, reference, ranks, backend, sig):
+        tmp_path, mini_data, reference, ranks, backend, sig, request):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     cmd = command(run_dir, mini_data, ranks, backend)
-    at_step = mid_epoch_step()
+    at_step = mid_epoch_step(request)
     status, groups = interrupt(cmd, run_dir, at_step, sig, log, group=True)
     name = signal.Signals(sig).name
     text = log.read_text()
@@ -136,6 +142,47 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_at_the_next_step_a
     assert [p for pgid in groups for p in group_members(pgid)] == []  # the workers ended with their rank
     assert run(cmd, log) == 0, log.read_text()[-3000:]
     assert_same_run(reference(ranks, backend), run_dir)
+
+
+# a stop signal at chosen moments, sent to rank 1 only: (moment for tests/stop_at.py, the stop checkpoint's step)
+MOMENTS = {
+    "mid-epoch-at-a-checkpoint-step": ("step:12@1", 12),  # a timed and a stop checkpoint at once: one file
+    "the-last-step-of-an-epoch": ("step:10@1", 10),  # agreed at once; validation comes after the resume
+    "between-validation-and-its-checkpoint": ("validation:0@1", 10),  # the end-of-epoch checkpoint is the stop's
+    "the-first-step-of-an-epoch": ("step:11@1", 12),
+}
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_stop_at_each_moment_exits_75_on_every_rank_and_resumes_bitwise(tmp_path, mini_data, reference, moment):
+    from pipeline.distributed import free_port
+
+    at, expected_step = MOMENTS[moment]
+    print(f"stop signal at {at} ({moment})")
+    run_dir = tmp_path / "run"
+    words = command(run_dir, mini_data, 1, "dali")[3:]  # the config and overrides of pipeline.train
+    port = free_port()
+    procs, logs = [], [tmp_path / f"rank-{rank}.log" for rank in range(2)]
+    for rank in range(2):  # the ranks started as torchrun would, each one's exit status seen here
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same CPU kernels, the same bits
+        with open(logs[rank], "w") as out:
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests/stop_at.py"), at, *words], env=env,
+                                          stdout=out, stderr=subprocess.STDOUT))
+    statuses = [p.wait(timeout=600) for p in procs]
+    text = logs[0].read_text()
+    assert statuses == [RESUME_EXIT_CODE, RESUME_EXIT_CODE], text[-3000:] + logs[1].read_text()[-3000:]
+    assert "sending SIGUSR2" in logs[1].read_text() and "sending SIGUSR2" not in text
+    saved = re.findall(r"Saved (step-\d+)\S* \((.*?)\)", text)
+    assert len({name for name, _ in saved}) == len(saved), saved  # one checkpoint per step
+    assert saved[-1][1] == "stop signal SIGUSR2 on another rank", saved  # rank 0 got no signal: rank 1's stop
+    pointer = json.loads((run_dir / "checkpoints" / "latest").read_text())
+    assert pointer["global_step"] == expected_step, (pointer, saved)
+    assert not (run_dir / "model_final.pt").exists()
+    log = tmp_path / "resume.log"
+    assert run(command(run_dir, mini_data, 2, "dali"), log) == 0, log.read_text()[-3000:]
+    assert_same_run(reference(2, "dali"), run_dir)
 
 
 def test_resume_with_more_epochs_continues_and_with_another_model_is_refused(tmp_path, mini_data, reference):
@@ -200,15 +247,14 @@ def recorded(run_dir):
 
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 def test_sigkill_at_world_3_then_restart_at_world_2_reads_each_sample_of_the_epoch_once(tmp_path, mini_data,
-                                                                                        backend):
+                                                                                        backend, request):
     from pipeline.data.index import load_index
     from pipeline.data.order import epoch_order
 
     run_dir, log = tmp_path / "run", tmp_path / "log"
     global_batch, steps = 48, 640 // 48  # 13 steps per epoch at world 3 and at world 2
     extra = [f"train.batch_size={global_batch}", "data.record_ids=true", "checkpoint.every_steps=3"]
-    at_step = steps + random.randint(4, steps - 3)
-    print(f"interrupting at global step {at_step}")
+    at_step = mid_epoch_step(request, steps + 4, 2 * steps - 3)
     interrupt(command(run_dir, mini_data, 3, backend, *extra), run_dir, at_step, signal.SIGKILL, log)
     assert run(command(run_dir, mini_data, 2, backend, *extra), log) == 0, log.read_text()[-3000:]
     assert "Resuming on 2 ranks a run saved by 3" in log.read_text()
