@@ -205,7 +205,7 @@ def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, st
                       MASTER_PORT=str(port))
     dist_info = init_distributed(timeout_s=300)
     loss = torch.tensor(2.3)
-    figures = {}
+    figures: dict = {"pids": gather_to_main(os.getpid()), "blocking_flags": {}}  # what each rank says it is
     for design, blocking in (("blocking", True), ("async", False)):
         boundary = StepBoundary(StopSignals(), dist_info.device, every_minutes=30.0, blocking=blocking)
         waited, spent = [], []
@@ -218,7 +218,9 @@ def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, st
                 waited.append(1000 * boundary.waited)
         boundary.before_save(steps + 10, lambda: True)  # nothing left in flight
         everyone = gather_to_main((waited, spent))
+        flags = gather_to_main(boundary.blocking)
         if rank == 0:
+            figures["blocking_flags"][design] = flags
             figures[design] = [statistics.median(w for ranks in everyone for w in ranks[i]) for i in (0, 1)]
     if rank == 0:
         results.put(figures)
@@ -232,7 +234,8 @@ def bench_boundary(args: argparse.Namespace) -> dict:
     for world in args.world_size:
         [figures] = run_local_ranks(_boundary_rank, world, args.step_ms, args.steps)
         (before, before_all), (after, after_all) = figures["blocking"], figures["async"]
-        runs.append({"world_size": world, "step_ms": args.step_ms, "steps": args.steps,
+        runs.append({"world_size": world, "step_ms": args.step_ms, "steps": args.steps, "pids": figures["pids"],
+                     "blocking_by_rank": figures["blocking_flags"],
                      "blocked_ms_per_step_blocking": before, "blocked_ms_per_step": after, "ratio": after / before,
                      "boundary_ms_per_step_blocking": before_all, "boundary_ms_per_step": after_all})
     return {"runs": runs, "cpus": os.cpu_count()}

@@ -95,8 +95,14 @@ def measure_model(spec: dict) -> dict:
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated(device) if sampler is None else sampler.stop()
     step = statistics.median(times)
+    layers = [m for m in model.modules() if hasattr(m, "memory_efficient")]
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    measured = {"pid": os.getpid(), "model_module": type(model).__module__, "compiled": net is not model,
+                "channels_last_input": images.is_contiguous(memory_format=torch.channels_last),
+                "channels_last_weights": conv.weight.is_contiguous(memory_format=torch.channels_last),
+                "memory_efficient_layers": sum(bool(m.memory_efficient) for m in layers), "layers": len(layers)}
     return {**spec, "images_per_s": batch / step, "step_ms": 1000 * step, "peak_MB": peak / 2**20,
-            "step_MB": (peak - baseline) / 2**20, "device_name": _device_name(device)}
+            "step_MB": (peak - baseline) / 2**20, "device_name": _device_name(device), "measured": measured}
 
 
 def _synthetic_batch(batch: int, size: int, classes: int, device: torch.device, memory_format):
@@ -352,7 +358,8 @@ def measure_bare_loop(spec: dict) -> dict:
             loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision)
         loss.item()
         rates.append(window * batch / (time.perf_counter() - began))
-    return {**spec, "images_per_s": statistics.median(rates[1:])}
+    return {**spec, "images_per_s": statistics.median(rates[1:]),
+            "measured": {"pid": os.getpid(), "steps": (spec["windows"] + 1) * window, "batch": batch}}
 
 
 def logged_images_per_s(config: str, words: list[str], run_dir: Path) -> list[float]:
@@ -367,7 +374,9 @@ def measure_train_loop(spec: dict) -> dict:
     """``python -m pipeline.train`` itself with random batches; the median of its logged images/s after the first."""
     with tempfile.TemporaryDirectory() as tmp:
         rates = logged_images_per_s(spec["config"], spec["overrides"], Path(tmp) / "run")
-    return {**spec, "images_per_s": statistics.median(rates[1:] or rates), "windows": len(rates)}
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+    return {**spec, "images_per_s": statistics.median(rates[1:] or rates), "windows": len(rates),
+            "measured": {"pid": os.getpid(), "steps": summary["global_step"], "images": summary["images_seen"]}}
 
 
 MEASURES = {"model": measure_model, "decode": measure_decode, "loader": measure_loader,

@@ -1,4 +1,6 @@
-"""The benchmark commands run end to end and report their figures (the figures themselves are not asserted)."""
+"""The benchmark commands run end to end and report their figures (the figures themselves are not asserted), and
+each configuration is measured in a process of its own that reports what it measured: its pid and its settings as
+it found them in the model, the tensors or the run, not as it was asked."""
 
 import json
 import subprocess
@@ -21,7 +23,9 @@ def test_model_compares_ours_with_torchvision_in_separate_processes(tmp_path):
     stdout, result = bench("model", "--batch", "2", "--image-size", "32", "--steps", "2", "--warmup", "1",
                            "--compare", "torchvision", tmp_path=tmp_path)
     ours, theirs = result["runs"]["ours"], result["runs"]["torchvision"]
-    assert ours["impl"] == "ours" and theirs["impl"] == "torchvision"
+    assert ours["measured"]["model_module"] == "pipeline.models.densenet"
+    assert theirs["measured"]["model_module"] == "torchvision.models.densenet"
+    assert ours["measured"]["pid"] != theirs["measured"]["pid"]
     assert result["ratio"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"])
     assert ours["peak_MB"] > 0 and ours["step_ms"] > 0 and "ratio ours/torchvision" in stdout
 
@@ -32,7 +36,9 @@ def test_model_compares_a_setting_on_and_off(tmp_path):
                            "--warmup", "1", "--compare", setting, tmp_path=tmp_path)
     ours, flipped = result["runs"]["ours"], result["runs"][setting]
     on, off = (ours, flipped) if ours[setting] else (flipped, ours)
-    assert on[setting] is True and off[setting] is False
+    assert on["measured"]["channels_last_input"] and on["measured"]["channels_last_weights"]
+    assert not off["measured"]["channels_last_input"] and not off["measured"]["channels_last_weights"]
+    assert on["measured"]["pid"] != off["measured"]["pid"]
     assert result["ratio"] == pytest.approx(on["images_per_s"] / off["images_per_s"])
     assert f"{setting}: images/s x" in stdout
 
@@ -63,6 +69,11 @@ def test_index_measures_an_imagenet_sized_index_shared_by_ranks(tmp_path):
 def test_train_compares_the_training_loop_with_a_bare_loop(tmp_path):
     stdout, result = bench("train", "--steps", "6", "--epochs", "1", "--window", "2", "--repeat", "1",
                            tmp_path=tmp_path)
+    [train], [bare] = result["runs"]["train_loop"], result["runs"]["bare_loop"]
+    assert train["measured"]["pid"] != bare["measured"]["pid"]
+    # python -m pipeline.train ran its 6 steps; the bare loop its windows of 2 steps
+    assert train["measured"]["steps"] == 6 and train["measured"]["images"] == 6 * bare["measured"]["batch"]
+    assert bare["measured"]["steps"] == 2 * (6 // 2 - 1 + 1)
     assert result["ratio"] == pytest.approx(result["train_loop_images_per_s"] / result["bare_loop_images_per_s"])
     assert "ratio train/bare" in stdout
 
@@ -72,6 +83,9 @@ def test_boundary_measures_both_designs_at_each_world_size(tmp_path):
                            tmp_path=tmp_path)
     assert [r["world_size"] for r in result["runs"]] == [2, 3] and "async/blocking" in stdout
     for run in result["runs"]:
+        assert len(set(run["pids"])) == run["world_size"]  # a process per rank
+        assert run["blocking_by_rank"] == {"blocking": [True] * run["world_size"],
+                                           "async": [False] * run["world_size"]}
         # the blocking design waits a whole round trip per step; the asynchronous one only reads a finished one
         assert run["blocked_ms_per_step"] < 0.5 * run["blocked_ms_per_step_blocking"]
         assert run["boundary_ms_per_step"] >= run["blocked_ms_per_step"]
