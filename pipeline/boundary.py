@@ -48,7 +48,6 @@ class Decision:
     """What every rank does at this step boundary."""
     stop: bool = False  # a stop signal reached some rank: checkpoint and stop
     save: bool = False  # checkpoint now (checkpoint.every_steps, or every_minutes on some rank)
-    diverged: bool = False  # some rank saw a non-finite loss, or too many skipped steps: stop, no checkpoint
 
 
 class LossWatch:
@@ -152,11 +151,6 @@ class StepBoundary:
         if work is not None:
             work.wait()
         return buffer.tolist()
-
-    def drain(self) -> Decision:
-        """Read the reduction in flight now (before the group carries anything else)."""
-        stop, timed, diverged = self._read()
-        return Decision(stop=bool(stop), save=bool(timed), diverged=bool(diverged))
 
     def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: bool | None = None,
                    last_in_epoch: bool = False) -> Decision:
