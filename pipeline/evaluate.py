@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.checkpoint import WeightsError, atomic_write_bytes, read_weights
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, global_batch, load_config
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders
-from pipeline.distributed import RankError, init_distributed, shutdown
+from pipeline.distributed import RankError, init_distributed, release_groups, shutdown
 from pipeline.engine import evaluate
 from pipeline.log import setup_logging
 from pipeline.models import build_model
@@ -47,13 +47,14 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
     """Evaluate ``weights`` on ``cfg``'s validation split; rank 0 writes the result to ``out``."""
     dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
+    together = False  # every rank finished: leave the group together (see pipeline.distributed.shutdown)
     try:
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         model = build_model(cfg.model.name, cfg.model.num_classes, depth=cfg.model.depth,
                             growth_rate=cfg.model.growth_rate)
         load_weights(model, weights, cfg.model)
         model = model.to(dist.device, memory_format=memory_format)
-        batch = cfg.data.val_batch_size or max(1, cfg.train.batch_size // dist.world_size)
+        batch = cfg.data.val_batch_size or max(1, global_batch(cfg.train, dist.world_size) // dist.world_size)
         _, val_loader = build_loaders(cfg, dist, batch, train=False)
         result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
         if dist.is_main:
@@ -63,9 +64,10 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
             log.info("top-1 %.2f%%  top-5 %.2f%%  loss %.4f  over %d images; wrote %s", result["top1"],
                      result["top5"], result["loss"], result["count"], out)
             print(json.dumps(result))
+        together = True
         return result
     finally:
-        shutdown()
+        shutdown(together)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -79,8 +81,11 @@ def cli(argv: list[str] | None = None) -> int:
         main(load_config(args.config, args.overrides), args.weights, args.out)
     except (ConfigError, DatasetError, WeightsError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        status = 2
+    else:
+        status = 0
+    release_groups()  # see pipeline.distributed.release_groups
+    return status
 
 
 if __name__ == "__main__":

@@ -82,6 +82,37 @@ def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 1 and summary["replicas_identical"]
 
 
+# a rank that runs the training command, then names the threads it has left: a gloo group still alive at the
+# interpreter's exit can abort it (SIGABRT), turning its exit status (0, 2, 75) into a crash
+THREADS_LEFT = """
+import os, sys
+sys.path.insert(0, "tests")
+from stop_at import main  # pipeline.train's command, with a stop signal at a chosen moment
+status = main(sys.argv[1:])
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {os.environ['RANK']} status {status} threads {names}", flush=True)
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending, words, status", [
+    ("finished", ["step:99", "train.epochs=1"], 0),
+    ("refused", ["step:99", "run.resume=missing.pt"], 2),  # every rank fails to read it: an agreed refusal
+    ("stopped", ["step:1@1", "train.epochs=1"], 75),  # a stop signal to rank 1 (DDP's model in the traceback)
+])
+def test_each_rank_frees_its_process_group_before_the_interpreter_exits(tmp_path, ending, words, status):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--no-python",
+                          sys.executable, "-c", THREADS_LEFT, words[0], MINI, f"run.dir={tmp_path / 'run'}",
+                          "data.backend=synthetic", "data.synthetic_steps=2", "tracking.backend=none", *words[1:]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    said = sorted(re.findall(r"rank (\d) status (\d+) threads (\[.*\])", run.stdout))
+    assert [(rank, int(code)) for rank, code, _ in said] == [("0", status), ("1", status)], run.stderr[-3000:]
+    for rank, _, names in said:
+        assert "gloo" not in names, f"rank {rank} still runs the gloo group's threads after {ending}: {names}"
+    assert run.returncode == (0 if status == 0 else 1)  # torchrun's own status for a failed rank
+
+
 def test_launcher_checks_the_config_before_starting_ranks(tmp_path):
     result = launch(MINI, "--nproc-per-node", "3", f"run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "train.batch_size=32" in result.stderr and "3 ranks" in result.stderr
@@ -98,9 +129,9 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
     weights = tmp_path / "model_final.pt"
     torch.save(build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).state_dict(), weights)
     results = []
-    for world in (1, 2, 3):
+    for world in (1, 2, 3):  # 8 images per rank: a per-GPU training batch sets the validation batch
         result = launch(MINI, "--nproc-per-node", str(world), "--evaluate", str(weights), f"data.root={root}",
-                        "data.val_batch_size=8", "data.workers=1",
+                        "train.batch_size=null", "train.batch_per_gpu=8", "data.workers=1",
                         "data.generate.enabled=false", cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         results.append(json.loads((tmp_path / "eval.json").read_text()))
