@@ -159,21 +159,31 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
                                         device_id=device)
             else:
                 dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
-            global _control
-            # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
-            _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" \
-                else dist.group.WORLD
         except (dist.DistError, TimeoutError, OSError) as err:  # DistStoreError, DistNetworkError, ...
             raise RankError(rendezvous_help(rank, world_size, err)) from err
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            gpus_of_ranks = [None] * world_size
-            dist.all_gather_object(gpus_of_ranks, (socket.gethostname(), str(getattr(props, "uuid", device.index))),
-                                   group=_control)
-            problem = shared_gpus(gpus_of_ranks)
-            if problem:
-                raise on_every_rank(RankError(problem))
+        try:  # from here on a failure leaves the group before it propagates
+            join_control_group(device, world_size, timeout)
+        except BaseException as err:
+            shutdown(getattr(err, "on_every_rank", False))
+            if isinstance(err, (dist.DistError, TimeoutError, OSError)):
+                raise RankError(rendezvous_help(rank, world_size, err)) from err
+            raise
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def join_control_group(device: torch.device, world_size: int, timeout: timedelta) -> None:
+    """Make the group for small decisions; on GPUs, also check that no two ranks drive the same GPU."""
+    global _control
+    # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
+    _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpus_of_ranks = [None] * world_size
+        dist.all_gather_object(gpus_of_ranks, (socket.gethostname(), str(getattr(props, "uuid", device.index))),
+                               group=_control)
+        problem = shared_gpus(gpus_of_ranks)
+        if problem:
+            raise on_every_rank(RankError(problem))
 
 
 def shared_gpus(gpus_of_ranks: list[tuple[str, str]]) -> str | None:
@@ -288,8 +298,9 @@ def shutdown(together: bool = False) -> None:
 
 
 def release_groups() -> None:
-    """Free the process groups that nothing references any more, while the interpreter is whole: call it last in
-    a process, after every traceback that held a DDP model is gone. A gloo group freed only at interpreter exit
+    """Free the process groups that nothing references any more, while the interpreter is whole. A DDP model (in
+    a reference cycle) holds its group: an error's traceback must not hold the model's frames by then (see
+    ``pipeline.train.main``), and a command collects once more before it exits. A gloo group freed only at exit
     aborts the process (SIGABRT, "terminate called without an active exception"): its worker thread frees the
     last collective's tensors and needs the GIL, which the exiting interpreter no longer gives (pytorch#179291).
     That turns an exit status such as 75 (resume me) into a crash."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
         batch = cfg.data.val_batch_size or max(1, global_batch(cfg.train, dist.world_size) // dist.world_size)
         _, val_loader = build_loaders(cfg, dist, batch, train=False)
         result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
+        together = True  # the last collective is behind every rank: rank 0's write below cannot strand the others
         if dist.is_main:
             out = Path(out) if out else Path(weights).parent / "eval.json"
             atomic_write_bytes(out, json.dumps({**result, "weights": str(weights), "world_size": dist.world_size},
@@ -64,7 +66,6 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
             log.info("top-1 %.2f%%  top-5 %.2f%%  loss %.4f  over %d images; wrote %s", result["top1"],
                      result["top5"], result["loss"], result["count"], out)
             print(json.dumps(result))
-        together = True
         return result
     finally:
         shutdown(together)
@@ -77,6 +78,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value words that override the config")
     parser.add_argument("--out", help="where to write eval.json (default: beside the weights)")
     args = parser.parse_intermixed_args(argv)
+    out = Path(args.out) if args.out else Path(args.weights).parent / "eval.json"
+    if not os.access(out.parent, os.W_OK):  # known before any rank spends an evaluation on it
+        print(f"error: cannot write {out}: its folder is missing or not writable. Pass --out with a path this "
+              "user can write.", file=sys.stderr)
+        return 2
     try:
         main(load_config(args.config, args.overrides), args.weights, args.out)
     except (ConfigError, DatasetError, WeightsError, RankError) as err:

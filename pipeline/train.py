@@ -17,6 +17,7 @@ import random
 import socket
 import sys
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -282,11 +283,11 @@ def main(cfg: DictConfig) -> dict:
             summary = _train(cfg, dist, signals, held)
         together = True
         return summary
-    except StopRequested:
-        together = True
-        raise
-    except Exception as err:
-        together = getattr(err, "on_every_rank", False)
+    except BaseException as err:
+        together = isinstance(err, StopRequested) or getattr(err, "on_every_rank", False)
+        # the finished frames' locals (the run, its DDP model and the model's group) go now, not with the
+        # traceback, which a caller may keep until the interpreter exits: shutdown frees the group
+        traceback.clear_frames(err.__traceback__)
         raise
     finally:
         signals.uninstall()

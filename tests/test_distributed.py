@@ -84,14 +84,34 @@ def test_two_nodes_of_one_rank_each_train_to_the_end(tmp_path, mini_data):
 
 # a rank that runs the training command, then names the threads it has left: a gloo group still alive at the
 # interpreter's exit can abort it (SIGABRT), turning its exit status (0, 2, 75) into a crash
+# (``keep``: like launch.slurm, the caller runs pipeline.train.main and looks while it still holds the stop's error)
 THREADS_LEFT = """
 import os, sys
 sys.path.insert(0, "tests")
-from stop_at import main  # pipeline.train's command, with a stop signal at a chosen moment
-status = main(sys.argv[1:])
-names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ['RANK']} status {status} threads {names}", flush=True)
-sys.exit(status)
+import pipeline.train as train
+import stop_at  # pipeline.train's command, with a stop signal at a chosen moment
+
+def report(status):
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    print(f"rank {os.environ['RANK']} status {status} threads {sorted(names)}", flush=True)
+    return status
+
+def keep(argv):
+    try:
+        train.main(train.load_config(argv[0], argv[1:]))
+    except train.StopRequested:
+        return report(75)
+    return report(0)
+
+if sys.argv[1] == "keep":
+    train.cli = keep
+    sys.exit(stop_at.main(sys.argv[2:]))
+sys.exit(report(stop_at.main(sys.argv[1:])))
 """
 
 
@@ -100,17 +120,20 @@ sys.exit(status)
     ("finished", ["step:99", "train.epochs=1"], 0),
     ("refused", ["step:99", "run.resume=missing.pt"], 2),  # every rank fails to read it: an agreed refusal
     ("stopped", ["step:1@1", "train.epochs=1"], 75),  # a stop signal to rank 1 (DDP's model in the traceback)
+    ("stopped, the error kept", ["keep", "step:1@1", "train.epochs=1"], 75),
 ])
 def test_each_rank_frees_its_process_group_before_the_interpreter_exits(tmp_path, ending, words, status):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--no-python",
-                          sys.executable, "-c", THREADS_LEFT, words[0], MINI, f"run.dir={tmp_path / 'run'}",
-                          "data.backend=synthetic", "data.synthetic_steps=2", "tracking.backend=none", *words[1:]],
+                          sys.executable, "-c", THREADS_LEFT, *[w for w in words if "=" not in w], MINI,
+                          f"run.dir={tmp_path / 'run'}", "data.backend=synthetic", "data.synthetic_steps=2",
+                          "tracking.backend=none", *[w for w in words if "=" in w]],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     said = sorted(re.findall(r"rank (\d) status (\d+) threads (\[.*\])", run.stdout))
     assert [(rank, int(code)) for rank, code, _ in said] == [("0", status), ("1", status)], run.stderr[-3000:]
     for rank, _, names in said:
         assert "gloo" not in names, f"rank {rank} still runs the gloo group's threads after {ending}: {names}"
     assert run.returncode == (0 if status == 0 else 1)  # torchrun's own status for a failed rank
+    assert "SIGABRT" not in run.stderr and "terminate called" not in run.stderr, run.stderr[-3000:]
 
 
 def test_launcher_checks_the_config_before_starting_ranks(tmp_path):
@@ -139,6 +162,14 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
     assert [r["world_size"] for r in results] == [1, 2, 3]
     assert len({(r["top1"], r["top5"]) for r in results}) == 1
     assert max(r["loss"] for r in results) - min(r["loss"] for r in results) < 1e-4
+
+
+def test_evaluation_to_a_folder_it_cannot_write_is_refused_before_it_starts(tmp_path, capsys):
+    from pipeline.evaluate import cli
+
+    out = tmp_path / "missing" / "eval.json"
+    assert cli([MINI, str(tmp_path / "model_final.pt"), "--out", str(out)]) == 2
+    assert f"cannot write {out}" in capsys.readouterr().err and not out.parent.exists()
 
 
 @pytest.mark.parametrize("env, gpus, message", [
