@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 # Imported before any process group exists: its functions' defaults are group=group.WORLD, evaluated at import
 # (which torch.optim and torch.compile do on first use). Imported after init_process_group, they would hold the
-# world group for good, and it could not be freed before the interpreter exits (see release_groups).
+# world group for good, and it could not be freed before the interpreter exits (see shutdown).
 import torch.distributed.nn.functional  # noqa: F401, I001
 from torch import nn
 
@@ -287,21 +287,16 @@ def shutdown(together: bool = False) -> None:
     """Leave the process group. ``together``: every rank is here (a finished run, an agreed stop or error), so
     wait for all first: rank 0 holds the group's store, and leaving before the others can abort them.
 
-    Then drop this module's hold on the groups and collect what else held them (see :func:`release_groups`)."""
+    Then drop this module's hold on the groups and collect what else held them (a DDP model is in a reference
+    cycle; an error's traceback must not hold its frames by then: see ``pipeline.train.main``), so the groups are
+    freed while the interpreter is whole. A gloo group freed only at exit aborts the process (SIGABRT, "terminate
+    called without an active exception"): its worker thread frees the last collective's tensors and needs the
+    GIL, which the exiting interpreter no longer gives (pytorch#179291). That turns an exit status such as 75
+    (resume me) into a crash."""
     global _control
     if dist.is_initialized():
         if together:
             dist.barrier()
         dist.destroy_process_group()
     _control = None
-    release_groups()
-
-
-def release_groups() -> None:
-    """Free the process groups that nothing references any more, while the interpreter is whole. A DDP model (in
-    a reference cycle) holds its group: an error's traceback must not hold the model's frames by then (see
-    ``pipeline.train.main``), and a command collects once more before it exits. A gloo group freed only at exit
-    aborts the process (SIGABRT, "terminate called without an active exception"): its worker thread frees the
-    last collective's tensors and needs the GIL, which the exiting interpreter no longer gives (pytorch#179291).
-    That turns an exit status such as 75 (resume me) into a crash."""
     gc.collect()

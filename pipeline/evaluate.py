@@ -22,7 +22,7 @@ from pipeline.checkpoint import WeightsError, atomic_write_bytes, read_weights
 from pipeline.config import ConfigError, global_batch, load_config
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders
-from pipeline.distributed import RankError, init_distributed, release_groups, shutdown
+from pipeline.distributed import RankError, init_distributed, shutdown
 from pipeline.engine import evaluate
 from pipeline.log import setup_logging
 from pipeline.models import build_model
@@ -44,6 +44,11 @@ def load_weights(model: nn.Module, path: str | Path, model_cfg) -> None:
         )
 
 
+def result_path(weights: str | Path, out: str | Path | None) -> Path:
+    """Where the result goes: ``out``, or eval.json beside the weights."""
+    return Path(out) if out else Path(weights).parent / "eval.json"
+
+
 def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) -> dict:
     """Evaluate ``weights`` on ``cfg``'s validation split; rank 0 writes the result to ``out``."""
     dist = init_distributed(cfg.run.dist_timeout_s)
@@ -60,7 +65,7 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
         result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
         together = True  # the last collective is behind every rank: rank 0's write below cannot strand the others
         if dist.is_main:
-            out = Path(out) if out else Path(weights).parent / "eval.json"
+            out = result_path(weights, out)
             atomic_write_bytes(out, json.dumps({**result, "weights": str(weights), "world_size": dist.world_size},
                                                indent=2).encode())
             log.info("top-1 %.2f%%  top-5 %.2f%%  loss %.4f  over %d images; wrote %s", result["top1"],
@@ -78,7 +83,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value words that override the config")
     parser.add_argument("--out", help="where to write eval.json (default: beside the weights)")
     args = parser.parse_intermixed_args(argv)
-    out = Path(args.out) if args.out else Path(args.weights).parent / "eval.json"
+    out = result_path(args.weights, args.out)
     if not os.access(out.parent, os.W_OK):  # known before any rank spends an evaluation on it
         print(f"error: cannot write {out}: its folder is missing or not writable. Pass --out with a path this "
               "user can write.", file=sys.stderr)
@@ -87,11 +92,8 @@ def cli(argv: list[str] | None = None) -> int:
         main(load_config(args.config, args.overrides), args.weights, args.out)
     except (ConfigError, DatasetError, WeightsError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
-        status = 2
-    else:
-        status = 0
-    release_groups()  # see pipeline.distributed.release_groups
-    return status
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

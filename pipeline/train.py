@@ -60,7 +60,6 @@ from pipeline.distributed import (
     init_distributed,
     on_every_rank,
     placement,
-    release_groups,
     replicas_identical,
     shutdown,
 )
@@ -622,13 +621,6 @@ def weights_finite(model: nn.Module) -> bool:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The command: its exit status (0, 2 for a refusal, 75 to be resumed, or the non-finite stop's)."""
-    status = _cli(argv)
-    release_groups()  # the error's traceback (holding a DDP model and its group) is gone only now
-    return status
-
-
-def _cli(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML recipe, e.g. configs/mini.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value words that override the recipe")
