@@ -70,10 +70,18 @@ def run_torchrun(argv: list[str]) -> int:
         torchrun([*torchrun_signal_args(), *argv])
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
-        # torchrun SIGTERMs the other ranks once the first exits; each stop checkpoint is on disk by then
-        if RESUME_EXIT_CODE in codes and codes <= {RESUME_EXIT_CODE, -signal.SIGTERM}:
-            print(f"every rank checkpointed and stopped; run the same command again to resume "
-                  f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
+        # torchrun SIGTERMs the other ranks once the first exits (each stop checkpoint is on disk by then), and
+        # SIGKILLs those still there 30 s later: a rank that hung (SIGSTOP, a stuck read) while the others' hang
+        # watches ended them (pipeline.hang)
+        if RESUME_EXIT_CODE in codes and codes <= {RESUME_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}:
+            hung = sorted(rank for rank, f in err.failures.items() if f.exitcode == -signal.SIGKILL)
+            if hung:
+                print(f"rank(s) {', '.join(map(str, hung))} hung and were killed, the others stopped after "
+                      "run.hang_timeout_s with their stacks in the log; run the same command again to resume from "
+                      f"the last checkpoint (exit {RESUME_EXIT_CODE})", file=sys.stderr)
+            else:
+                print(f"every rank checkpointed and stopped; run the same command again to resume "
+                      f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
             return RESUME_EXIT_CODE
         rank, first = err.get_first_failure()
         if first.exitcode in (USAGE_EXIT_CODE, NONFINITE_EXIT_CODE):  # a refusal, or the run diverged: said above

@@ -28,6 +28,8 @@ class RunConfig:
     resume: str = "auto"  # auto: from the newest good checkpoint in dir | never: refuse a non-empty dir | a file
     on_dataset_change: str = "refuse"  # resuming on another dataset index: refuse | next_epoch (continue on it)
     dist_timeout_s: int = 1800  # how long a rank waits for the others (start, collectives); then it names the cause
+    # a rank that finishes no step (or validation batch) for this long dumps its stacks and exits 75; 0: off
+    hang_timeout_s: float = 600.0
 
 
 @dataclass
@@ -190,7 +192,7 @@ POSITIVE = (
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
-                "slurm.max_requeues", "train.max_skipped_steps")
+                "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s")
 
 
 class ConfigError(ValueError):
@@ -300,6 +302,11 @@ def validate(cfg: DictConfig) -> None:
     if warmup != "auto" and warmup >= cfg.train.epochs:
         raise ConfigError(f"'schedule.warmup_epochs' ({warmup}) must be less than "
                           f"'train.epochs' ({cfg.train.epochs}).")
+    if cfg.run.hang_timeout_s and cfg.run.hang_timeout_s >= cfg.run.dist_timeout_s:
+        raise ConfigError(f"'run.hang_timeout_s' ({cfg.run.hang_timeout_s:g}) is not below 'run.dist_timeout_s' "
+                          f"({cfg.run.dist_timeout_s}): a stuck collective would time out before the hang watch "
+                          "names where each rank waits. Keep run.hang_timeout_s well below run.dist_timeout_s "
+                          "(defaults: 600 and 1800), or set it to 0 to turn the watch off.")
     if cfg.optim.nesterov and not cfg.optim.momentum > 0:
         raise ConfigError(f"'optim.nesterov' is true but 'optim.momentum' is {cfg.optim.momentum}: Nesterov momentum "
                           "needs a momentum above 0. Set optim.momentum (e.g. 0.9) or optim.nesterov=false.")

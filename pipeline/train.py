@@ -73,6 +73,7 @@ from pipeline.engine import (
     train_one_epoch,
     tune_backends,
 )
+from pipeline.hang import HangWatch
 from pipeline.insights import start_insights
 from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, holds_files
 from pipeline.log import add_log_file, setup_logging
@@ -371,6 +372,8 @@ class Run:
         self.stop_signal = ""
         self.save_seconds = 0.0
         self.changed = ""  # the settings a resume changed, as the log names them
+        self.hang = HangWatch(cfg.run.hang_timeout_s, dist.rank).start()  # armed by the first step
+        held.callback(self.hang.stop)
 
     def resume(self, resume: dict | None) -> None:
         """Write the run dir (the config, the log), then continue from ``resume`` (a loaded checkpoint), if any."""
@@ -464,6 +467,7 @@ class Run:
             log.info("%s; first step done %.1fs after start", compile_report(),
                      time.perf_counter() - self.attempt_start)
         progress.global_step = global_step
+        self.hang.beat(global_step)
         if self.ids_file:
             ids = self.train_loader.last_ids  # as the loader delivered them with the batch
             self.ids_file.write(f"{self.dist.world_size} {progress.epoch} {progress.step_in_epoch} "
@@ -540,7 +544,8 @@ class Run:
         epoch_start = time.perf_counter() - train_seconds
         broadcast_buffers(self.model)
         # the plain model: each rank evaluates its own share, with no DDP collective per batch
-        val = evaluate(self.model, self.val_loader, self.device, cfg.train.precision, cfg.train.channels_last)
+        val = evaluate(self.model, self.hang.watch(self.val_loader), self.device, cfg.train.precision,
+                       cfg.train.channels_last)
         progress.val = val
         if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
             progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
@@ -562,6 +567,7 @@ class Run:
     def finish(self) -> dict:
         """The final model and summary (rank 0), the MLflow run closed; the summary on every rank."""
         progress, dist, run_dir = self.progress, self.dist, self.run_dir
+        self.hang.stop()  # no steps from here on; the others wait while rank 0 writes and uploads
         progress.wall_seconds = self.wall_seconds()
         summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],

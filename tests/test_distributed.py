@@ -220,7 +220,8 @@ def test_a_rank_whose_peers_never_come_names_what_to_check(tmp_path):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={tmp_path / 'run'}",
-                             "data.backend=synthetic", "tracking.backend=none", "run.dist_timeout_s=3"],
+                             "data.backend=synthetic", "tracking.backend=none", "run.dist_timeout_s=3",
+                             "run.hang_timeout_s=0"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     for named in ("rank 0 of 2", "127.0.0.1:", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "run.dist_timeout_s",

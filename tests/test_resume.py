@@ -1,5 +1,6 @@
 """Kill or signal real training processes mid-epoch, start them again, and compare with an uninterrupted run."""
 
+import contextlib
 import json
 import os
 import random
@@ -305,3 +306,69 @@ def test_a_run_resumes_on_a_packed_copy_of_its_dataset(tmp_path, mini_data, refe
     assert run(command(run_dir, packed, 1, "dali", "train.epochs=3"), log) == 0, log.read_text()[-3000:]
     assert "Resuming from" in log.read_text() and "in 3 shards" in log.read_text()
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The training processes that torchrun started under ``launcher``, by their RANK."""
+    ranks = {}
+    for process in launcher.children(recursive=True):
+        try:
+            if "pipeline.train" in process.cmdline():
+                ranks[int(process.environ()["RANK"])] = process
+        except (psutil.Error, KeyError):
+            pass
+    return ranks
+
+
+def test_a_rank_stopped_by_sigstop_ends_the_job_with_stacks_in_the_log_then_resumes_bitwise(
+        tmp_path, mini_data, reference, request, capsys):
+    hang_s = 8
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = command(run_dir, mini_data, 2, "dali", f"run.hang_timeout_s={hang_s}")
+    at_step = mid_epoch_step(request, 2, 2 * STEPS_PER_EPOCH - 4)
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while max(logged_steps(run_dir), default=0) < at_step:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    launcher = psutil.Process(proc.pid)
+    ranks = rank_processes(launcher)
+    assert sorted(ranks) == [0, 1]
+    everyone = [launcher, *launcher.children(recursive=True)]
+    ranks[1].suspend()  # SIGSTOP: rank 0 now waits for it in the step's all-reduce
+    stopped = time.monotonic()
+    try:
+        status = proc.wait(timeout=hang_s + 120)
+    finally:
+        for p in everyone:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in everyone):
+        assert time.monotonic() < stopped + hang_s + 90, [p for p in everyone if p.is_running()]
+        time.sleep(0.1)
+    all_gone = time.monotonic() - stopped
+    text = log.read_text()
+    assert status == RESUME_EXIT_CODE, text[-3000:]
+    assert all_gone < hang_s + 60
+    said = re.search(r"\[rank 0/2\] ERROR pipeline.hang: rank 0 on \S+: no training step finished for (\d+)s "
+                     rf"\(run.hang_timeout_s={hang_s}; the last one was global step (\d+)\)", text)
+    assert said, text[-3000:]
+    assert int(said.group(1)) >= hang_s and at_step <= int(said.group(2)) <= at_step + 2
+    stacks = text[said.end():]
+    main_thread = stacks.split("\n\n")[0]  # shown first
+    assert "were here:\nMainThread, most recent call last:" in main_thread and "in train_one_epoch" in main_thread
+    assert "rank(s) 1 hung and were killed" in text
+
+    restarted = time.monotonic()
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    resumed_from = max(logged_steps(run_dir), default=0)
+    while max(logged_steps(run_dir), default=0) <= resumed_from and proc.poll() is None:
+        time.sleep(0.05)
+    first_step = time.monotonic() - restarted
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert_same_run(reference(2, "dali"), run_dir)
+    with capsys.disabled():
+        print(f"\nSIGSTOP of rank 1 at step {at_step} (run.hang_timeout_s={hang_s}): every process gone "
+              f"{all_gone:.1f}s later; restart -> first resumed step {first_step:.1f}s")
