@@ -32,6 +32,7 @@ from pathlib import Path
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from launch.requeue import failures, job_key, record_end, remember_runs, requeues_after_failures
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, global_batch, load_config, to_yaml
 from pipeline.lock import RunDirLock, RunDirLocked, holds_files
@@ -237,8 +238,11 @@ def clean_env():
 
 # ---------------------------------------------------------------- the job script
 
-def sbatch_parameters(cfg: DictConfig, minutes: int) -> dict:
-    """submitit's SlurmExecutor parameters for ``cfg.slurm`` (mem in GB, as submitit takes it)."""
+def sbatch_parameters(cfg: DictConfig, minutes: int, folder: Path) -> dict:
+    """submitit's SlurmExecutor parameters for ``cfg.slurm`` (mem in GB, as submitit takes it).
+
+    The first task that fails ends the step (``srun --kill-on-bad-exit=1``): no rank waits in a collective for
+    a dead one. The job script then asks :mod:`launch.requeue` whether to requeue (``folder``: submitit's)."""
     s = cfg.slurm
     params = {
         "job_name": s.job_name or Path(cfg.run.dir).name,
@@ -261,9 +265,16 @@ def sbatch_parameters(cfg: DictConfig, minutes: int) -> dict:
         params["setup"] = list(s.setup)
     if s.additional:
         params["additional_parameters"] = OmegaConf.to_container(s.additional)
+    container = []
     if s.container_image and s.container_runtime == "pyxis":
-        params["srun_args"] = [f"--container-image={s.container_image}"] + (
+        container = [f"--container-image={s.container_image}"] + (
             [f"--container-mounts={s.container_mounts}"] if s.container_mounts else [])
+    params["srun_args"] = ["--kill-on-bad-exit=1", *container]
+    # on the batch host, after the step: requeue after a fault (pyxis: in the image, as one more step)
+    decide = shlex.join(["srun", "--nodes=1", "--ntasks=1", *container]) + " " if container else ""
+    params["teardown"] = ["srun_status=$?",
+                          f"{decide}{job_python(cfg)} -m launch.requeue {shlex.quote(str(folder))} \"$srun_status\"",
+                          'exit "$srun_status"']
     return params
 
 
@@ -283,7 +294,7 @@ def sbatch_script(cfg: DictConfig, folder: Path, minutes: int, array_size: int |
     """The sbatch script submitit would write for ``cfg``, for --dry-run."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = sbatch_parameters(cfg, minutes)
+    params = sbatch_parameters(cfg, minutes, folder)
     if "mem" in params:
         params["mem"] = f"{params['mem']}GB"
     command = f"{job_python(cfg)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
@@ -303,9 +314,10 @@ class Training(submitit.helpers.Checkpointable):
         self.run_dir = run_dir
 
     def __call__(self) -> dict:
+        from pipeline.boundary import NONFINITE_EXIT_CODE, NonFiniteLoss
         from pipeline.checkpoint import RESUME_EXIT_CODE
         from pipeline.signals import StopRequested
-        from pipeline.train import main
+        from pipeline.train import REFUSALS, main
 
         job = submitit.JobEnvironment()
         # MASTER_ADDR: the first host; MASTER_PORT: from the job id; RANK, WORLD_SIZE, LOCAL_RANK
@@ -321,27 +333,39 @@ class Training(submitit.helpers.Checkpointable):
             print("Warning: scontrol is not on PATH here (a container without SLURM's tools?): a time limit or "
                   "preemption will checkpoint but cannot requeue the job; resubmit to resume, or make scontrol "
                   "available in the image (docker/README.md).", flush=True)
+        main_task = job.global_rank == 0
         try:
             summary = main(cfg)
         except StopRequested as stop:
             if stop.signal not in REQUEUE_SIGNALS:
                 # scancel, or a preemption that SLURM itself requeues: the checkpoint is on disk, stop here
+                if main_task:
+                    record_end(run_dir, RESUME_EXIT_CODE, f"stopped by {stop.signal or 'a signal'}")
                 print(f"Stopped by {stop.signal or 'a signal'} after checkpointing; resubmit the same command "
                       f"to resume from {run_dir}.", flush=True)
                 sys.exit(RESUME_EXIT_CODE)
-            if job.global_rank == 0:
-                if restarts >= cfg.slurm.max_requeues:
-                    raise RuntimeError(
-                        f"Not requeued: the job was already requeued {restarts} times (slurm.max_requeues="
-                        f"{cfg.slurm.max_requeues}). The checkpoint is in {run_dir}: submit again with the same "
-                        "run.dir (or raise slurm.max_requeues) to go on.") from None
+            if main_task:
+                timeouts = restarts - requeues_after_failures(run_dir, job_key())
+                if timeouts >= cfg.slurm.max_requeues:
+                    why = (f"Not requeued: the job was already requeued {timeouts} times after a time limit or a "
+                           f"preemption (slurm.max_requeues={cfg.slurm.max_requeues}). The checkpoint is in "
+                           f"{run_dir}: submit again with the same run.dir (or raise slurm.max_requeues) to go on.")
+                    record_end(run_dir, 1, why)
+                    raise RuntimeError(why) from None
                 if shutil.which("scontrol") is None:
+                    record_end(run_dir, RESUME_EXIT_CODE, "not requeued: no scontrol")
                     print(f"Not requeued: scontrol is not on PATH in this task. The checkpoint is in {run_dir}: "
                           "submit the same command again to resume.", flush=True)
                     sys.exit(RESUME_EXIT_CODE)
+                record_end(run_dir, RESUME_EXIT_CODE, f"requeued by rank 0 after {stop.signal}")
                 # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())
             return {}
+        except (*REFUSALS, NonFiniteLoss) as err:
+            if main_task or not getattr(err, "on_every_rank", False):  # one record, or the rank's own
+                code = NONFINITE_EXIT_CODE if isinstance(err, NonFiniteLoss) else 2
+                record_end(run_dir, code, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            raise
         # a late time-limit signal must not requeue a finished job
         signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
         return summary
@@ -424,7 +448,7 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
         links.append(open_mlflow_run(cfg, run_dir))
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfgs[0].slurm.max_requeues,
                                       python=job_python(cfgs[0]))
-    executor.update_parameters(**sbatch_parameters(cfgs[0], minutes))
+    executor.update_parameters(**sbatch_parameters(cfgs[0], minutes, folder))
     try:
         with clean_env():
             if len(cfgs) == 1:
@@ -434,6 +458,7 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
                     jobs = [executor.submit(Training(cfg.run.dir)) for cfg in cfgs]
     except submitit.core.utils.FailedJobError as err:
         raise LaunchError(f"sbatch refused the job: {str(err).strip()}") from None
+    remember_runs(folder, {job.job_id: cfg.run.dir for cfg, job in zip(cfgs, jobs, strict=True)})
     records = []
     for cfg, job, link in zip(cfgs, jobs, links, strict=True):
         run_dir = Path(cfg.run.dir)
@@ -493,6 +518,12 @@ def status(run_dir: str | Path, lines: int = 10) -> str:
         last = progress[-1]
         out.append(f"progress   epoch {last.get('epoch', 0) + 1}, global step {last['global_step']} "
                    f"(last {last['event']} record)")
+    faults = [f for f in failures(run_dir) if f["job"] == record["job_id"]]
+    if faults:
+        last = faults[-1]
+        out.append(f"failures   {len(faults)} (counted {last['count']} of slurm.max_failures); the last: attempt "
+                   f"{last['attempt']}, srun exit status {last['status']} at checkpoint step {last['step']}, "
+                   f"{'requeued' if last['requeued'] else 'NOT requeued'}")
     newest = read_pointer(run_dir)
     if newest:
         out.append(f"checkpoint {checkpoint_dir(run_dir) / newest['file']} (global step {newest['global_step']})")

@@ -148,6 +148,8 @@ class SlurmConfig:
     exclusive: bool = False
     signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint, then requeue
     max_requeues: int = 10  # time-outs and preemptions; then the job fails, saying so
+    # requeues after a fault (a task died, crashed or hung); one with no checkpoint since the last counts twice
+    max_failures: int = 3
     setup: list[str] = field(default_factory=list)  # shell lines before the tasks start, e.g. module loads
     container_image: str = ""  # run every task in this image (pyxis: a registry image or .sqsh; apptainer: a .sif)
     container_mounts: str = ""  # SRC:DST[,SRC:DST...]; run.dir and data.root must be visible inside
@@ -192,7 +194,8 @@ POSITIVE = (
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
-                "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s")
+                "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
+                "slurm.max_failures")
 
 
 class ConfigError(ValueError):

@@ -83,6 +83,9 @@ from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_
 
 log = logging.getLogger("pipeline.train")
 
+# the errors that refuse a run (exit 2): a config, dataset, checkpoint, tracking, rank or run dir a person must fix
+REFUSALS = (ConfigError, DatasetError, CheckpointError, TrackingError, RankError, RunDirLocked)
+
 
 @dataclass
 class Progress:
@@ -638,7 +641,7 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except (ConfigError, DatasetError, CheckpointError, TrackingError, RankError, RunDirLocked) as err:
+    except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested:

@@ -201,6 +201,61 @@ def report_interruption(run_dir: Path, signalled: float, out: str) -> None:
           f"{started - requeued:.1f}s; the run: start -> first step {resumed - started:.1f}s)")
 
 
+def task_process(job_id: str, task: int):
+    """The process of task ``task`` of job ``job_id`` (the python that runs it), on whichever node it is."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            env = process.environ()
+            if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(task) \
+                    and "submitit.core._submit" in (process.info["cmdline"] or []):
+                return process
+        except psutil.Error:
+            pass
+    raise AssertionError(f"no process of task {task} of job {job_id}")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_the_second_node_requeues_the_job_which_resumes_bitwise(request, capsys, tmp_path,
+                                                                                  mini_data, two_node_reference):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(launch(*job_words(run_dir, mini_data, "slurm.nodes=2", "slurm.tasks_per_node=1",
+                                            "checkpoint.every_steps=4")))
+    wait_for_step(run_dir, 9)
+    victim = task_process(job_id, 1)
+    hosts = task_hosts(run_dir, job_id, 2)
+    assert hosts[0] != hosts[1]  # the killed rank is on the second node
+    everyone = [task_process(job_id, 0), victim]
+    victim.kill()
+    killed = time.time()
+    while any(p.is_running() and p.status() != "zombie" for p in everyone):
+        assert time.time() < killed + 60, job_logs(run_dir)
+        time.sleep(0.1)
+    all_gone = time.time() - killed
+    wait_done(job_id, run_dir)
+
+    (job,) = job_fields(job_id)
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), job_logs(run_dir)
+    (failure,) = json.loads((run_dir / "slurm/failures.json").read_text())
+    assert failure["requeued"] and failure["attempt"] == 1 and failure["count"] == 1 and failure["step"] == 8
+    log = (run_dir / "train.log").read_text()
+    assert f"attempt 1 of job {job_id} failed (srun exit status {failure['status']}" in log
+    assert "failure 1 of slurm.max_failures=3: requeued, resuming from checkpoint step 8" in log
+    assert "Resuming from" in log and "step-000000008.pt" in log
+    assert (run_dir / "model_final.pt").read_bytes() == (two_node_reference[0] / "model_final.pt").read_bytes()
+    steps = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"event": "train"' in line]
+    assert steps == list(range(1, 21))
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = next(e["time"] for e in events if e["event"] == "train" and e["time"] > killed)
+    status = launch("status", str(run_dir))
+    assert "failures   1 (counted 1 of slurm.max_failures); the last: attempt 1, srun exit status" in status.stdout
+    with capsys.disabled():
+        print(f"\nSIGKILL of rank 1 on the second node: every task gone {all_gone:.1f}s later, first resumed step "
+              f"{resumed - killed:.1f}s after the kill")
+
+
 @pytest.mark.slow
 def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
     run_dir = tmp_path / "run"
