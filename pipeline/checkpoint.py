@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file in the same folder, fsync it, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a quota: leave no half-written file taking the space
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
@@ -74,14 +79,47 @@ def save_checkpoint(state: dict, run_dir: str | Path, global_step: int, keep_las
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:09d}.pt"
-    data = atomic_torch_save(state, path)
-    meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "global_step": global_step, "epoch": state["progress"]["epoch"],
-            "step_in_epoch": state["progress"]["step_in_epoch"]}
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
-    atomic_write_bytes(folder / POINTER, json.dumps(meta).encode())
+    try:
+        data = atomic_torch_save(state, path)
+        meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                "global_step": global_step, "epoch": state["progress"]["epoch"],
+                "step_in_epoch": state["progress"]["step_in_epoch"]}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+        atomic_write_bytes(folder / POINTER, json.dumps(meta).encode())
+    except OSError:  # the pointer still names the checkpoint before: this one's parts only take space
+        if (read_pointer(run_dir) or {}).get("file") != path.name:
+            for part in (path, path.with_suffix(".json")):
+                part.unlink(missing_ok=True)
+        raise
     _prune(folder, keep_last, best_step)
     return path
+
+
+def size(n: float) -> str:
+    """A byte count as a person reads it: 96.0 KiB, 7.9 GiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
+
+def unwritable(err: OSError, run_dir: str | Path, global_step: int) -> str:
+    """What to tell a person whose checkpoint of ``global_step`` could not be written (a full disk, a quota)."""
+    try:
+        usage = shutil.disk_usage(run_dir)
+        space = f"{size(usage.free)} free of {size(usage.total)} on its filesystem"
+    except OSError:
+        space = "its free space unknown"
+    pointer = read_pointer(run_dir)
+    kept = (f"The checkpoint before it ({pointer['file']}, step {pointer['global_step']}) and the latest pointer are "
+            f"intact: once there is room, run the same command again to resume from step {pointer['global_step']}."
+            if pointer else "No checkpoint was written before it: the run starts over when started again.")
+    return (f"Cannot write the checkpoint of step {global_step} into {checkpoint_dir(run_dir)}: "
+            f"{err.strerror or err} ({space}). {kept} Free space or raise the quota, or move run.dir to a "
+            "filesystem with room (checkpoint.keep_last keeps fewer checkpoints).")
 
 
 def _steps(folder: Path) -> list[int]:

@@ -43,6 +43,7 @@ from pipeline.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    unwritable,
 )
 from pipeline.config import WARMUP_ABOVE, ConfigError, flatten, global_batch, load_config, to_yaml, warmup_epochs
 from pipeline.data.index import describe_change
@@ -505,6 +506,7 @@ class Run:
             reason = f"stop signal {signals.name or f'{self.stop_signal} on another rank'}"
         began = time.perf_counter()
         ranks = gather_to_main({"rng": rng_state()})
+        problem = None
         if dist.is_main:
             progress.wall_seconds = self.wall_seconds()
             state = {"format": FORMAT_VERSION, "model": self.model.state_dict(),
@@ -515,11 +517,17 @@ class Run:
                      "metrics_lines": self.metrics.lines,
                      "mlflow_run_id": self.tracker.run_id if self.tracker else None,
                      "config": OmegaConf.to_container(self.cfg), "versions": library_versions()}
-            path = save_checkpoint(state, self.run_dir, progress.global_step, self.cfg.checkpoint.keep_last,
-                                   progress.best_step)
-            self.save_seconds = time.perf_counter() - began
-            log.info("Saved %s (%s) in %.2fs", path.name, reason, self.save_seconds)
-        barrier()  # no rank leaves (or exits) before the checkpoint is on disk
+            try:
+                path = save_checkpoint(state, self.run_dir, progress.global_step, self.cfg.checkpoint.keep_last,
+                                       progress.best_step)
+                self.save_seconds = time.perf_counter() - began
+                log.info("Saved %s (%s) in %.2fs", path.name, reason, self.save_seconds)
+            except OSError as err:  # a full disk or a quota: every rank stops here, at this step
+                problem = unwritable(err, self.run_dir, progress.global_step)
+        # no rank goes on (or exits) before the checkpoint is on disk, or before it knows that it could not be
+        problem = broadcast_from_main(problem)
+        if problem:
+            raise on_every_rank(CheckpointError(problem))
         self.boundary.saved()
         if stopping and signals.received is not None:
             log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
