@@ -350,7 +350,7 @@ class Training(submitit.helpers.Checkpointable):
                     why = (f"Not requeued: the job was already requeued {timeouts} times after a time limit or a "
                            f"preemption (slurm.max_requeues={cfg.slurm.max_requeues}). The checkpoint is in "
                            f"{run_dir}: submit again with the same run.dir (or raise slurm.max_requeues) to go on.")
-                    record_end(run_dir, 1, why)
+                    record_end(run_dir, 1, f"slurm.max_requeues={cfg.slurm.max_requeues} reached")
                     raise RuntimeError(why) from None
                 if shutil.which("scontrol") is None:
                     record_end(run_dir, RESUME_EXIT_CODE, "not requeued: no scontrol")

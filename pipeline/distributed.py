@@ -277,6 +277,30 @@ def first_problem(problem: str | None) -> str | None:
     return broadcast_from_main(next((p for p in found if p), None) if found is not None else None)
 
 
+def disagreements(fingerprints: list[dict], hosts: list[str], shown: int = 5) -> str | None:
+    """What the ranks' ``fingerprints`` (flat dicts: config keys, versions, ...) disagree on, against rank 0's,
+    naming the values, the ranks and their hosts; None if they all agree."""
+    ours, found = fingerprints[0], []
+    for key in dict.fromkeys(key for f in fingerprints for key in f):  # rank 0's order: the config first
+        others: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(fingerprints):
+            if theirs.get(key) != ours.get(key):
+                others.setdefault(repr(theirs.get(key)), []).append(rank)
+        if others:
+            where = "; ".join(f"{value} on {_ranks_on(ranks, hosts)}" for value, ranks in others.items())
+            found.append(f"{key} is {ours.get(key)!r} on rank 0 ({hosts[0]}) but {where}")
+    if not found:
+        return None
+    more = f", and {len(found) - shown} more" if len(found) > shown else ""
+    return "; ".join(found[:shown]) + more
+
+
+def _ranks_on(ranks: list[int], hosts: list[str]) -> str:
+    named = sorted({hosts[r] for r in ranks})
+    listed = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {listed} ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''})"
+
+
 def on_every_rank(err: Exception) -> Exception:
     """Marks ``err`` as raised by every rank at the same point (after agreeing on it): see :func:`shutdown`."""
     err.on_every_rank = True

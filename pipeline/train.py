@@ -49,6 +49,7 @@ from pipeline.config import WARMUP_ABOVE, ConfigError, flatten, global_batch, lo
 from pipeline.data.index import describe_change
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
+from pipeline.data.order import epoch_order
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import (
     DistInfo,
@@ -56,6 +57,7 @@ from pipeline.distributed import (
     barrier,
     broadcast_buffers,
     broadcast_from_main,
+    disagreements,
     first_problem,
     gather_to_main,
     init_distributed,
@@ -267,6 +269,44 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
     return tracker
 
 
+# keys that may differ between nodes: where each finds its copy of the data, and how it reads it
+PER_NODE_KEYS = ("data.root", "data.workers", "data.prefetch", "data.check_shards")
+
+
+def fingerprint(cfg: DictConfig, dataset: dict | None, epoch: int, global_batch: int) -> dict:
+    """What every rank must share before step 1: the resolved config (less :data:`PER_NODE_KEYS` and the
+    launcher's and tracking's sections, which no rank trains by), the library versions, the dataset index and the
+    first ids of the epoch's order (``torch.randperm`` is not the same across torch builds)."""
+    config = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+              if k not in PER_NODE_KEYS and not k.startswith(("slurm.", "tracking."))}
+    versions = {**library_versions(), "numpy": np.__version__}
+    versions = {f"version of {name}": versions[name] for name in ("torch", "torchvision", "numpy", "dali")}
+    data = {}
+    if dataset:
+        data["dataset index"] = dataset["hash"][:16]
+        order = epoch_order(dataset["counts"]["train"], epoch, cfg.run.seed, global_batch)
+        data[f"first sample ids of epoch {epoch + 1}"] = order[:8].tolist()
+    return {**config, **versions, **data}
+
+
+def check_ranks_agree(cfg: DictConfig, dist: DistInfo, dataset: dict | None, epoch: int, global_batch: int) -> None:
+    """Stop every rank before step 1 if any rank runs another config, other software or another order."""
+    if dist.world_size == 1:
+        return
+    found = gather_to_main((fingerprint(cfg, dataset, epoch, global_batch), socket.gethostname()))
+    problem = None
+    if found is not None:
+        differ = disagreements([f for f, _ in found], [host for _, host in found])
+        if differ:
+            problem = (f"The ranks do not run the same thing: {differ}. Every rank must train with the same config "
+                       "and the same software, or they read different samples and compute different steps: start "
+                       "every node with the same command and overrides, in the same environment or container "
+                       "(data.root, data.workers and data.prefetch may differ between nodes).")
+    problem = broadcast_from_main(problem)
+    if problem:
+        raise on_every_rank(ConfigError(problem))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -406,8 +446,10 @@ class Run:
                          progress.epoch + 1, progress.step_in_epoch, self.steps_per_epoch, progress.global_step)
 
     def start(self) -> None:
-        """Wrap the model for DDP (and compile), open the metrics file, the MLflow run and the insights."""
+        """Check that every rank runs the same thing, wrap the model for DDP (and compile), open the metrics
+        file, the MLflow run and the insights."""
         cfg, dist, model = self.cfg, self.dist, self.model
+        check_ranks_agree(cfg, dist, self.dataset, self.progress.epoch, self.global_batch)
         net: nn.Module = model
         if dist.world_size > 1:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -237,3 +237,14 @@ def test_a_bare_srun_of_training_stops_before_writing_anything(tmp_path):
                              "tracking.backend=none"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and "python -m launch.slurm" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_disagreements_name_each_differing_key_with_its_values_ranks_and_hosts():
+    from pipeline.distributed import disagreements
+
+    prints = [{"run.seed": 0, "version of torch": "2.14.1"}] * 2 + [{"run.seed": 1, "version of torch": "2.14.1"},
+                                                                    {"run.seed": 1, "version of torch": "2.11.0"}]
+    assert disagreements(prints, ["a", "a", "b", "b"]) == (
+        "run.seed is 0 on rank 0 (a) but 1 on ranks 2, 3 (b); version of torch is '2.14.1' on rank 0 (a) but "
+        "'2.11.0' on rank 3 (b)")
+    assert disagreements(prints[:2], ["a", "b"]) is None

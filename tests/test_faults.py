@@ -1,7 +1,9 @@
-"""Faults made for real: a full disk under a running job (a tmpfs in a private mount namespace)."""
+"""Faults made for real: a full disk under a running job (a tmpfs in a private mount namespace), nodes that
+start with different configs."""
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +64,26 @@ def test_a_full_disk_stops_every_rank_at_the_failed_checkpoint_keeping_the_one_b
     assert "second=0" in result.stdout, second[-3000:]
     assert "Resuming from" in second and "step-000000004.pt" in second
     assert json.loads((out / "after-resume" / "summary.json").read_text())["global_step"] == 10
+
+
+@pytest.mark.slow
+def test_two_nodes_started_with_different_seeds_stop_before_step_1_naming_the_key_ranks_and_hosts(tmp_path,
+                                                                                                  mini_data):
+    from pipeline.distributed import free_port
+
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "launch.local", MINI, "--nnodes", "2", "--node-rank", str(node),
+                               "--nproc-per-node", "1", "--master-port", str(port), f"run.dir={tmp_path / 'run'}",
+                               f"data.root={mini_data}", "tracking.backend=none", "data.workers=1",
+                               f"run.seed={seed}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for node, seed in ((0, 0), (1, 7))]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    host = socket.gethostname()
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode == 2, out[-3000:]
+        assert (f"error: The ranks do not run the same thing: run.seed is 0 on rank 0 ({host}) but 7 on rank 1 "
+                f"({host}); first sample ids of epoch 1 is [") in out, out[-3000:]
+        assert "start every node with the same command and overrides" in out and "Traceback" not in out
+        assert " step " not in out  # before the first step
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -17,7 +17,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.data.layout import decode_error
+from pipeline.data.layout import DatasetError, decode_error, short_reason
 from pipeline.data.order import TrainPlan
 from pipeline.data.samples import SampleBytes
 
@@ -44,7 +44,12 @@ def train_pipeline(source, image_size: int, mean: list[float], std: list[float],
                                      output_type=types.RGB, axis_names="WH", adjust_orientation=False)
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
     images = _normalize(images, image_size, mean, std, mirror=flip)
-    return images, labels.gpu() if on_gpu else labels, ids
+    return images, labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded)
+
+
+def _stored_shape(encoded):
+    """Each image's (height, width, channels) from its header, as stored: compared with the index's."""
+    return fn.peek_image_shape(encoded, adjust_orientation=False)
 
 
 @pipeline_def
@@ -55,7 +60,7 @@ def val_pipeline(source, image_size: int, resize: int, mean: list[float], std: l
                                adjust_orientation=False)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_TRIANGULAR)
     images = _normalize(images, image_size, mean, std, crop=True)
-    return images, labels.gpu() if on_gpu else labels, ids
+    return images, labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded)
 
 
 class _Feed:
@@ -118,7 +123,7 @@ class DaliLoader:
             self._fed.clear()
             pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed))
             pipe.build()
-            self._it = DALIGenericIterator(pipe, ["data", "label", "id"], prepare_first_batch=False)
+            self._it = DALIGenericIterator(pipe, ["data", "label", "id", "shape"], prepare_first_batch=False)
         return self._it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -133,21 +138,41 @@ class DaliLoader:
                 return
             except RuntimeError as err:
                 self._it = None  # a pipeline that failed is rebuilt, never reused
-                raise decode_error(self._failing(), self.root, str(err)) from None
+                raise self._failure(str(err)) from None
             self._consumed += 1
-            self.last_ids = batch[0]["id"].view(-1).numpy()
+            self.last_ids = ids = batch[0]["id"].view(-1).numpy()
+            shape = batch[0]["shape"].numpy()
+            split = self.reader.split
+            wrong = np.flatnonzero((shape[:, 0] != split.height[ids]) | (shape[:, 1] != split.width[ids]))
+            if len(wrong):  # another image than the one indexed, though DALI could crop it
+                self._it = None
+                i = int(ids[wrong[0]])
+                raise DatasetError(self.reader.size_problem(i, int(shape[wrong[0], 1]), int(shape[wrong[0], 0])))
             images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
             if not self.channels_last:
                 images = images.contiguous()
             yield images, batch[0]["label"].view(-1).long()
 
-    def _failing(self) -> list[str]:
-        """The files of the batches in flight that Pillow cannot decode either; all of them if none."""
+    def _failure(self, message: str) -> Exception:
+        """Why DALI failed on the batches in flight, each of their samples tried alone: one that is not what was
+        indexed (bytes, or the size in its header), else the files Pillow cannot decode either (all, if none).
+        DALI's own words are kept."""
         from pipeline.data.index import decode_with_pillow
 
         ids = [int(i) for batch in self._fed for i in batch]
+        for i in ids:
+            changed = self.reader.header_problem(i)
+            if changed:
+                return DatasetError(f"{changed} DALI stopped on it: {dali_reason(message)}")
         bad = [self.reader.path(i) for i in ids if decode_with_pillow(self.reader.read(i).tobytes())]
-        return bad or [self.reader.path(i) for i in ids]
+        return decode_error(bad or [self.reader.path(i) for i in ids], self.root, dali_reason(message))
+
+
+def dali_reason(message: str) -> str:
+    """The line of a DALI error that says what went wrong (after its pipeline context), else the decoder's."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    after = [line for k, line in enumerate(lines) if k and lines[k - 1].endswith("encountered:")]
+    return after[0][:400] if after else short_reason(message)
 
 
 def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from pipeline.data.layout import DecodeError, decode_error
+from pipeline.data.layout import DatasetError, DecodeError, decode_error
 from pipeline.data.order import TrainPlan
 from pipeline.data.samples import SampleBytes
 from pipeline.signals import end_workers_at_exit, ignore_stop_signals
@@ -37,12 +37,16 @@ class IndexedImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, epoch = key
+        data = self.reader.read(index)
         try:
-            with Image.open(io.BytesIO(self.reader.read(index))) as image:
+            with Image.open(io.BytesIO(data)) as image:
+                changed = self.reader.size_problem(index, *image.size)
                 image = image.convert("RGB")
         except Exception as err:  # Pillow raises several types for damaged files
             # the path travels back from the worker inside the message, between markers
             raise DecodeError(f"{_MARK}{self.reader.path(index)}\n{type(err).__name__}: {err}") from None
+        if changed:  # another image than the one indexed: its crop window would not fit it
+            raise DatasetError(changed)
         label = int(self.reader.split.label[index])
         if self.plan is None:
             return torch.from_numpy(np.array(self.transform(image))), label, index
@@ -121,6 +125,8 @@ class FolderLoader:
             found = re.search(re.escape(_MARK) + r"(.+)\n(.*)", str(err))
             raise decode_error([found.group(1)] if found else [], self.root,
                                found.group(2) if found else str(err)) from None
+        except DatasetError as err:  # from a worker, its message at the end of the worker's traceback
+            raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
 
 
 def val_transform(image_size: int, resize: int) -> transforms.Compose:

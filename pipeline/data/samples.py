@@ -7,6 +7,7 @@ no file; the page cache holds one copy per node for every rank and loader worker
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
 import threading
@@ -46,13 +47,16 @@ class SampleBytes:
             return self._maps
 
     def read(self, i: int) -> np.ndarray:
+        """Sample ``i``'s bytes, as many as the index says it has (else a DatasetError names the file)."""
         if self.split.shard is None:
             try:
-                return np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
+                data = np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
             except OSError as err:
-                raise DatasetError(f"Cannot read {self.path(i)} ({err.strerror or err}): the dataset changed since "
-                                   f"it was indexed. Run `python -m pipeline.data.imagenet verify {self.root}` to "
-                                   "index it again (then resume with run.on_dataset_change=next_epoch).") from None
+                raise DatasetError(self.changed(f"Cannot read {self.path(i)} ({err.strerror or err})")) from None
+            if len(data) != int(self.split.nbytes[i]):
+                raise DatasetError(self.changed(f"{self.path(i)} holds {len(data)} bytes, but the index says "
+                                                f"{int(self.split.nbytes[i])} (truncated or replaced)"))
+            return data
         data = self._shard_maps()[int(self.split.shard[i])]
         offset, size = int(self.split.offset[i]), int(self.split.nbytes[i])
         if offset + size > len(data):
@@ -76,6 +80,33 @@ class SampleBytes:
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(READ_THREADS), os.getpid()
         return list(self._pool.map(self.read, ids.tolist()))
+
+    def changed(self, what: str) -> str:
+        """The message for a sample that is not what was indexed: ``what``, and the fix."""
+        return (f"{what}: the dataset changed since it was indexed. Run `python -m pipeline.data.imagenet verify "
+                f"{self.root}` to index it again (then resume with run.on_dataset_change=next_epoch).")
+
+    def size_problem(self, i: int, width: int, height: int) -> str | None:
+        """Why an image of ``width`` x ``height`` pixels is not sample ``i`` as indexed, or None if it is."""
+        w, h = int(self.split.width[i]), int(self.split.height[i])
+        if (width, height) == (w, h):
+            return None
+        return self.changed(f"{self.path(i)} is {width}x{height} pixels, but the index says {w}x{h}")
+
+    def header_problem(self, i: int) -> str | None:
+        """Sample ``i`` read again, alone, and compared with the index (bytes, and the size its header gives);
+        None if it matches, or if its header cannot be read (a damaged file, for the decoder to name)."""
+        from PIL import Image
+
+        try:
+            data = self.read(i)
+        except DatasetError as err:
+            return str(err)
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as image:
+                return self.size_problem(i, *image.size)
+        except Exception:  # Pillow raises several types for damaged files
+            return None
 
     def path(self, i: int) -> str:
         """The file that holds sample ``i``: its own file, or its shard with the offset."""

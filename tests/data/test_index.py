@@ -1,8 +1,10 @@
 """The dataset index, packed shards, and what every rank checks at start."""
 
 import faulthandler
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,6 +254,44 @@ def test_a_file_gone_since_indexing_is_named_with_the_fix(tmp_path, backend):
                                                 "model.num_classes=2", "data.image_size=24"]), ONE, 4)
     with pytest.raises(DatasetError, match=r"Cannot read .*\.JPEG.*changed since it was indexed.*verify"):
         next(iter(train))
+
+
+def padded_jpeg(size: tuple[int, int], nbytes: int) -> bytes:
+    """A JPEG of ``size`` pixels padded after its end marker to ``nbytes`` bytes (decoders ignore the padding)."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 30)).save(out, "JPEG", quality=50)
+    assert out.tell() <= nbytes
+    return out.getvalue() + bytes(nbytes - out.tell())
+
+
+@pytest.mark.parametrize("change", ["truncated", "a smaller image", "a larger image"])
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_file_changed_since_verify_stops_the_loader_naming_it_and_the_sizes(tmp_path, backend, change):
+    root = write_synthetic_imagenet(tmp_path / "d", 2, 8, 2, 20, 40)
+    verify(root, workers=2)
+    victim = sorted((root / "train").rglob("*.JPEG"))[5]
+    data = victim.read_bytes()
+    with Image.open(victim) as image:
+        width, height = image.size
+    if change == "truncated":
+        victim.write_bytes(data[:len(data) // 2])
+        expected = rf"{victim} holds {len(data) // 2} bytes, but the index says {len(data)} \(truncated or replaced\)"
+    else:  # the same number of bytes: only the pixels tell
+        size = (12, 10) if change == "a smaller image" else (80, 60)  # smaller than the crops, or larger
+        victim.write_bytes(padded_jpeg(size, len(data)))
+        expected = rf"{victim} is {size[0]}x{size[1]} pixels, but the index says {width}x{height}"
+    expected += rf": the dataset changed since it was indexed. Run `python -m pipeline.data.imagenet verify {root}`"
+    train, _ = build_loaders(load_config(None, [f"data.root={root}", f"data.backend={backend}", "data.workers=1",
+                                                "model.num_classes=2", "data.image_size=16"]), ONE, 4)
+    with pytest.raises(DatasetError) as raised:
+        for _ in train:
+            pass
+    message = str(raised.value)
+    assert re.match(expected, message), message
+    assert "Traceback" not in message and message.count(".JPEG") == 1  # the one file, no batch of suspects
+    if backend == "dali" and change == "a smaller image":  # DALI failed on it; its own words are kept
+        assert re.search(r"DALI stopped on it: .*(window|crop|image dimensions)", message, re.I), message
+    train.close()
 
 
 def test_a_shard_cut_short_before_it_is_mapped_is_named_when_read(packed_copy):

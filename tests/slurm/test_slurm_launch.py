@@ -268,7 +268,9 @@ def test_a_job_past_max_requeues_fails_and_says_so(slurm, tmp_path, mini_data):
         time.sleep(1)
     assert not (run_dir / "summary.json").exists()
     err = (run_dir / f"slurm/{job_id}_0_log.err").read_text()
-    assert "Not requeued: the job was already requeued 0 times (slurm.max_requeues=0)" in err
+    assert "Not requeued: the job was already requeued 0 times after a time limit or a preemption " \
+           "(slurm.max_requeues=0)" in err
+    assert f"attempt 1 of job {job_id} ended on purpose (slurm.max_requeues=0 reached): not requeued" in err
     status = launch("status", str(run_dir))
     saved = re.search(r"checkpoint .*step-(\d{9})\.pt", status.stdout)
     # the stop checkpoint: at or after the step the signal followed (a loaded machine runs a few more steps
