@@ -106,6 +106,41 @@ def check_rank_environment(env: Mapping[str, str], gpus: int) -> None:
                         "(--gpus-per-task=1, slurm.profile=gpu-8-per-task).")
 
 
+def gpus_missing(env: Mapping[str, str], found: int) -> str | None:
+    """What is wrong when this task was given GPUs (by SLURM, or ``CUDA_VISIBLE_DEVICES``) but PyTorch sees fewer
+    (none: a driver too old for this build's CUDA, a CPU build of torch); None when it sees them all."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in ("", "-1", "NoDevFiles"):
+        given, by = len(visible.split(",")), f"CUDA_VISIBLE_DEVICES={visible}"
+    elif visible is None and int(env.get("SLURM_GPUS_ON_NODE") or 0) > 0:
+        given, by = 1, f"SLURM_GPUS_ON_NODE={env['SLURM_GPUS_ON_NODE']}"  # at least one is this task's
+    else:
+        return None
+    if found >= given:
+        return None
+    return (f"This task was given GPUs ({by}) but PyTorch {torch.__version__} sees {found} "
+            f"(torch.cuda.is_available() is {torch.cuda.is_available()}; this build is for CUDA "
+            f"{torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: {driver_version()}). Training would run "
+            "on the CPU, or on fewer GPUs than the job holds. The driver must support the CUDA version of the "
+            "build: update the driver, or install the PyTorch build for the driver's CUDA (README: \"CUDA, DALI and "
+            "PyTorch versions\"; e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126); "
+            "check that CUDA_VISIBLE_DEVICES names this node's GPUs.")
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version, as NVML reports it, or why it cannot be read."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return str(pynvml.nvmlSystemGetDriverVersion())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as err:  # no driver, no libnvidia-ml: NVML's own errors
+        return f"not found ({type(err).__name__}: {err})"
+
+
 def device_index(local_rank: int, gpus: int) -> int:
     """The GPU of this rank: the only one it sees (a site that binds one GPU per task, with --gpus-per-task,
     --gpu-bind or cgroups, shows each task its own as device 0), or its LOCAL_RANK among the node's GPUs."""
@@ -142,6 +177,9 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
     ``timeout_s``: how long a rank waits for the others, at the start and in any collective after.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = gpus_missing(os.environ, gpus)
+    if missing:
+        raise RankError(missing)
     check_rank_environment(os.environ, gpus)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

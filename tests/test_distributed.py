@@ -248,3 +248,28 @@ def test_disagreements_name_each_differing_key_with_its_values_ranks_and_hosts()
         "run.seed is 0 on rank 0 (a) but 1 on ranks 2, 3 (b); version of torch is '2.14.1' on rank 0 (a) but "
         "'2.11.0' on rank 3 (b)")
     assert disagreements(prints[:2], ["a", "b"]) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine sees its GPU: this case needs one where CUDA is unavailable")
+def test_a_task_given_a_gpu_that_pytorch_cannot_see_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={run_dir}",
+                             "data.backend=synthetic", "tracking.backend=none"], capture_output=True, text=True,
+                            env={**env, "SLURM_GPUS_ON_NODE": "1"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: This task was given GPUs (SLURM_GPUS_ON_NODE=1) but PyTorch "
+                                    f"{torch.__version__} sees 0 (torch.cuda.is_available() is False; this build "
+                                    f"is for CUDA {torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: ")
+    assert "install the PyTorch build for the driver's CUDA" in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_gpus_given_are_counted_from_cuda_visible_devices_first():
+    from pipeline.distributed import gpus_missing
+
+    assert gpus_missing({}, 0) is None and gpus_missing({"CUDA_VISIBLE_DEVICES": ""}, 0) is None  # a CPU job
+    assert gpus_missing({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_GPUS_ON_NODE": "8"}, 2) is None  # a task's share
+    assert "(CUDA_VISIBLE_DEVICES=0,1) but PyTorch" in gpus_missing({"CUDA_VISIBLE_DEVICES": "0,1"}, 1)
+    assert "(SLURM_GPUS_ON_NODE=4) but PyTorch" in gpus_missing({"SLURM_GPUS_ON_NODE": "4"}, 0)
+    assert gpus_missing({"SLURM_GPUS_ON_NODE": "4"}, 1) is None
