@@ -4,7 +4,9 @@ The lock is an ``fcntl`` record lock, which NFS (v4, or v3 with lockd), GPFS, Ce
 with ``-o flock`` hold across nodes. Lustre's ``localflock`` and BeeGFS without global file locks hold it
 on one node only: a second run from another node is then not stopped. A filesystem without locks is
 warned about and the run goes on. The kernel (or the NFS server, when the lease of a dead node expires)
-releases the lock when its process ends, however it ends, so a crashed run leaves no stale lock.
+releases the lock when its process ends, however it ends, so a crashed run leaves no stale lock. A requeued
+attempt of the same SLURM job waits for its earlier attempt's lock for a grace period, then takes it over (a lost
+node's lock can outlast it); a run of another job is refused at once.
 """
 
 from __future__ import annotations
@@ -77,9 +79,11 @@ class RunDirLock:
                 earlier = me["slurm_job_id"] and other.get("slurm_job_id") == me["slurm_job_id"] \
                     and int(other.get("slurm_restart") or 0) < me["slurm_restart"]
                 if earlier and time.monotonic() < deadline:
-                    time.sleep(2)  # its lock is not released yet (an NFS server waits for the lease to expire)
+                    time.sleep(min(2, grace_s / 4))  # not released yet (an NFS server waits for the lease to end)
                     continue
                 os.close(fd)
+                if earlier:  # a lost node's attempt, whose lock its filesystem still holds: take it over
+                    return self._take_over(other, me, grace_s)
                 raise RunDirLocked(
                     f"run.dir='{self.path.parent}' is in use by another run ({describe(other)}). Two runs in one "
                     "dir would overwrite each other's metrics and checkpoints. Wait for it to end (or cancel "
@@ -89,6 +93,27 @@ class RunDirLock:
         os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
         os.fsync(fd)  # so a run on another node reads who holds it
         self._fd = fd
+        return self
+
+    def _take_over(self, other: dict, me: dict, grace_s: float) -> RunDirLock:
+        """A new lock file, locked and naming this process, renamed over the old one: every later opener of
+        ``run.lock`` opens the new file, whose lock is ours; the old file's lock, which a dead node may hold for
+        minutes more (an NFS lease, a Lustre eviction), no longer stands for the run dir."""
+        fresh = self.path.with_name(f".{LOCK_FILE}.{me['host']}.{me['pid']}")
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, json.dumps({**me, "took_over": other}).encode() + b"\n", 0)
+            os.fsync(fd)
+            os.replace(fresh, self.path)
+        except OSError:
+            os.close(fd)
+            fresh.unlink(missing_ok=True)
+            raise
+        self._fd = fd
+        log.warning("Took over %s from the earlier attempt of this job that held it (%s, attempt %d): it was not "
+                    "released within %.0fs, as when that attempt's node was lost.", self.path,
+                    describe(other), int(other.get("slurm_restart") or 0) + 1, grace_s)
         return self
 
     @staticmethod

@@ -250,7 +250,7 @@ def test_disagreements_name_each_differing_key_with_its_values_ranks_and_hosts()
     assert disagreements(prints[:2], ["a", "b"]) is None
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine sees its GPU: this case needs one where CUDA is unavailable")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine sees its GPU: this needs one without CUDA")
 def test_a_task_given_a_gpu_that_pytorch_cannot_see_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}

@@ -1,6 +1,7 @@
 """The run dir's lock between real processes: who holds it, when a requeued attempt waits, what the launcher says."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,39 @@ def test_the_launcher_refuses_a_run_dir_that_a_run_holds(tmp_path):
         cfg = load_config(ROOT / "configs/mini.yaml", [f"run.dir={tmp_path}"])
         with pytest.raises(LaunchError, match=rf"run.dir='{tmp_path}' is in use by another run \(pid {holder.pid}"):
             check_run_dirs_free([cfg])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_requeued_attempt_takes_over_the_lock_its_lost_earlier_attempt_still_holds(tmp_path, monkeypatch, caplog):
+    import json
+    import signal
+
+    holder = hold(tmp_path, 120, SLURM_JOB_ID="41", SLURM_RESTART_COUNT="0")
+    holder.send_signal(signal.SIGSTOP)  # as a lost node: its lock stays, nothing of it runs
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "41")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        began = time.monotonic()
+        lock = RunDirLock(tmp_path).acquire(grace_s=3)
+        assert 3 <= time.monotonic() - began < 10  # the grace first, then the takeover
+        # read by another process: closing a file of the lock in this one would release it (POSIX locks)
+        written = json.loads(subprocess.run(["cat", str(tmp_path / "run.lock")], capture_output=True,
+                                            check=True).stdout)
+        assert (written["pid"], written["slurm_restart"], written["took_over"]["pid"]) == (os.getpid(), 1,
+                                                                                           holder.pid)
+        assert f"Took over {tmp_path / 'run.lock'} from the earlier attempt of this job that held it (pid " \
+               f"{holder.pid} on " in caplog.text and ", attempt 1): it was not released within 3s" in caplog.text
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+        # the run dir is ours now: another run of any job is refused at once, naming this holder
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+        other = subprocess.run([sys.executable, "-c", "import sys; from pipeline.lock import RunDirLock; "
+                                "RunDirLock(sys.argv[1]).acquire(grace_s=30)", str(tmp_path)],
+                               capture_output=True, text=True, cwd=ROOT, timeout=20)
+        assert re.search(rf"RunDirLocked: .* in use by another run \(pid {os.getpid()} on \S+, SLURM job 41,",
+                         other.stderr), other.stderr
+        lock.release()
     finally:
         holder.kill()
         holder.wait()
