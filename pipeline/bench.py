@@ -29,6 +29,7 @@ import torch
 
 from pipeline.checkpoint import FORMAT_VERSION, library_versions, load_checkpoint, rng_state, save_checkpoint
 from pipeline.config import Config
+from pipeline.data.index import usable_cpus
 from pipeline.engine import build_optimizer, build_scaler
 from pipeline.models import build_model
 
@@ -238,7 +239,7 @@ def bench_boundary(args: argparse.Namespace) -> dict:
                      "blocking_by_rank": figures["blocking_flags"],
                      "blocked_ms_per_step_blocking": before, "blocked_ms_per_step": after, "ratio": after / before,
                      "boundary_ms_per_step_blocking": before_all, "boundary_ms_per_step": after_all})
-    return {"runs": runs, "cpus": os.cpu_count()}
+    return {"runs": runs, "cpus": usable_cpus()}
 
 
 def main(argv: list[str] | None = None) -> int:

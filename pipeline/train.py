@@ -630,7 +630,9 @@ class Run:
         if not summary["replicas_identical"]:
             log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
         if dist.is_main:
-            atomic_torch_save(self.model.state_dict(), run_dir / "model_final.pt")
+            # CPU tensors: the weights load on any machine, with or without a GPU
+            atomic_torch_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                              run_dir / "model_final.pt")
             atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
             self.metrics.log("summary", **summary)
             self.metrics.close()

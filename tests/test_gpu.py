@@ -68,6 +68,8 @@ def test_mini_config_on_the_gpu_with_bf16_and_channels_last(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on cuda" in result.stdout and "cudnn.benchmark" in result.stdout
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > 0
+    weights = torch.load(run_dir / "model_final.pt", weights_only=True)  # as the README loads it, no map_location
+    assert {t.device.type for t in weights.values()} == {"cpu"}  # loads on a machine without a GPU
 
 
 def _sync_bn_rank(rank: int, world: int, port: int, out, backend: str) -> None:

@@ -50,6 +50,7 @@ from pipeline.data.index import (
     save_index,
     scan_tree,
     tree_classes,
+    usable_cpus,
 )
 from pipeline.data.layout import SPLITS, DatasetError, short_reason
 from pipeline.data.samples import SHARD_DIR
@@ -229,7 +230,7 @@ def verify(root: str | Path, decoder: str | None = None, workers: int | None = N
         raise DatasetError(f"Dataset folder '{root}' does not exist.")
     classes = tree_classes(root)
     decoder = decoder or default_decoder()
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     scanned = {split: scan_tree(root, classes, split) for split in SPLITS}
     names = [n for split_names, _ in scanned.values() for n in split_names]
     log.info("Verifying %d images in %s with the %s decoder on %d cores", len(names), root, decoder, workers)

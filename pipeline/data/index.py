@@ -210,6 +210,14 @@ def scan_tree(root: Path, classes: list[str], split: str) -> tuple[list[str], li
     return names, labels
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM task's (its CPU mask), not the node's, which os.cpu_count gives."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no CPU masks on this platform (macOS)
+        return os.cpu_count() or 1
+
+
 def inspect_file(path: str) -> tuple[int, int, int, int, str | None]:
     """(width, height, bytes, flags, error) of one file, from its header: Pillow reads no pixels here."""
     try:
@@ -251,7 +259,7 @@ def index_tree(root: str | Path, num_classes: int | None = None, workers: int | 
     scanned = {split: scan_tree(root, classes, split) for split in SPLITS}
     paths = [str(root / n) for names, _ in scanned.values() for n in names]
     # close + join, never terminate: the workers finish their queue and exit on their own
-    pool = Pool(workers or os.cpu_count() or 1, initializer=default_signal_handlers)
+    pool = Pool(workers or usable_cpus(), initializer=default_signal_handlers)
     try:
         headers = iter(pool.imap(inspect_file, paths, chunksize=256))
         splits, unreadable = {}, []

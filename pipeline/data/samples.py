@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import mmap
 import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.checkpoint import atomic_write_bytes
 from pipeline.data.index import DatasetIndex, SplitIndex
 from pipeline.data.layout import DatasetError
 
@@ -133,18 +136,61 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
 def check_shards(root: str | Path, index: DatasetIndex, rank: int = 0, world_size: int = 1,
                  checksums: bool = True) -> list[str]:
     """Problems with a packed dataset's shards: every size checked here, and (``checksums``) the
-    SHA-256 of shards ``rank``, ``rank + world_size``, ..., so the ranks share the reading."""
+    SHA-256 of shards ``rank``, ``rank + world_size``, ..., so the ranks share the reading.
+
+    A shard whose checksum was found good is trusted on later starts while its size, modification time and
+    inode are unchanged (:class:`ShardChecks`): a requeued job does not read the whole dataset again."""
     problems = []
     folder = Path(root).absolute() / SHARD_DIR
+    checked = ShardChecks(index.hash, rank, world_size)
     for number, shard in enumerate(index.shards):
         path = folder / shard["file"]
         try:
             if not path.is_file():
                 problems.append(f"{path} is missing")
-            elif (size := path.stat().st_size) != shard["bytes"]:
-                problems.append(f"{path} holds {size} bytes, not {shard['bytes']} (truncated or overwritten)")
-            elif checksums and number % world_size == rank and file_sha256(path) != shard["sha256"]:
-                problems.append(f"{path} fails its SHA-256 checksum (damaged)")
+            elif (stat := path.stat()).st_size != shard["bytes"]:
+                problems.append(f"{path} holds {stat.st_size} bytes, not {shard['bytes']} (truncated or overwritten)")
+            elif checksums and number % world_size == rank and not checked.trusted(path, stat, shard["sha256"]):
+                if file_sha256(path) == shard["sha256"]:
+                    checked.good(path, stat, shard["sha256"])
+                else:
+                    problems.append(f"{path} fails its SHA-256 checksum (damaged)")
         except OSError as err:  # a failing disk or a permission: the damage this looks for
             problems.append(f"{path} cannot be read ({err.strerror or err})")
+    checked.save()
     return problems
+
+
+class ShardChecks:
+    """The shards this rank found good, by path, size, modification time and inode (a copy, a rewrite or a
+    touch changes one), kept per dataset index and share of the reading under ``$XDG_CACHE_HOME`` (or
+    ``~/.cache``)/densenet-pipeline/shards/: one small file per rank, read by that rank alone."""
+
+    def __init__(self, index_hash: str, rank: int, world_size: int):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        host = socket.gethostname()
+        self.path = cache / "densenet-pipeline" / "shards" / f"{index_hash[:16]}-{rank}-of-{world_size}-{host}.json"
+        try:
+            self.known: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    @staticmethod
+    def _key(stat: os.stat_result, sha256: str) -> list:
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256]
+
+    def trusted(self, path: Path, stat: os.stat_result, sha256: str) -> bool:
+        return self.known.get(str(path)) == self._key(stat, sha256)
+
+    def good(self, path: Path, stat: os.stat_result, sha256: str) -> None:
+        self.known[str(path)], self.changed = self._key(stat, sha256), True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:  # a cache that cannot be written only costs the checksums again next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(self.known).encode())
+        except OSError:
+            pass

@@ -318,3 +318,31 @@ def test_an_index_json_of_the_wrong_shape_is_named(tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "counts": {}}))
     with pytest.raises(DatasetError, match=r"index.json is damaged .*KeyError"):
         load_index(root)
+
+
+def test_shard_checksums_are_read_once_and_a_shard_changed_since_is_checked_again(packed_copy, tmp_path,
+                                                                                 monkeypatch):
+    import pipeline.data.samples as samples
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    read = []
+    monkeypatch.setattr(samples, "file_sha256", lambda path: read.append(path.name) or samples_sha256(path))
+    root, index = packed_copy
+    assert len(index.shards) > 2
+    assert samples.check_shards(root, index) == [] and len(read) == len(index.shards)  # the first start reads all
+    read.clear()
+    assert samples.check_shards(root, index) == [] and read == []  # a restart trusts what it found good
+    assert samples.check_shards(root, index, 0, 2) == [] and len(read) == -(-len(index.shards) // 2)  # its share
+    read.clear()
+    shard = root / "shards" / index.shards[1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged in place: the same size, a new modification time
+    shard.write_bytes(bytes(data))
+    assert samples.check_shards(root, index) == [f"{shard} fails its SHA-256 checksum (damaged)"]
+    assert read == [shard.name]
+
+
+def samples_sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
