@@ -215,6 +215,20 @@ def check_run_dirs_free(cfgs: list[DictConfig]) -> None:
                               "another run.dir.")
 
 
+def check_tracking_store(cfgs: list[DictConfig]) -> None:
+    """Refuse a sweep whose jobs would all write one SQLite store on a network filesystem; warn for one job."""
+    from pipeline.tracking import shared_sqlite_problem, tracking_uri
+
+    if cfgs[0].tracking.backend != "mlflow":
+        return
+    problem = shared_sqlite_problem(tracking_uri(cfgs[0]), len(cfgs))
+    if problem and len(cfgs) > 1:
+        raise LaunchError(problem)
+    if problem:
+        print(f"warning: {problem} One job alone is safe only while no other job writes the same store.",
+              file=sys.stderr)
+
+
 def clean_environment() -> dict[str, str]:
     """This environment without the job and distributed variables of an enclosing job (SLURM_CONF stays:
     it says where the cluster's configuration is, not which job this is)."""
@@ -640,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_cluster(cfgs[0])
         check_run_dirs_free(cfgs)
+        check_tracking_store(cfgs)
         records = submit(cfgs, minutes)
     except (ConfigError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -79,6 +79,45 @@ def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).absolute().parent / 'mlflow.db'}"
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "9p")
+
+
+def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str:
+    """The type of the filesystem that holds ``path`` (nfs4, lustre, ext4, ...), from the mount table; "" if the
+    table cannot be read. ``mountinfo``: the text of /proc/self/mountinfo (read when None)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return ""
+    path, best, kind = str(Path(path).absolute()), "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)
+        if len(fields) != 2 or len(fields[0].split()) < 5:
+            continue
+        point = fields[0].split()[4].replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[1].split()[0]
+    return kind
+
+
+def shared_sqlite_problem(uri: str, jobs: int, mountinfo: str | None = None) -> str | None:
+    """Why ``jobs`` jobs should not write the SQLite store ``uri`` at once, or None (a server, a local disk)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    store = Path(uri.removeprefix("sqlite:///"))
+    kind = filesystem_type(store.parent, mountinfo)
+    if kind not in NETWORK_FILESYSTEMS:
+        return None
+    return (f"The MLflow store {store} is one SQLite file on a network filesystem ({kind}), where SQLite's locks "
+            f"are not reliable: {'these ' + str(jobs) + ' jobs' if jobs > 1 else 'jobs'} writing it at once can "
+            "corrupt it or lose runs. Run a tracking server on the login node and point the jobs at it: "
+            "`mlflow server --backend-store-uri sqlite:////path/on/a/local/disk/mlflow.db --artifacts-destination "
+            "/shared/mlartifacts --host 0.0.0.0 --port 5000`, then tracking.uri=http://LOGIN-NODE:5000 "
+            "(README: \"Reviewing runs in MLflow\"); or tracking.backend=none.")
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

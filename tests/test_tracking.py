@@ -213,3 +213,25 @@ def test_insights_reach_the_run_as_images_each_epoch_and_gradient_norms_on_the_s
     assert out.returncode == 0, out.stderr
     assert {p.name for p in (tmp_path / "pictures").iterdir()} == {"feature_reuse.png", "feature_reuse.csv",
                                                                    "gradient_flow.png"}
+
+
+MOUNTS = """22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 27 0:50 / /home rw,relatime - nfs4 filer:/home rw,vers=4.2
+41 40 0:51 / /home/alice/scratch rw,relatime - lustre 10.0.0.1@o2ib:/scratch rw
+42 27 0:52 / /local\\040disk rw,relatime - xfs /dev/nvme0n1 rw
+"""
+
+
+def test_a_sweep_on_one_sqlite_store_over_a_network_filesystem_is_refused_with_the_fix():
+    from pipeline.tracking import filesystem_type, shared_sqlite_problem
+
+    assert [filesystem_type(p, MOUNTS) for p in ("/home/bob/runs", "/home/alice/scratch/r", "/local disk/x", "/opt",
+                                                 "/homework")] == ["nfs4", "lustre", "xfs", "ext4", "ext4"]
+    problem = shared_sqlite_problem("sqlite:////home/bob/runs/mlflow.db", 16, MOUNTS)
+    assert problem.startswith("The MLflow store /home/bob/runs/mlflow.db is one SQLite file on a network filesystem "
+                              "(nfs4), where SQLite's locks are not reliable: these 16 jobs writing it at once")
+    assert "mlflow server --backend-store-uri" in problem and "tracking.uri=http://LOGIN-NODE:5000" in problem
+    assert shared_sqlite_problem("sqlite:////local disk/mlflow.db", 16, MOUNTS) is None
+    assert shared_sqlite_problem("http://login:5000", 16, MOUNTS) is None
+    assert filesystem_type("/tmp") != ""  # this machine's own table is read
