@@ -198,15 +198,16 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, steps: int) -> None:
     """One rank of ``bench boundary``: both designs in turn, the same steps, the same process group."""
+    from pipeline import collective
     from pipeline.boundary import StepBoundary
-    from pipeline.distributed import gather_to_main, init_distributed, shutdown
+    from pipeline.distributed import init_distributed, shutdown
     from pipeline.signals import StopSignals
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     dist_info = init_distributed(timeout_s=300)
     loss = torch.tensor(2.3)
-    figures: dict = {"pids": gather_to_main(os.getpid()), "blocking_flags": {}}  # what each rank says it is
+    figures: dict = {"pids": collective.gather_to_main(os.getpid()), "blocking_flags": {}}  # what each rank says it is
     for design, blocking in (("blocking", True), ("async", False)):
         boundary = StepBoundary(StopSignals(), dist_info.device, every_minutes=30.0, blocking=blocking)
         waited, spent = [], []
@@ -218,8 +219,8 @@ def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, st
                 spent.append(1000 * (time.perf_counter() - began))
                 waited.append(1000 * boundary.waited)
         boundary.before_save(steps + 10, lambda: True)  # nothing left in flight
-        everyone = gather_to_main((waited, spent))
-        flags = gather_to_main(boundary.blocking)
+        everyone = collective.gather_to_main((waited, spent))
+        flags = collective.gather_to_main(boundary.blocking)
         if rank == 0:
             figures["blocking_flags"][design] = flags
             figures[design] = [statistics.median(w for ranks in everyone for w in ranks[i]) for i in (0, 1)]

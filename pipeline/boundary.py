@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.distributed import control_group, first_problem, on_every_rank
+from pipeline import collective
 
 NONFINITE_EXIT_CODE = 3  # neither 0 (done) nor 75 (stopped to resume): the run diverged, do not restart it
 
@@ -139,7 +139,7 @@ class StepBoundary:
         buffer, tensor = self._buffers[self._turn], self._tensors[self._turn]
         self._turn = 1 - self._turn
         buffer[:] = flags
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=control_group(), async_op=True) \
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=collective.control_group(), async_op=True) \
             if dist.is_initialized() else None
         self._pending = (work, buffer)
 
@@ -200,8 +200,8 @@ class StepBoundary:
         """Every rank raises :class:`NonFiniteLoss`, with the first rank's reason (the reduction in flight is
         read first: the gather of the reason must not meet it on the group)."""
         self._read()
-        reason = first_problem(self.problem)
-        raise on_every_rank(NonFiniteLoss(
+        reason = collective.first_problem(self.problem)
+        raise collective.on_every_rank(NonFiniteLoss(
             f"Stopped: {reason or 'another rank saw a non-finite loss'}. No checkpoint of it was written; the "
             "newest checkpoint is the last finite one. Lower optim.lr, lengthen schedule.warmup_epochs, or use "
             "train.precision=bf16 (fp16 overflows sooner), then resume or start again."))

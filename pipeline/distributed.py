@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import queue
 import socket
@@ -19,7 +18,8 @@ import torch.distributed as dist
 # (which torch.optim and torch.compile do on first use). Imported after init_process_group, they would hold the
 # world group for good, and it could not be freed before the interpreter exits (see shutdown).
 import torch.distributed.nn.functional  # noqa: F401, I001
-from torch import nn
+
+from pipeline import collective
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,30 @@ def placement(hosts: list[str], shown: int = 8) -> str:
     return f"{len(hosts)} ranks on {len(parts)} host(s): {', '.join(parts[:shown])}{more}"
 
 
+def disagreements(fingerprints: list[dict], hosts: list[str], shown: int = 5) -> str | None:
+    """What the ranks' ``fingerprints`` (flat dicts: config keys, versions, ...) disagree on, against rank 0's,
+    naming the values, the ranks and their hosts; None if they all agree ."""
+    ours, found = fingerprints[0], []
+    for key in dict.fromkeys(key for f in fingerprints for key in f):  # rank 0's order: the config first
+        others: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(fingerprints):
+            if theirs.get(key) != ours.get(key):
+                others.setdefault(repr(theirs.get(key)), []).append(rank)
+        if others:
+            where = "; ".join(f"{value} on {_ranks_on(ranks, hosts)}" for value, ranks in others.items())
+            found.append(f"{key} is {ours.get(key)!r} on rank 0 ({hosts[0]}) but {where}")
+    if not found:
+        return None
+    more = f", and {len(found) - shown} more" if len(found) > shown else ""
+    return "; ".join(found[:shown]) + more
+
+
+def _ranks_on(ranks: list[int], hosts: list[str]) -> str:
+    named = sorted({hosts[r] for r in ranks})
+    listed = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {listed} ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''})"
+
+
 def init_distributed(timeout_s: float = 1800) -> DistInfo:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process), pick the device, join the group.
 
@@ -211,17 +235,13 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
 
 def join_control_group(device: torch.device, world_size: int, timeout: timedelta) -> None:
     """Make the group for small decisions; on GPUs, also check that no two ranks drive the same GPU."""
-    global _control
     # small decisions (stop, checkpoint now) travel on CPU tensors over gloo: no GPU sync per step
-    _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    collective.use_control_group(dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda"
+                                 else dist.group.WORLD)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        gpus_of_ranks = [None] * world_size
-        dist.all_gather_object(gpus_of_ranks, (socket.gethostname(), str(getattr(props, "uuid", device.index))),
-                               group=_control)
-        problem = shared_gpus(gpus_of_ranks)
-        if problem:
-            raise on_every_rank(RankError(problem))
+        gpus = collective.gather_to_main((socket.gethostname(), str(getattr(props, "uuid", device.index))))
+        collective.main_decides(shared_gpus(gpus) if gpus is not None else None, RankError)
 
 
 def shared_gpus(gpus_of_ranks: list[tuple[str, str]]) -> str | None:
@@ -237,114 +257,6 @@ def shared_gpus(gpus_of_ranks: list[tuple[str, str]]) -> str | None:
     return None
 
 
-_control = None
-
-
-def control_group():
-    """The group for small decisions: gloo on CPU tensors (the world group itself when it is gloo)."""
-    return _control
-
-
-def agree(*flags: bool) -> tuple[bool, ...]:
-    """Each flag is true on every rank if it is true on any: one small all-reduce, so ranks never disagree."""
-    if not dist.is_initialized():
-        return flags
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control)
-    return tuple(bool(v) for v in tensor.tolist())
-
-
-def gather_to_main(obj: object) -> list | None:
-    """Every rank's ``obj`` on rank 0 (a list in rank order); None on the other ranks."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0, group=_control)
-    return out
-
-
-def broadcast_from_main(obj: object) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_control)
-    return box[0]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (a no-op in one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def broadcast_buffers(module: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating or saving."""
-    if dist.is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def parameters_digest(module: nn.Module) -> str:
-    """A hash of the exact bytes of every parameter."""
-    digest = hashlib.sha256()
-    for p in module.parameters():
-        digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def replicas_identical(module: nn.Module) -> bool:
-    """Whether every rank holds bitwise the same parameters (DDP keeps them so; a mismatch is a bug)."""
-    if not dist.is_initialized():
-        return True
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, parameters_digest(module), group=_control)
-    return len(set(digests)) == 1
-
-
-def first_problem(problem: str | None) -> str | None:
-    """The first rank's ``problem`` (in rank order) on every rank, or None if no rank has one: so every rank
-    stops, or none does, and no rank is left waiting in a collective that the others have left."""
-    found = gather_to_main(problem)
-    return broadcast_from_main(next((p for p in found if p), None) if found is not None else None)
-
-
-def disagreements(fingerprints: list[dict], hosts: list[str], shown: int = 5) -> str | None:
-    """What the ranks' ``fingerprints`` (flat dicts: config keys, versions, ...) disagree on, against rank 0's,
-    naming the values, the ranks and their hosts; None if they all agree."""
-    ours, found = fingerprints[0], []
-    for key in dict.fromkeys(key for f in fingerprints for key in f):  # rank 0's order: the config first
-        others: dict[str, list[int]] = {}
-        for rank, theirs in enumerate(fingerprints):
-            if theirs.get(key) != ours.get(key):
-                others.setdefault(repr(theirs.get(key)), []).append(rank)
-        if others:
-            where = "; ".join(f"{value} on {_ranks_on(ranks, hosts)}" for value, ranks in others.items())
-            found.append(f"{key} is {ours.get(key)!r} on rank 0 ({hosts[0]}) but {where}")
-    if not found:
-        return None
-    more = f", and {len(found) - shown} more" if len(found) > shown else ""
-    return "; ".join(found[:shown]) + more
-
-
-def _ranks_on(ranks: list[int], hosts: list[str]) -> str:
-    named = sorted({hosts[r] for r in ranks})
-    listed = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
-    return f"rank{'s' if len(ranks) > 1 else ''} {listed} ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''})"
-
-
-def on_every_rank(err: Exception) -> Exception:
-    """Marks ``err`` as raised by every rank at the same point (after agreeing on it): see :func:`shutdown`."""
-    err.on_every_rank = True
-    return err
-
-
 def shutdown(together: bool = False) -> None:
     """Leave the process group. ``together``: every rank is here (a finished run, an agreed stop or error), so
     wait for all first: rank 0 holds the group's store, and leaving before the others can abort them.
@@ -355,10 +267,9 @@ def shutdown(together: bool = False) -> None:
     called without an active exception"): its worker thread frees the last collective's tensors and needs the
     GIL, which the exiting interpreter no longer gives (pytorch#179291). That turns an exit status such as 75
     (resume me) into a crash."""
-    global _control
     if dist.is_initialized():
         if together:
             dist.barrier()
         dist.destroy_process_group()
-    _control = None
+    collective.use_control_group(None)
     gc.collect()

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pipeline.distributed import all_reduce_sum
+from pipeline import collective
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -185,7 +185,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision
         hits = top5 == labels[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, labels),
                                torch.tensor(labels.numel(), device=device)]).double()
-    all_reduce_sum(totals)
+    collective.all_reduce_sum(totals)
     correct1, correct5, loss_sum, count = totals.tolist()
     count = max(count, 1.0)
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,

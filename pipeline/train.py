@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline import collective
 from pipeline.boundary import NONFINITE_EXIT_CODE, NonFiniteLoss, StepBoundary
 from pipeline.checkpoint import (
     FORMAT_VERSION,
@@ -51,21 +52,7 @@ from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.order import epoch_order
 from pipeline.data.synthetic import ensure_generated
-from pipeline.distributed import (
-    DistInfo,
-    RankError,
-    barrier,
-    broadcast_buffers,
-    broadcast_from_main,
-    disagreements,
-    first_problem,
-    gather_to_main,
-    init_distributed,
-    on_every_rank,
-    placement,
-    replicas_identical,
-    shutdown,
-)
+from pipeline.distributed import DistInfo, RankError, disagreements, init_distributed, placement, shutdown
 from pipeline.engine import (
     build_optimizer,
     build_scaler,
@@ -106,7 +93,7 @@ class Progress:
 def per_rank_batch(global_batch: int, world_size: int) -> int:
     """The global batch split evenly over ranks; one that does not divide is a config error."""
     if global_batch % world_size:
-        raise on_every_rank(ConfigError(
+        raise collective.on_every_rank(ConfigError(
             f"train.batch_size={global_batch} (the global batch) does not divide evenly over {world_size} ranks. "
             f"Use a multiple of {world_size}, e.g. {max(1, round(global_batch / world_size)) * world_size}."))
     return global_batch // world_size
@@ -115,11 +102,11 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
 def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: int, warmup: float) -> None:
     """Refuse SyncBN without CUDA; warn (rank 0, once) of a small per-GPU batch and of no warm-up at a large one."""
     if cfg.model.sync_bn and dist.device.type != "cuda":
-        raise on_every_rank(ConfigError(
+        raise collective.on_every_rank(ConfigError(
             "model.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. Set model.sync_bn=false "
             "on CPU ranks."))
     if cfg.schedule.warmup_epochs == "auto" and warmup >= cfg.train.epochs:  # a number is checked with the config
-        raise on_every_rank(ConfigError(
+        raise collective.on_every_rank(ConfigError(
             f"schedule.warmup_epochs=auto warms up for {warmup:g} epochs at a global batch of {batch} (above "
             f"{WARMUP_ABOVE}), but train.epochs={cfg.train.epochs}: the warm-up would never end. Train for more "
             f"than {warmup:g} epochs, or set schedule.warmup_epochs to fewer epochs than train.epochs."))
@@ -149,9 +136,14 @@ def build_net(model_cfg: DictConfig, device: torch.device, channels_last: bool, 
 
 def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
     """Write the synthetic JPEG tree at ``data.root`` if the config asks for it and it is missing."""
+    problem = None
     if cfg.data.backend != "synthetic" and cfg.data.generate.enabled and dist.is_main:
-        ensure_generated(cfg.data.root, cfg.model.num_classes, cfg.data.generate, cfg.run.seed)
-    barrier()
+        try:
+            ensure_generated(cfg.data.root, cfg.model.num_classes, cfg.data.generate, cfg.run.seed)
+        except OSError as err:
+            problem = (f"Cannot write the generated dataset at data.root='{cfg.data.root}' ({err}): choose a "
+                       "data.root this user can write, with room for it.")
+    collective.main_decides(problem, DatasetError)  # the others wait for rank 0's tree (or its error)
 
 
 def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None) -> dict | None:
@@ -175,9 +167,9 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
                 choice = (cfg.run.resume, None)
         except (CheckpointError, ConfigError) as err:
             choice = (None, str(err))
-    path, error = broadcast_from_main(choice)
+    path, error = collective.broadcast_from_main(choice)
     if error:
-        raise on_every_rank(CheckpointError(error))
+        raise collective.on_every_rank(CheckpointError(error))
     if path is None:
         return None
     state, problem = None, None
@@ -186,15 +178,13 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
         check_resumable(state["config"], OmegaConf.to_container(cfg), Path(path))
     except (CheckpointError, OSError) as err:
         problem = str(err) if dist.world_size == 1 else f"rank {dist.rank} on {socket.gethostname()}: {err}"
-    problem = first_problem(problem)
-    if problem:
-        raise on_every_rank(CheckpointError(problem))
+    collective.first_problem_stops_all(problem, CheckpointError)
     saved_batch = state.get("global_batch") or global_batch(OmegaConf.create(state["config"]).train,
                                                             state["world_size"])
     if saved_batch != global_batch(cfg.train, dist.world_size):
         how = (f"train.batch_per_gpu={cfg.train.batch_per_gpu} x {dist.world_size} ranks"
                if cfg.train.batch_per_gpu is not None else f"train.batch_size={cfg.train.batch_size}")
-        raise on_every_rank(CheckpointError(
+        raise collective.on_every_rank(CheckpointError(
             f"Cannot resume from {path}: the global batch changes from {saved_batch} to "
             f"{global_batch(cfg.train, dist.world_size)} ({how}). The learning rate and the epochs' order are "
             "built on the global batch: keep it (with a per-GPU batch, keep the number of ranks, or set "
@@ -202,7 +192,7 @@ def find_resume_checkpoint(cfg: DictConfig, dist: DistInfo, dataset: dict | None
     saved, current = state.get("dataset"), dataset
     state["dataset_changed"] = bool(saved and current and saved["hash"] != current["hash"])
     if state["dataset_changed"] and cfg.run.on_dataset_change == "refuse":
-        raise on_every_rank(CheckpointError(
+        raise collective.on_every_rank(CheckpointError(
             f"{path} was trained on dataset index {saved['hash'][:16]} and data.root='{cfg.data.root}' now has "
             f"index {current['hash'][:16]} ({describe_change(saved, current)}). Resuming would read another "
             "order: samples repeated or skipped. Restore the dataset the run was trained on, or set "
@@ -243,17 +233,21 @@ def restore(resume: dict, dist: DistInfo, cfg: DictConfig, progress: Progress, t
 def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
     """Create ``run.dir`` and write the resolved config there (rank 0), once config, data and resume are valid."""
     run_dir = Path(cfg.run.dir)
+    problem = None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
-        add_log_file(run_dir / "train.log")
-    barrier()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+            add_log_file(run_dir / "train.log")
+        except OSError as err:  # a full disk or a quota, before any step
+            problem = f"Cannot write run.dir='{run_dir}' ({err}): free space there, or choose another run.dir."
+    collective.main_decides(problem, ConfigError)
     return run_dir
 
 
 def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
     """Rank 0's MLflow tracker (or None); a required server that cannot be reached stops every rank."""
-    hosts = gather_to_main(socket.gethostname())
+    hosts = collective.gather_to_main(socket.gethostname())
     tracker, error = None, None
     if dist.is_main:
         if dist.world_size > 1:
@@ -263,9 +257,7 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
             tracker = open_tracker(cfg, run_dir, dist.world_size, hosts)
         except TrackingError as err:
             error = str(err)
-    error = broadcast_from_main(error)
-    if error:
-        raise on_every_rank(TrackingError(error))
+    collective.main_decides(error, TrackingError)
     return tracker
 
 
@@ -293,7 +285,7 @@ def check_ranks_agree(cfg: DictConfig, dist: DistInfo, dataset: dict | None, epo
     """Stop every rank before step 1 if any rank runs another config, other software or another order."""
     if dist.world_size == 1:
         return
-    found = gather_to_main((fingerprint(cfg, dataset, epoch, global_batch), socket.gethostname()))
+    found = collective.gather_to_main((fingerprint(cfg, dataset, epoch, global_batch), socket.gethostname()))
     problem = None
     if found is not None:
         differ = disagreements([f for f, _ in found], [host for _, host in found])
@@ -302,9 +294,7 @@ def check_ranks_agree(cfg: DictConfig, dist: DistInfo, dataset: dict | None, epo
                        "and the same software, or they read different samples and compute different steps: start "
                        "every node with the same command and overrides, in the same environment or container "
                        "(data.root, data.workers and data.prefetch may differ between nodes).")
-    problem = broadcast_from_main(problem)
-    if problem:
-        raise on_every_rank(ConfigError(problem))
+    collective.main_decides(problem, ConfigError)
 
 
 def seed_everything(seed: int) -> None:
@@ -357,9 +347,7 @@ def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> None:
             problem = str(err)
         except OSError as err:
             problem = f"Cannot create or lock run.dir='{run_dir}' ({err}): choose a run.dir this user can write."
-    problem = broadcast_from_main(problem)
-    if problem:
-        raise on_every_rank(RunDirLocked(problem))
+    collective.main_decides(problem, RunDirLocked)
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -543,11 +531,11 @@ class Run:
         dist, progress, signals = self.dist, self.progress, self.signals
         stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
         if stopping:  # which signal, wherever it arrived (the group is free: before_save read what was in flight)
-            names = gather_to_main(signals.name)
+            names = collective.gather_to_main(signals.name)
             self.stop_signal = next((n for n in names if n), "") if names else signals.name
             reason = f"stop signal {signals.name or f'{self.stop_signal} on another rank'}"
         began = time.perf_counter()
-        ranks = gather_to_main({"rng": rng_state()})
+        ranks = collective.gather_to_main({"rng": rng_state()})
         problem = None
         if dist.is_main:
             progress.wall_seconds = self.wall_seconds()
@@ -567,9 +555,7 @@ class Run:
             except OSError as err:  # a full disk or a quota: every rank stops here, at this step
                 problem = unwritable(err, self.run_dir, progress.global_step)
         # no rank goes on (or exits) before the checkpoint is on disk, or before it knows that it could not be
-        problem = broadcast_from_main(problem)
-        if problem:
-            raise on_every_rank(CheckpointError(problem))
+        collective.main_decides(problem, CheckpointError)
         self.boundary.saved()
         if stopping and signals.received is not None:
             log.info("Checkpoint on disk %.2fs after %s", time.monotonic() - signals.received, signals.name)
@@ -595,7 +581,7 @@ class Run:
     def validate(self, epoch: int, train_seconds: float) -> None:
         cfg, progress = self.cfg, self.progress
         epoch_start = time.perf_counter() - train_seconds
-        broadcast_buffers(self.model)
+        collective.broadcast_buffers(self.model)
         # the plain model: each rank evaluates its own share, with no DDP collective per batch
         val = evaluate(self.model, self.hang.watch(self.val_loader), self.device, cfg.train.precision,
                        cfg.train.channels_last)
@@ -626,7 +612,7 @@ class Run:
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
                    "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * self.global_batch,
                    "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
-                   "replicas_identical": replicas_identical(self.model)}
+                   "replicas_identical": collective.replicas_identical(self.model)}
         if not summary["replicas_identical"]:
             log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
         if dist.is_main:

@@ -7,15 +7,15 @@ import logging
 import socket
 from pathlib import Path
 
-import torch.distributed
 from omegaconf import DictConfig
 
+from pipeline import collective
 from pipeline.data.index import REPORT_NAME, DatasetIndex, has_index, index_tree, load_exclusions, load_index
 from pipeline.data.layout import DatasetError
 from pipeline.data.order import TrainPlan, train_steps, val_range
 from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
-from pipeline.distributed import DistInfo, broadcast_from_main, first_problem, gather_to_main, on_every_rank
+from pipeline.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +31,6 @@ def resolve_backend(backend: str) -> str:
                     "nvidia-dali-cuda130 (or -cuda120 for CUDA 12) for the faster DALI loader.", err)
         return "torchvision"
     return backend
-
-
-def _on_main(make, dist: DistInfo):
-    """``make()`` on rank 0 only, its result (or its error) on every rank."""
-    result: tuple = (None, None)
-    if dist.is_main or not torch.distributed.is_initialized():  # a rank alone (as tests build them) makes its own
-        try:
-            result = (make(), None)
-        except Exception as err:  # any error: the other ranks are waiting for this broadcast
-            result = (None, str(err) if isinstance(err, DatasetError) else f"{type(err).__name__}: {err}")
-    value, error = broadcast_from_main(result)
-    if error:
-        raise on_every_rank(DatasetError(error))
-    return value
-
-
-def _agree(problem: str | None) -> None:
-    """Every rank stops with the first rank's ``problem``, or none does."""
-    verdict = first_problem(problem)
-    if verdict:
-        raise on_every_rank(DatasetError(verdict))
 
 
 def _index_tree_once(root: Path, num_classes: int) -> DatasetIndex:
@@ -89,17 +68,18 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
     root = Path(cfg.data.root).absolute()
     here = socket.gethostname()
     index, problem = None, None
-    if broadcast_from_main(has_index(root)):  # rank 0's answer decides for every rank
+    if collective.broadcast_from_main(has_index(root)):  # rank 0's answer decides for every rank
         try:
             index = load_index(root)
         except Exception as err:  # any error: the other ranks go on to the agreement below
             problem = f"rank {dist.rank} on {here}: {err}" if dist.world_size > 1 else str(err)
-        _agree(problem)
+        collective.first_problem_stops_all(problem, DatasetError)
         if dist.is_main:
             _describe(index, root)
     else:
-        index = _on_main(functools.partial(_index_tree_once, root, cfg.model.num_classes), dist)
-    seen = gather_to_main((index.hash, here, dist.rank))
+        index = collective.decide_on_main(functools.partial(_index_tree_once, root, cfg.model.num_classes),
+                                          DatasetError, dist.is_main)
+    seen = collective.gather_to_main((index.hash, here, dist.rank))
     verdict, hosts = None, None
     if dist.is_main:
         other = [(h, host, r) for h, host, r in seen if h != index.hash]
@@ -113,9 +93,9 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
                        f"{len(index.classes)} classes. Set model.num_classes={len(index.classes)}, or point "
                        "data.root at the intended dataset.")
         hosts = [host for _, host, _ in seen]
-    verdict, hosts = broadcast_from_main((verdict, hosts))
+    verdict, hosts = collective.broadcast_from_main((verdict, hosts))
     if verdict:
-        raise on_every_rank(DatasetError(verdict))
+        raise collective.on_every_rank(DatasetError(verdict))
     if index.packed:
         # which ranks share the reading of the checksums: all of the job's (one shared copy), or each node's own
         if cfg.data.check_shards == "node":
@@ -124,9 +104,11 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
         else:
             part, parts = dist.rank, dist.world_size
         problems = check_shards(root, index, part, parts, checksums=cfg.data.check_shards != "size")
-        _agree(f"The packed dataset at data.root='{root}' is damaged{f' on {here}' if dist.world_size > 1 else ''}: "
-               f"{'; '.join(problems[:8])}. Copy the named shards again from the original, or pack the dataset "
-               "again with `python -m pipeline.data.imagenet pack`." if problems else None)
+        where = f" on {here}" if dist.world_size > 1 else ""
+        collective.first_problem_stops_all(
+            f"The packed dataset at data.root='{root}' is damaged{where}: {'; '.join(problems[:8])}. Copy the named "
+            "shards again from the original, or pack the dataset again with `python -m pipeline.data.imagenet pack`."
+            if problems else None, DatasetError)
     return index
 
 
@@ -138,16 +120,14 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
     """
     backend = resolve_backend(cfg.data.backend)
     if cfg.data.backend == "dali":  # a node without DALI must not decode differently from the rest
-        found = gather_to_main((backend, socket.gethostname()))
+        found = collective.gather_to_main((backend, socket.gethostname()))
         lacking = sorted({host for b, host in found if b != "dali"}) if found else []
         verdict = None
         if lacking and len(lacking) < len({host for _, host in found}):
             verdict = (f"NVIDIA DALI cannot be imported on {', '.join(lacking[:8])}, but can on the other nodes "
                        "(data.backend=dali): install nvidia-dali-cuda130 there (or -cuda120 for CUDA 12), or set "
                        "data.backend=torchvision for the whole run.")
-        verdict = broadcast_from_main(verdict)
-        if verdict:
-            raise on_every_rank(DatasetError(verdict))
+        collective.main_decides(verdict, DatasetError)
     val_batch = cfg.data.val_batch_size or batch_size
     if backend == "synthetic":
         make = functools.partial(RandomBatches, image_size=cfg.data.image_size, num_classes=cfg.model.num_classes,
@@ -161,7 +141,7 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
     if train:
         global_batch = batch_size * dist.world_size
         if train_steps(len(train_split), global_batch) == 0:
-            raise on_every_rank(DatasetError(
+            raise collective.on_every_rank(DatasetError(
                 f"'{root}' holds {len(train_split)} usable training images, fewer than one global batch "
                 f"(train.batch_size={global_batch}). Lower train.batch_size."))
         plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size)
