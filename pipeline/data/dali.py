@@ -130,28 +130,32 @@ class DaliLoader:
         if len(self) <= 0:
             return
         it = self._iterator()
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                self._it = None  # the next pass builds a pipeline from its own start
-                return
-            except RuntimeError as err:
-                self._it = None  # a pipeline that failed is rebuilt, never reused
-                raise self._failure(str(err)) from None
-            self._consumed += 1
-            self.last_ids = ids = batch[0]["id"].view(-1).numpy()
-            shape = batch[0]["shape"].numpy()
-            split = self.reader.split
-            wrong = np.flatnonzero((shape[:, 0] != split.height[ids]) | (shape[:, 1] != split.width[ids]))
-            if len(wrong):  # another image than the one indexed, though DALI could crop it
-                self._it = None
-                i = int(ids[wrong[0]])
-                raise DatasetError(self.reader.size_problem(i, int(shape[wrong[0], 1]), int(shape[wrong[0], 0])))
-            images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
-            if not self.channels_last:
-                images = images.contiguous()
-            yield images, batch[0]["label"].view(-1).long()
+        try:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    self._it = None  # the next pass builds a pipeline from its own start
+                    return
+                except RuntimeError as err:
+                    raise self._failure(str(err)) from None
+                self._consumed += 1
+                self.last_ids = ids = batch[0]["id"].view(-1).numpy()
+                shape = batch[0]["shape"].numpy()
+                split = self.reader.split
+                wrong = np.flatnonzero((shape[:, 0] != split.height[ids]) | (shape[:, 1] != split.width[ids]))
+                if len(wrong):  # another image than the one indexed, though DALI could crop it
+                    i, (height, width) = int(ids[wrong[0]]), shape[wrong[0], :2].tolist()
+                    raise DatasetError(self.reader.size_problem(i, width, height))
+                images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
+                if not self.channels_last:
+                    images = images.contiguous()
+                yield images, batch[0]["label"].view(-1).long()
+        except Exception:
+            # a pipeline that failed is rebuilt, never reused; nor may the error's frames keep it (and its threads)
+            # alive: a process forked later (verify's decoders) would hang freeing it
+            it = self._it = None  # noqa: F841
+            raise
 
     def _failure(self, message: str) -> Exception:
         """Why DALI failed on the batches in flight, each of their samples tried alone: one that is not what was

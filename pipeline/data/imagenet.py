@@ -16,6 +16,7 @@ few large shard files with the same index (the same hash) and a SHA-256 per shar
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -156,6 +157,9 @@ CRASHED = "the decoder crashed its process (a native fault, e.g. SIGSEGV) on thi
 
 
 def _executor(workers: int) -> ProcessPoolExecutor:
+    # garbage first: a forked child that frees an inherited DALI pipeline (left in a reference cycle, e.g. by an
+    # error's traceback) waits for its threads, which were not forked, for ever
+    gc.collect()
     return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=default_signal_handlers)
 
 
