@@ -8,10 +8,11 @@ the first task that fails ends the whole step at once, and the job script then r
 An attempt that ended on purpose left a record in ``run.dir/slurm/`` (:func:`record_end`): finished, refused
 (exit 2), diverged (exit 3), stopped by a signal, or requeued by rank 0 after a time limit or a preemption.
 Anything else is a fault (a rank killed, crashed, out of memory, hung and ended by its hang watch, a node
-lost): the job is requeued with ``scontrol requeue`` and resumes from its newest checkpoint, up to
-``slurm.max_failures`` times. A failure at the same checkpoint step as the one before (no progress since)
-counts twice, so a fault that repeats at one step (a sample that crashes the decoder, say) ends the job after
-two attempts with the default of 3, instead of requeueing it in a loop. Every failure is kept in
+lost): the job is requeued with ``scontrol requeue`` and resumes from its newest checkpoint, while the
+failures counted stay within ``slurm.max_failures``. A failure at the same checkpoint step as the one before
+(no progress since) counts twice, so with the default of 3 a fault that repeats at one step (a sample that
+crashes the decoder, say) ends the job after its third attempt instead of requeueing it in a loop, and
+faults that each come after a new checkpoint after its fourth. Every failure is kept in
 ``run.dir/slurm/failures.json``; ``python -m launch.slurm status`` shows them.
 """
 
@@ -106,25 +107,36 @@ def after_step(folder: Path, status: int, max_failures: int | None = None, env=o
     pointer = read_pointer(run_dir)
     step = pointer["global_step"] if pointer else 0
     past = failures(run_dir)
-    count = failure_count([f for f in past if f["job"] == job], step)
+    mine = [f for f in past if f["job"] == job]
+    count = failure_count(mine, step)
     can = shutil.which("scontrol") is not None
-    requeue = count <= max_failures and can
     where = f"checkpoint step {step}" if pointer else "the start (no checkpoint yet)"
-    record = {"job": job, "attempt": restart + 1, "status": status, "step": step, "count": count,
-              "requeued": requeue, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_bytes(run_dir / FAILURES_FILE, json.dumps([*past, record], indent=1).encode())
     what = (f"attempt {restart + 1} of job {job} failed (srun exit status {status}: a task died, crashed or hung; "
-            f"its own log in {run_dir / 'slurm'} says why); failure {count} of slurm.max_failures={max_failures}")
-    if requeue:
-        message = f"{what}: requeued, resuming from {where}"
+            f"its own log in {folder} says why); {len(mine) + 1} failure(s) of this job, counted {count} of "
+            f"slurm.max_failures={max_failures}")
+    if count > max_failures:
+        why = ("too many failures (one with no checkpoint written since the one before counts twice). Fix the "
+               f"cause, then submit the same command again to resume from {where}")
     elif not can:
-        message = f"{what}: not requeued, scontrol is not on PATH here. Submit again to resume from {where}"
+        why = f"scontrol is not on PATH here. Submit the same command again to resume from {where}"
     else:
-        message = (f"{what}: not requeued, too many failures (one with no checkpoint since the one before counts "
-                   f"twice). Fix the cause, then submit the same command again to resume from {where}")
-    note(run_dir, message, failed=not requeue)
-    if requeue:
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        why = ""
+    record = {"job": job, "attempt": restart + 1, "status": status, "step": step, "count": count,
+              "requeued": not why, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # on disk before the requeue: SLURM ends this script soon after it
+    atomic_write_bytes(run_dir / FAILURES_FILE, json.dumps([*past, record], indent=1).encode())
+    if not why:
+        note(run_dir, f"{what}: requeued, resuming from {where}", failed=False)
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True, timeout=60, capture_output=True, text=True)
+            return f"{what}: requeued, resuming from {where}"
+        except (subprocess.SubprocessError, OSError) as err:
+            detail = str(getattr(err, "stderr", "") or err).strip()
+            why = f"scontrol requeue failed ({detail}). Submit the same command again to resume from {where}"
+            record["requeued"] = False
+            atomic_write_bytes(run_dir / FAILURES_FILE, json.dumps([*past, record], indent=1).encode())
+    message = f"{what}: not requeued, {why}"
+    note(run_dir, message, failed=True)
     return message
 
 

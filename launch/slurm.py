@@ -32,7 +32,7 @@ from pathlib import Path
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from launch.requeue import failures, job_key, record_end, remember_runs, requeues_after_failures
+from launch.requeue import attempt, failures, job_key, record_end, remember_runs, requeues_after_failures
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
 from pipeline.config import ConfigError, global_batch, load_config, to_yaml
 from pipeline.lock import RunDirLock, RunDirLocked, holds_files
@@ -275,8 +275,8 @@ def sbatch_parameters(cfg: DictConfig, minutes: int, folder: Path) -> dict:
     else:
         optional["gpus_per_node"] = s.gpus_per_node
     params.update({k: v for k, v in optional.items() if v})
-    if s.setup:
-        params["setup"] = list(s.setup)
+    if s.setup:  # a `set -e` there would end the script with a failed step, before it can requeue the job
+        params["setup"] = [*s.setup, "set +e"]
     if s.additional:
         params["additional_parameters"] = OmegaConf.to_container(s.additional)
     container = []
@@ -287,7 +287,8 @@ def sbatch_parameters(cfg: DictConfig, minutes: int, folder: Path) -> dict:
     # on the batch host, after the step: requeue after a fault (pyxis: in the image, as one more step)
     decide = shlex.join(["srun", "--nodes=1", "--ntasks=1", *container]) + " " if container else ""
     params["teardown"] = ["srun_status=$?",
-                          f"{decide}{job_python(cfg)} -m launch.requeue {shlex.quote(str(folder))} \"$srun_status\"",
+                          f'if [ "$srun_status" -ne 0 ]; then {decide}{job_python(cfg)} -m launch.requeue '
+                          f'{shlex.quote(str(folder))} "$srun_status"; fi',
                           'exit "$srun_status"']
     return params
 
@@ -340,7 +341,7 @@ class Training(submitit.helpers.Checkpointable):
         cfg = load_config(run_dir / CONFIG_FILE, profiles=False)
         if cfg.run.resume == "never" or read_pointer(run_dir):
             cfg = OmegaConf.merge(cfg, {"run": {"resume": "auto"}})
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        restarts = attempt()
         print(f"job {job.job_id}, task {job.global_rank} of {job.num_tasks}, attempt {restarts + 1}, host "
               f"{socket.gethostname()}, run dir {run_dir}", flush=True)
         if job.global_rank == 0 and shutil.which("scontrol") is None:
@@ -348,38 +349,52 @@ class Training(submitit.helpers.Checkpointable):
                   "preemption will checkpoint but cannot requeue the job; resubmit to resume, or make scontrol "
                   "available in the image (docker/README.md).", flush=True)
         main_task = job.global_rank == 0
+        timeouts = restarts - requeues_after_failures(run_dir, job_key())  # time limits and preemptions
+        can_requeue = shutil.which("scontrol") is not None
+
+        def outcome(err: BaseException | None, dist) -> None:
+            """Record an end on purpose (not a fault) before any rank exits, so the job script does not requeue
+            it: rank 0 for what every rank agreed on, a rank alone for its own refusal."""
+            why = None
+            if err is None and dist.is_main:
+                why = (0, "finished")
+            elif isinstance(err, StopRequested) and dist.is_main:
+                if err.signal not in REQUEUE_SIGNALS:
+                    why = (RESUME_EXIT_CODE, f"stopped by {err.signal or 'a signal'}")
+                elif timeouts >= cfg.slurm.max_requeues:
+                    why = (1, f"slurm.max_requeues={cfg.slurm.max_requeues} reached")
+                else:
+                    why = (RESUME_EXIT_CODE, f"requeued by rank 0 after {err.signal}" if can_requeue else
+                           "not requeued: no scontrol")
+            elif isinstance(err, (*REFUSALS, NonFiniteLoss)) and (dist.is_main or not getattr(err, "on_every_rank",
+                                                                                               False)):
+                code = NONFINITE_EXIT_CODE if isinstance(err, NonFiniteLoss) else 2
+                why = (code, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            if why:
+                record_end(run_dir, *why)
+
         try:
-            summary = main(cfg)
+            summary = main(cfg, on_end=outcome)
         except StopRequested as stop:
             if stop.signal not in REQUEUE_SIGNALS:
                 # scancel, or a preemption that SLURM itself requeues: the checkpoint is on disk, stop here
-                if main_task:
-                    record_end(run_dir, RESUME_EXIT_CODE, f"stopped by {stop.signal or 'a signal'}")
                 print(f"Stopped by {stop.signal or 'a signal'} after checkpointing; resubmit the same command "
                       f"to resume from {run_dir}.", flush=True)
                 sys.exit(RESUME_EXIT_CODE)
             if main_task:
-                timeouts = restarts - requeues_after_failures(run_dir, job_key())
                 if timeouts >= cfg.slurm.max_requeues:
-                    why = (f"Not requeued: the job was already requeued {timeouts} times after a time limit or a "
-                           f"preemption (slurm.max_requeues={cfg.slurm.max_requeues}). The checkpoint is in "
-                           f"{run_dir}: submit again with the same run.dir (or raise slurm.max_requeues) to go on.")
-                    record_end(run_dir, 1, f"slurm.max_requeues={cfg.slurm.max_requeues} reached")
-                    raise RuntimeError(why) from None
-                if shutil.which("scontrol") is None:
-                    record_end(run_dir, RESUME_EXIT_CODE, "not requeued: no scontrol")
+                    raise RuntimeError(
+                        f"Not requeued: the job was already requeued {timeouts} times after a time limit or a "
+                        f"preemption (slurm.max_requeues={cfg.slurm.max_requeues}). The checkpoint is in "
+                        f"{run_dir}: submit again with the same run.dir (or raise slurm.max_requeues) to go "
+                        "on.") from None
+                if not can_requeue:
                     print(f"Not requeued: scontrol is not on PATH in this task. The checkpoint is in {run_dir}: "
                           "submit the same command again to resume.", flush=True)
                     sys.exit(RESUME_EXIT_CODE)
-                record_end(run_dir, RESUME_EXIT_CODE, f"requeued by rank 0 after {stop.signal}")
                 # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())
             return {}
-        except (*REFUSALS, NonFiniteLoss) as err:
-            if main_task or not getattr(err, "on_every_rank", False):  # one record, or the rank's own
-                code = NONFINITE_EXIT_CODE if isinstance(err, NonFiniteLoss) else 2
-                record_end(run_dir, code, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            raise
         # a late time-limit signal must not requeue a finished job
         signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
         return summary

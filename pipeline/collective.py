@@ -1,8 +1,10 @@
 """The protocol between ranks: every collective of the control plane, the decisions all ranks make together.
 
-Every function here is a collective: each rank of the job must call it, at the same point of the run. The
-call sites say so (``collective.first_problem(...)``); anything else that ranks send to each other is the
-training step's own (DDP's gradient all-reduce) or the step boundary's (:mod:`pipeline.boundary`).
+Every function here but :func:`use_control_group`, :func:`control_group`, :func:`on_every_rank` and
+:func:`parameters_digest` is a collective: each rank of the job must call it, at the same point of the run.
+The call sites say so (``collective.first_problem(...)``). Anything else that ranks send to each other is the
+training step's own (DDP's gradient all-reduce), the step boundary's (:mod:`pipeline.boundary`), and the
+barrier with which the ranks leave the group together (``pipeline.distributed.shutdown``).
 
 The rules that keep a job from stranding its ranks:
 
@@ -88,7 +90,7 @@ def first_problem_stops_all(problem: str | None, error: type[Exception]) -> None
 
 def main_decides(problem: str | None, error: type[Exception]) -> None:
     """Every rank raises ``error`` with rank 0's ``problem`` (what the other ranks pass is ignored), or none does.
-    Also a barrier: no rank goes on before rank 0 got here."""
+    No other rank goes on before rank 0 has got here (rank 0 itself does not wait for them)."""
     verdict = broadcast_from_main(problem)
     if verdict:
         raise on_every_rank(error(verdict))

@@ -111,20 +111,23 @@ def gpus_missing(env: Mapping[str, str], found: int) -> str | None:
     (none: a driver too old for this build's CUDA, a CPU build of torch); None when it sees them all."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() not in ("", "-1", "NoDevFiles"):
-        given, by = len(visible.split(",")), f"CUDA_VISIBLE_DEVICES={visible}"
+        # MIG instances: CUDA shows a process one of those it is given
+        given = 1 if visible.strip().startswith("MIG-") else len(visible.split(","))
+        by = f"CUDA_VISIBLE_DEVICES={visible}"
     elif visible is None and int(env.get("SLURM_GPUS_ON_NODE") or 0) > 0:
         given, by = 1, f"SLURM_GPUS_ON_NODE={env['SLURM_GPUS_ON_NODE']}"  # at least one is this task's
     else:
         return None
     if found >= given:
         return None
-    return (f"This task was given GPUs ({by}) but PyTorch {torch.__version__} sees {found} "
+    return (f"This task on {socket.gethostname()} was given GPUs ({by}) but PyTorch {torch.__version__} sees {found} "
             f"(torch.cuda.is_available() is {torch.cuda.is_available()}; this build is for CUDA "
             f"{torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: {driver_version()}). Training would run "
             "on the CPU, or on fewer GPUs than the job holds. The driver must support the CUDA version of the "
             "build: update the driver, or install the PyTorch build for the driver's CUDA (README: \"CUDA, DALI and "
             "PyTorch versions\"; e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126); "
-            "check that CUDA_VISIBLE_DEVICES names this node's GPUs.")
+            "check that CUDA_VISIBLE_DEVICES names this node's GPUs. If only this node is broken, keep the job off it "
+            "(slurm.additional={exclude: NODE}).")
 
 
 def driver_version() -> str:
@@ -261,12 +264,12 @@ def shutdown(together: bool = False) -> None:
     """Leave the process group. ``together``: every rank is here (a finished run, an agreed stop or error), so
     wait for all first: rank 0 holds the group's store, and leaving before the others can abort them.
 
-    Then drop this module's hold on the groups and collect what else held them (a DDP model is in a reference
-    cycle; an error's traceback must not hold its frames by then: see ``pipeline.train.main``), so the groups are
-    freed while the interpreter is whole. A gloo group freed only at exit aborts the process (SIGABRT, "terminate
-    called without an active exception"): its worker thread frees the last collective's tensors and needs the
-    GIL, which the exiting interpreter no longer gives (pytorch#179291). That turns an exit status such as 75
-    (resume me) into a crash."""
+    Then drop the control group (:func:`pipeline.collective.use_control_group`) and collect what else held the
+    groups (a DDP model is in a reference cycle; an error's traceback must not hold its frames by then: see
+    ``pipeline.train.main``), so they are freed while the interpreter is whole. A gloo group freed only at exit
+    aborts the process (SIGABRT, "terminate called without an active exception"): its worker thread frees the
+    last collective's tensors and needs the GIL, which the exiting interpreter no longer gives (pytorch#179291).
+    That turns an exit status such as 75 (resume me) into a crash."""
     if dist.is_initialized():
         if together:
             dist.barrier()

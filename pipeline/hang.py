@@ -16,6 +16,7 @@ it (the rendezvous, the dataset checks), are bounded by ``run.dist_timeout_s`` i
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ class HangWatch:
         self.timeout_s = timeout_s
         self.rank = rank
         self.poll_s = min(poll_s, timeout_s / 4) if timeout_s else poll_s
+        self.linger_s = min(5.0, timeout_s / 4)
         self.step: int | None = None  # the last step that finished; None until the watch is armed
         self._last = time.monotonic()
         self._done = threading.Event()
@@ -75,14 +77,21 @@ class HangWatch:
                 self._end(idle)
 
     def _end(self, idle: float) -> None:
+        # should logging itself block (a log file on a hung filesystem), faulthandler's own thread, which needs no
+        # interpreter lock, dumps the stacks to stderr and ends the process (status 1: a fault all the same)
+        faulthandler.dump_traceback_later(60, exit=True)
         log.error("rank %d on %s: no training step finished for %.0fs (run.hang_timeout_s=%g; the last one was "
                   "global step %d). This rank, or one it waits for, is stuck; the threads of this rank were here:\n"
-                  "%s\nStopping so that the job resumes from its last checkpoint (exit %d).", self.rank,
-                  socket.gethostname(), idle, self.timeout_s, self.step, thread_stacks(), RESUME_EXIT_CODE)
+                  "%s\nStopping (exit %d): the job resumes from its last checkpoint when started again (under "
+                  "SLURM it requeues itself).", self.rank, socket.gethostname(), idle, self.timeout_s, self.step,
+                  thread_stacks(), RESUME_EXIT_CODE)
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        # the ranks that wait for the same stuck one fire within a poll or a step of each other, and the first to
+        # exit ends the job: a moment for the others (the stuck one among them) to log their stacks too
+        time.sleep(self.linger_s)
         for child in psutil.Process().children(recursive=True):  # loader workers: nothing left behind
             try:
                 child.kill()

@@ -103,7 +103,7 @@ class RunDirLock:
         fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.pwrite(fd, json.dumps({**me, "took_over": other}).encode() + b"\n", 0)
+            os.pwrite(fd, json.dumps({**me, "took_over": describe(other)}).encode() + b"\n", 0)
             os.fsync(fd)
             os.replace(fresh, self.path)
         except OSError:
@@ -115,6 +115,20 @@ class RunDirLock:
                     "released within %.0fs, as when that attempt's node was lost.", self.path,
                     describe(other), int(other.get("slurm_restart") or 0) + 1, grace_s)
         return self
+
+    def taken_over(self) -> dict | None:
+        """Who holds ``run.lock`` now if a later attempt took it over from this one (a node thought lost that
+        came back), else None. Cheap (a stat); the file is opened only when it is another than ours: closing a
+        descriptor of the file this process locked would release the lock."""
+        if self._fd is None:
+            return None
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                return None
+            with open(self.path, "rb") as f:
+                return json.loads(f.read(4096).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     @staticmethod
     def _read(fd: int) -> dict:

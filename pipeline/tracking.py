@@ -91,7 +91,7 @@ def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str:
             mountinfo = Path("/proc/self/mountinfo").read_text()
         except OSError:
             return ""
-    path, best, kind = str(Path(path).absolute()), "", ""
+    path, best, kind = str(Path(path).resolve()), "", ""  # a symlink to /lustre is on lustre
     for line in mountinfo.splitlines():
         fields = line.split(" - ", 1)
         if len(fields) != 2 or len(fields[0].split()) < 5:

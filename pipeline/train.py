@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ from pipeline.engine import (
 )
 from pipeline.hang import HangWatch
 from pipeline.insights import start_insights
-from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, holds_files
+from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, describe, holds_files
 from pipeline.log import add_log_file, setup_logging
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
@@ -261,40 +262,39 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
     return tracker
 
 
-# keys that may differ between nodes: where each finds its copy of the data, and how it reads it
-PER_NODE_KEYS = ("data.root", "data.workers", "data.prefetch", "data.check_shards")
+# keys that may differ between ranks: where each node finds its copy of the data and how it reads it, and
+# rank 0's choice of the checkpoint (every rank loads the one rank 0 names)
+PER_NODE_KEYS = ("data.root", "data.workers", "data.prefetch", "data.check_shards", "run.resume")
 
 
-def fingerprint(cfg: DictConfig, dataset: dict | None, epoch: int, global_batch: int) -> dict:
-    """What every rank must share before step 1: the resolved config (less :data:`PER_NODE_KEYS` and the
-    launcher's and tracking's sections, which no rank trains by), the library versions, the dataset index and the
-    first ids of the epoch's order (``torch.randperm`` is not the same across torch builds)."""
+def run_fingerprint(cfg: DictConfig) -> dict:
+    """What every rank must share before anything else: the resolved config (less :data:`PER_NODE_KEYS` and the
+    launcher's and tracking's sections, which no rank trains by) and the versions of the libraries it computes
+    with (DALI's only when it decodes)."""
     config = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
               if k not in PER_NODE_KEYS and not k.startswith(("slurm.", "tracking."))}
     versions = {**library_versions(), "numpy": np.__version__}
-    versions = {f"version of {name}": versions[name] for name in ("torch", "torchvision", "numpy", "dali")}
-    data = {}
-    if dataset:
-        data["dataset index"] = dataset["hash"][:16]
-        order = epoch_order(dataset["counts"]["train"], epoch, cfg.run.seed, global_batch)
-        data[f"first sample ids of epoch {epoch + 1}"] = order[:8].tolist()
-    return {**config, **versions, **data}
+    names = ("torch", "torchvision", "numpy") + (("dali",) if cfg.data.backend == "dali" else ())
+    return {**config, **{f"version of {name}": versions[name] for name in names}}
 
 
-def check_ranks_agree(cfg: DictConfig, dist: DistInfo, dataset: dict | None, epoch: int, global_batch: int) -> None:
-    """Stop every rank before step 1 if any rank runs another config, other software or another order."""
+def order_fingerprint(dataset: dict, seed: int, epoch: int, global_batch: int) -> dict:
+    """The dataset index and the first ids of the epoch's order (``torch.randperm`` differs across builds)."""
+    order = epoch_order(dataset["counts"]["train"], epoch, seed, global_batch)
+    return {"dataset index": dataset["hash"][:16], f"first sample ids of epoch {epoch + 1}": order[:8].tolist()}
+
+
+def check_ranks_agree(dist: DistInfo, fingerprint: dict) -> None:
+    """Stop every rank if any rank's ``fingerprint`` differs from rank 0's, naming the keys, ranks and hosts."""
     if dist.world_size == 1:
         return
-    found = collective.gather_to_main((fingerprint(cfg, dataset, epoch, global_batch), socket.gethostname()))
-    problem = None
-    if found is not None:
-        differ = disagreements([f for f, _ in found], [host for _, host in found])
-        if differ:
-            problem = (f"The ranks do not run the same thing: {differ}. Every rank must train with the same config "
-                       "and the same software, or they read different samples and compute different steps: start "
-                       "every node with the same command and overrides, in the same environment or container "
-                       "(data.root, data.workers and data.prefetch may differ between nodes).")
-    collective.main_decides(problem, ConfigError)
+    found = collective.gather_to_main((fingerprint, socket.gethostname()))
+    differ = disagreements([f for f, _ in found], [host for _, host in found]) if found is not None else None
+    collective.main_decides(
+        f"The ranks do not run the same thing: {differ}. Every rank must train with the same config and the same "
+        "software, or they read different samples and compute different steps: start every node with the same "
+        "command and overrides, in the same environment or container (data.root, data.workers, data.prefetch "
+        "and data.check_shards may differ between nodes)." if differ else None, ConfigError)
 
 
 def seed_everything(seed: int) -> None:
@@ -303,15 +303,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig, on_end: Callable[[BaseException | None, DistInfo], None] | None = None) -> dict:
     """Train and evaluate as ``cfg`` says; returns the summary (on every rank).
 
-    Raises :class:`StopRequested` after checkpointing when a stop signal arrived.
+    Raises :class:`StopRequested` after checkpointing when a stop signal arrived. ``on_end(error or None,
+    dist)`` runs on every rank before the ranks leave the group (together, when they agreed on the end): what
+    it writes is on disk before any rank exits (``launch.slurm`` records there how the attempt ended).
     """
     dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
     signals = StopSignals().install()
-    together = False
+    together, ended = False, None
     try:
         with ExitStack() as held:  # released on every way out: the run dir's lock, the loaders' workers
             summary = _train(cfg, dist, signals, held)
@@ -319,20 +321,27 @@ def main(cfg: DictConfig) -> dict:
         return summary
     except BaseException as err:
         together = isinstance(err, StopRequested) or getattr(err, "on_every_rank", False)
+        ended = err
         # the finished frames' locals (the run, its DDP model and the model's group) go now, not with the
         # traceback, which a caller may keep until the interpreter exits: shutdown frees the group
         traceback.clear_frames(err.__traceback__)
         raise
     finally:
         signals.uninstall()
+        if on_end:
+            try:
+                on_end(ended, dist)
+            except Exception as err:  # it must not hide how the run ended, nor keep the ranks from leaving
+                log.warning("Could not record how this attempt ended: %s", err)
+        ended = None
         shutdown(together)
 
 
-def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> None:
+def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> RunDirLock | None:
     """Before anything else, rank 0 locks ``run.dir`` (creating it if new) for the whole run; if another run
     holds it, every rank stops before writing. A dir created here is removed again if the run stops before
-    writing anything into it."""
-    problem = None
+    writing anything into it. Returns the lock on rank 0 (None on the others)."""
+    problem, lock = None, None
     if dist.is_main:
         run_dir = Path(cfg.run.dir)
         try:
@@ -342,12 +351,14 @@ def lock_run_dir(cfg: DictConfig, dist: DistInfo, held: ExitStack) -> None:
             except FileExistsError:
                 pass
             grace = min(SAME_JOB_GRACE_S, cfg.run.dist_timeout_s / 2)  # the other ranks wait in the broadcast
-            held.callback(RunDirLock(run_dir).acquire(grace_s=grace).release)
+            lock = RunDirLock(run_dir).acquire(grace_s=grace)
+            held.callback(lock.release)
         except RunDirLocked as err:
             problem = str(err)
         except OSError as err:
             problem = f"Cannot create or lock run.dir='{run_dir}' ({err}): choose a run.dir this user can write."
     collective.main_decides(problem, RunDirLocked)
+    return lock
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -361,9 +372,10 @@ def remove_if_unused(run_dir: Path) -> None:
 
 
 def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack) -> dict:
-    """Lock the run dir, set up, resume, train the epochs, finish."""
-    lock_run_dir(cfg, dist, held)
-    run = Run(cfg, dist, signals, held)
+    """Agree on what to run, lock the run dir, set up, resume, train the epochs, finish."""
+    check_ranks_agree(dist, run_fingerprint(cfg))  # before any collective that depends on the config
+    lock = lock_run_dir(cfg, dist, held)
+    run = Run(cfg, dist, signals, held, lock)
     run.resume(find_resume_checkpoint(cfg, dist, run.dataset))
     run.start()
     with finish_on_error(run.tracker, run.run_dir / "train.log"), ExitStack() as closing:
@@ -374,9 +386,10 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStac
 class Run:
     """One attempt of a training run: what its phases share, and what each step boundary does."""
 
-    def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack):
-        """Data, model, optimizer, schedule and grad scaler, before any resume."""
-        self.cfg, self.dist, self.signals = cfg, dist, signals
+    def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack,
+                 lock: RunDirLock | None = None):
+        """Data, model, optimizer, schedule and grad scaler, before any resume. ``lock``: rank 0's on run.dir."""
+        self.cfg, self.dist, self.signals, self.lock = cfg, dist, signals, lock
         self.global_batch = global_batch(cfg.train, dist.world_size)
         self.batch_size = per_rank_batch(self.global_batch, dist.world_size)
         self.warmup = warmup_epochs(cfg.schedule, self.global_batch)
@@ -437,7 +450,9 @@ class Run:
         """Check that every rank runs the same thing, wrap the model for DDP (and compile), open the metrics
         file, the MLflow run and the insights."""
         cfg, dist, model = self.cfg, self.dist, self.model
-        check_ranks_agree(cfg, dist, self.dataset, self.progress.epoch, self.global_batch)
+        if self.dataset:  # the config and versions were agreed first thing; now the data and the order
+            check_ranks_agree(dist, order_fingerprint(self.dataset, cfg.run.seed, self.progress.epoch,
+                                                      self.global_batch))
         net: nn.Module = model
         if dist.world_size > 1:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -537,7 +552,11 @@ class Run:
         began = time.perf_counter()
         ranks = collective.gather_to_main({"rng": rng_state()})
         problem = None
-        if dist.is_main:
+        taken = self.lock.taken_over() if self.lock else None
+        if taken is not None:  # a later attempt of this job runs in run.dir now: write nothing more
+            problem = (f"run.dir='{self.run_dir}' was taken over by a later attempt of this job ({describe(taken)}) "
+                       "while this one ran on: this attempt stops without writing a checkpoint.")
+        elif dist.is_main:
             progress.wall_seconds = self.wall_seconds()
             state = {"format": FORMAT_VERSION, "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -615,11 +634,17 @@ class Run:
                    "replicas_identical": collective.replicas_identical(self.model)}
         if not summary["replicas_identical"]:
             log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
+        problem = None
         if dist.is_main:
-            # CPU tensors: the weights load on any machine, with or without a GPU
-            atomic_torch_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                              run_dir / "model_final.pt")
-            atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+            try:  # CPU tensors: the weights load on any machine, with or without a GPU
+                atomic_torch_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                                  run_dir / "model_final.pt")
+                atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+            except OSError as err:
+                problem = (f"Cannot write model_final.pt or summary.json into {run_dir} ({err}): the last checkpoint "
+                           "holds the trained run; free space, then run the same command again to write them.")
+        collective.main_decides(problem, CheckpointError)
+        if dist.is_main:
             self.metrics.log("summary", **summary)
             self.metrics.close()
             if self.tracker:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -258,7 +259,8 @@ def test_a_task_given_a_gpu_that_pytorch_cannot_see_is_refused_before_anything_i
                              "data.backend=synthetic", "tracking.backend=none"], capture_output=True, text=True,
                             env={**env, "SLURM_GPUS_ON_NODE": "1"}, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.startswith(f"error: This task was given GPUs (SLURM_GPUS_ON_NODE=1) but PyTorch "
+    assert result.stderr.startswith(f"error: This task on {socket.gethostname()} was given GPUs "
+                                    f"(SLURM_GPUS_ON_NODE=1) but PyTorch "
                                     f"{torch.__version__} sees 0 (torch.cuda.is_available() is False; this build "
                                     f"is for CUDA {torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: ")
     assert "install the PyTorch build for the driver's CUDA" in result.stderr and "Traceback" not in result.stderr
@@ -272,4 +274,5 @@ def test_gpus_given_are_counted_from_cuda_visible_devices_first():
     assert gpus_missing({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_GPUS_ON_NODE": "8"}, 2) is None  # a task's share
     assert "(CUDA_VISIBLE_DEVICES=0,1) but PyTorch" in gpus_missing({"CUDA_VISIBLE_DEVICES": "0,1"}, 1)
     assert "(SLURM_GPUS_ON_NODE=4) but PyTorch" in gpus_missing({"SLURM_GPUS_ON_NODE": "4"}, 0)
+    assert gpus_missing({"CUDA_VISIBLE_DEVICES": "MIG-a1,MIG-b2"}, 1) is None  # one MIG instance a process
     assert gpus_missing({"SLURM_GPUS_ON_NODE": "4"}, 1) is None

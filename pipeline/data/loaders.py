@@ -103,7 +103,8 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
             part, parts = mine.index(dist.rank), len(mine)
         else:
             part, parts = dist.rank, dist.world_size
-        problems = check_shards(root, index, part, parts, checksums=cfg.data.check_shards != "size")
+        problems = check_shards(root, index, part, parts, checksums=cfg.data.check_shards != "size",
+                                per_node=cfg.data.check_shards == "node")
         where = f" on {here}" if dist.world_size > 1 else ""
         collective.first_problem_stops_all(
             f"The packed dataset at data.root='{root}' is damaged{where}: {'; '.join(problems[:8])}. Copy the named "

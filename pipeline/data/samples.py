@@ -54,8 +54,12 @@ class SampleBytes:
         if self.split.shard is None:
             try:
                 data = np.fromfile(self.root / self.split.name(i), dtype=np.uint8)
-            except OSError as err:
+            except (FileNotFoundError, NotADirectoryError) as err:
                 raise DatasetError(self.changed(f"Cannot read {self.path(i)} ({err.strerror or err})")) from None
+            except OSError as err:  # EIO, ESTALE, a timeout: the filesystem failed, not the dataset (a fault)
+                raise OSError(err.errno, f"Cannot read {self.path(i)}: {err.strerror or err} (an error of the "
+                                         "filesystem, not a change of the dataset: run the same command again to "
+                                         "resume; under SLURM the job requeues itself)") from None
             if len(data) != int(self.split.nbytes[i]):
                 raise DatasetError(self.changed(f"{self.path(i)} holds {len(data)} bytes, but the index says "
                                                 f"{int(self.split.nbytes[i])} (truncated or replaced)"))
@@ -134,15 +138,16 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
 
 
 def check_shards(root: str | Path, index: DatasetIndex, rank: int = 0, world_size: int = 1,
-                 checksums: bool = True) -> list[str]:
+                 checksums: bool = True, per_node: bool = False) -> list[str]:
     """Problems with a packed dataset's shards: every size checked here, and (``checksums``) the
     SHA-256 of shards ``rank``, ``rank + world_size``, ..., so the ranks share the reading.
 
     A shard whose checksum was found good is trusted on later starts while its size, modification time and
-    inode are unchanged (:class:`ShardChecks`): a requeued job does not read the whole dataset again."""
+    inode are unchanged (:class:`ShardChecks`): a requeued job does not read the whole dataset again.
+    ``per_node``: the shares are of this node's copy (``data.check_shards=node``), not of one shared copy."""
     problems = []
     folder = Path(root).absolute() / SHARD_DIR
-    checked = ShardChecks(index.hash, rank, world_size)
+    checked = ShardChecks(index.hash, f"{rank}-of-{world_size}" + (f"-{socket.gethostname()}" if per_node else ""))
     for number, shard in enumerate(index.shards):
         path = folder / shard["file"]
         try:
@@ -162,14 +167,14 @@ def check_shards(root: str | Path, index: DatasetIndex, rank: int = 0, world_siz
 
 
 class ShardChecks:
-    """The shards this rank found good, by path, size, modification time and inode (a copy, a rewrite or a
-    touch changes one), kept per dataset index and share of the reading under ``$XDG_CACHE_HOME`` (or
-    ``~/.cache``)/densenet-pipeline/shards/: one small file per rank, read by that rank alone."""
+    """The shards found good by one share of the reading (``share``: "3-of-8", and the host for node-local
+    copies), by path, size, modification time and inode (a copy, a rewrite or a touch changes one), kept per
+    dataset index under ``$XDG_CACHE_HOME`` (or ``~/.cache``)/densenet-pipeline/shards/: one small file per
+    share, read by the rank that has that share, on whichever node it runs after a requeue."""
 
-    def __init__(self, index_hash: str, rank: int, world_size: int):
+    def __init__(self, index_hash: str, share: str):
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        host = socket.gethostname()
-        self.path = cache / "densenet-pipeline" / "shards" / f"{index_hash[:16]}-{rank}-of-{world_size}-{host}.json"
+        self.path = cache / "densenet-pipeline" / "shards" / f"{index_hash[:16]}-{share}.json"
         try:
             self.known: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -241,7 +241,8 @@ def test_a_rank_killed_on_the_second_node_requeues_the_job_which_resumes_bitwise
     assert failure["requeued"] and failure["attempt"] == 1 and failure["count"] == 1 and failure["step"] == 8
     log = (run_dir / "train.log").read_text()
     assert f"attempt 1 of job {job_id} failed (srun exit status {failure['status']}" in log
-    assert "failure 1 of slurm.max_failures=3: requeued, resuming from checkpoint step 8" in log
+    assert "1 failure(s) of this job, counted 1 of slurm.max_failures=3: requeued, resuming from checkpoint step 8" \
+        in log
     assert "Resuming from" in log and "step-000000008.pt" in log
     assert (run_dir / "model_final.pt").read_bytes() == (two_node_reference[0] / "model_final.pt").read_bytes()
     steps = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -501,3 +502,33 @@ def test_a_request_that_fits_the_partition_is_accepted():
 
     cfg = load_config(MINI, ["slurm.gpus_per_node=8", "slurm.cpus_per_task=12", "slurm.nodes=2"])
     check_fit(cfg, [node(96, 8), node(16, 2), node(128, 8, 1024)])
+
+
+def test_failures_at_the_same_checkpoint_count_twice_and_a_job_past_its_budget_is_not_requeued(tmp_path,
+                                                                                                monkeypatch):
+    from launch.requeue import after_step, failure_count, record_end, remember_runs
+
+    assert [failure_count([{"step": s} for s in past], new) for past, new in
+            [([], 0), ([0], 0), ([0, 0], 0), ([4], 8), ([4, 8], 12), ([4, 8], 8)]] == [1, 3, 5, 2, 3, 4]
+    run_dir, folder = tmp_path / "run", tmp_path / "run" / "slurm"
+    folder.mkdir(parents=True)
+    remember_runs(folder, {"7": str(run_dir)})
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol: the decision is made, not carried out
+    env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}
+    assert after_step(folder, 0, 3, env) == ""  # a step that succeeded
+    record_end(run_dir, 2, "ConfigError: a refused config", env)
+    assert after_step(folder, 2, 3, env) == ("attempt 1 of job 7 ended on purpose (ConfigError: a refused "
+                                             "config): not requeued by this script")
+    env["SLURM_RESTART_COUNT"] = "1"
+    said = after_step(folder, 137, 3, env)
+    assert said.startswith(f"attempt 2 of job 7 failed (srun exit status 137: a task died, crashed or hung; its "
+                           f"own log in {folder} says why); 1 failure(s) of this job, counted 1 of "
+                           "slurm.max_failures=3: not requeued, scontrol is not on PATH here")
+    for attempt in (2, 3):
+        env["SLURM_RESTART_COUNT"] = str(attempt)
+        said = after_step(folder, 137, 3, env)
+    assert "3 failure(s) of this job, counted 5 of slurm.max_failures=3: not requeued, too many failures" in said
+    recorded = json.loads((run_dir / "slurm/failures.json").read_text())
+    assert [(f["attempt"], f["count"], f["requeued"]) for f in recorded] == [(2, 1, False), (3, 3, False),
+                                                                            (4, 5, False)]
+    assert "ERROR launch.requeue: attempt 4 of job 7 failed" in (run_dir / "train.log").read_text()
