@@ -251,18 +251,17 @@ def test_disagreements_name_each_differing_key_with_its_values_ranks_and_hosts()
     assert disagreements(prints[:2], ["a", "b"]) is None
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine sees its GPU: this needs one without CUDA")
 def test_a_task_given_a_gpu_that_pytorch_cannot_see_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    # device 99 exists on no machine: PyTorch sees no GPU here, and none on a GPU machine either
     result = subprocess.run([sys.executable, "-m", "pipeline.train", MINI, f"run.dir={run_dir}",
                              "data.backend=synthetic", "tracking.backend=none"], capture_output=True, text=True,
-                            env={**env, "SLURM_GPUS_ON_NODE": "1"}, timeout=120)
+                            env={**os.environ, "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "99"}, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith(f"error: This task on {socket.gethostname()} was given GPUs "
-                                    f"(SLURM_GPUS_ON_NODE=1) but PyTorch "
-                                    f"{torch.__version__} sees 0 (torch.cuda.is_available() is False; this build "
-                                    f"is for CUDA {torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: ")
+                                    f"(CUDA_VISIBLE_DEVICES=99) but PyTorch {torch.__version__} sees 0 "
+                                    "(torch.cuda.is_available() is False; this build is for CUDA "
+                                    f"{torch.version.cuda or 'none: a CPU build'}; NVIDIA driver: ")
     assert "install the PyTorch build for the driver's CUDA" in result.stderr and "Traceback" not in result.stderr
     assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists()
 
