@@ -7,6 +7,8 @@ strictly and ``model_final.pt`` can be handed to ``torchvision.models.densenet12
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +47,32 @@ class _DenseLayer(nn.Module):
     def bottleneck(self, *features: Tensor) -> Tensor:
         return self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
 
+    @contextmanager
+    def _statistics_kept(self) -> Iterator[None]:
+        """norm1 runs as in the forward (the same kernel, the same saved tensors) on copies of its running
+        statistics and count, which are dropped: the recomputation in backward must not update them again."""
+        norm = self.norm1
+        kept = {name: getattr(norm, name) for name in ("running_mean", "running_var", "num_batches_tracked")}
+        for name, buffer in kept.items():
+            setattr(norm, name, buffer.clone())
+        try:
+            yield
+        finally:
+            for name, buffer in kept.items():
+                setattr(norm, name, buffer)
+
+    def _recompute_contexts(self):
+        return nullcontext(), self._statistics_kept()
+
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(f.requires_grad for f in features):
             # Recompute the concatenation and BN-ReLU in backward instead of storing them:
             # memory grows linearly with depth. Non-reentrant so it works under DDP. The tensors go
             # in one by one: the block appends to its list, which the recomputation must not see.
-            out = checkpoint(self.bottleneck, *features, use_reentrant=False)
+            # Eager, the recomputation would update norm1's running statistics a second time each step; a
+            # compiled graph updates them once (its buffers are functionalised) and traces no context_fn.
+            contexts = {} if torch.compiler.is_compiling() else {"context_fn": self._recompute_contexts}
+            out = checkpoint(self.bottleneck, *features, use_reentrant=False, **contexts)
         else:
             out = self.bottleneck(*features)
         out = self.conv2(self.relu2(self.norm2(out)))

@@ -96,6 +96,29 @@ def test_memory_efficient_gives_the_same_outputs_and_gradients():
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
 
 
+def batchnorm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var",
+                                                                          "num_batches_tracked"))}
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_memory_efficient_updates_batchnorm_statistics_once_per_step_as_the_plain_model(compile):
+    """The recomputation in backward runs norm1 again: it must not update its running statistics again."""
+    torch.manual_seed(0)
+    plain = densenet_bc(16, 12, num_classes=10).train()
+    efficient = densenet_bc(16, 12, num_classes=10, memory_efficient=True).train()
+    efficient.load_state_dict(plain.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for model in (plain, torch.compile(efficient) if compile else efficient):
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected, found = batchnorm_state(plain), batchnorm_state(efficient)
+    assert {k: int(v) for k, v in found.items() if k.endswith("num_batches_tracked")} == \
+        {k: 2 for k in expected if k.endswith("num_batches_tracked")}
+    for key, value in expected.items():
+        assert torch.allclose(found[key].float(), value.float(), rtol=1e-6, atol=1e-6), key
+
+
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     total = 0
 
