@@ -72,6 +72,19 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (timm's and torchvision's ``--model-ema``): validated each
+    epoch beside the weights, in every checkpoint, and saved as run.dir/model_ema.pt."""
+
+    enabled: bool = False
+    decay: float = 0.9998  # per optimizer step (timm's --model-ema-decay default)
+    # > 0: instead of decay, the decay per step under which a step's weight halves after this many images
+    half_life_images: float = 0.0
+    every_steps: int = 1  # average every this many steps, at decay ** every_steps (torchvision: 32)
+    warmup_epochs: float = 0.0  # before this epoch the average is the weights themselves (torchvision: the lr warm-up)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 90
     batch_size: int | None = 256  # GLOBAL batch, split evenly over ranks; or null with batch_per_gpu
@@ -83,6 +96,7 @@ class TrainConfig:
     log_every_steps: int = 50
     # fp16: stop when the grad scaler skipped more steps than this in a row (every gradient overflows); 0: never
     max_skipped_steps: int = 20
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -107,6 +121,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: off
     every_minutes: float = 30.0  # 0: off
     keep_last: int = 2  # the best by val top-1 is kept too
+    best: str = "auto"  # which val top-1 picks the best checkpoint: model | ema | auto (ema when train.ema is on)
 
 
 @dataclass
@@ -179,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.on_dataset_change": ("refuse", "next_epoch"),
     "data.check_shards": ("job", "node", "size"),
     "train.precision": ("bf16", "fp16", "fp32"),
+    "checkpoint.best": ("auto", "model", "ema"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),
     "slurm.container_runtime": ("pyxis", "apptainer"),
@@ -189,13 +205,13 @@ POSITIVE = (
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
-    "insights.every_steps", "run.dist_timeout_s",
+    "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
-                "slurm.max_failures")
+                "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs")
 
 
 class ConfigError(ValueError):
@@ -290,6 +306,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be 0 or more, got {OmegaConf.select(cfg, key)!r}.")
     if not 0 <= cfg.train.label_smoothing < 1:
         raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}.")
+    if not 0 < cfg.train.ema.decay < 1:
+        raise ConfigError(f"'train.ema.decay' must be in (0, 1), got {cfg.train.ema.decay} (timm's default: 0.9998 per "
+                          "step; or set train.ema.half_life_images).")
+    if cfg.checkpoint.best == "ema" and not cfg.train.ema.enabled:
+        raise ConfigError("'checkpoint.best' is ema but 'train.ema.enabled' is false: there is no EMA to pick the "
+                          "best checkpoint by. Set train.ema.enabled=true, or checkpoint.best=model.")
     batch, per_gpu = cfg.train.batch_size, cfg.train.batch_per_gpu
     if (batch is None) == (per_gpu is None):
         raise ConfigError(f"Set exactly one of 'train.batch_size' (the global batch; now {batch}) and "

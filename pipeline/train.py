@@ -54,6 +54,7 @@ from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.order import epoch_order
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import DistInfo, RankError, disagreements, init_distributed, placement, shutdown
+from pipeline.ema import WeightsEma
 from pipeline.engine import (
     build_optimizer,
     build_scaler,
@@ -87,7 +88,7 @@ class Progress:
     global_step: int = 0
     best_val_top1: float = 0.0
     best_step: int = -1
-    val: dict = field(default_factory=lambda: {"top1": 0.0, "top5": 0.0})
+    val: dict = field(default_factory=lambda: {"top1": 0.0, "top5": 0.0})  # the last validation (and its EMA's)
     wall_seconds: float = 0.0  # over all attempts
 
 
@@ -406,6 +407,8 @@ class Run:
         self.device = device = dist.device
         tune_backends(device)
         self.model = build_net(cfg.model, device, cfg.train.channels_last, dist.world_size)
+        self.ema = (WeightsEma(self.model, cfg.train.ema, self.global_batch, self.steps_per_epoch)
+                    if cfg.train.ema.enabled else None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
         schedule = OmegaConf.merge(cfg.schedule, {"warmup_epochs": self.warmup})
         self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
@@ -414,6 +417,7 @@ class Run:
         self.metrics_lines = 0
         self.boundary = StepBoundary(signals, device, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes,
                                      cfg.train.max_skipped_steps)
+        self.best_of_ema = cfg.checkpoint.best == "ema" or (cfg.checkpoint.best == "auto" and self.ema is not None)
         self.stop_signal = ""
         self.save_seconds = 0.0
         self.changed = ""  # the settings a resume changed, as the log names them
@@ -436,6 +440,10 @@ class Run:
                          saved["train.precision"], cfg.train.precision,
                          ", with a new grad scaler" if cfg.train.precision == "fp16" else " (no grad scaler)")
             self.changed = apply_changed_settings(saved, cfg, self.optimizer, self.scheduler, self.global_batch)
+            if self.ema and resume.get("ema"):
+                self.ema.load_state_dict(resume["ema"])
+            elif self.ema:
+                log.info("train.ema is on since the checkpoint: the average starts from the resumed weights.")
             self.progress = progress = Progress(**resume["progress"])
             self.metrics_lines = resume["metrics_lines"]
             restore(resume, self.dist, cfg, progress, self.train_loader, self.scheduler, self.steps_per_epoch)
@@ -517,6 +525,8 @@ class Run:
                      time.perf_counter() - self.attempt_start)
         progress.global_step = global_step
         self.hang.beat(global_step)
+        if self.ema:
+            self.ema.update(self.model, global_step)
         if self.ids_file:
             ids = self.train_loader.last_ids  # as the loader delivered them with the batch
             self.ids_file.write(f"{self.dist.world_size} {progress.epoch} {progress.step_in_epoch} "
@@ -562,6 +572,7 @@ class Run:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "progress": asdict(progress),
                      "loader": self.train_loader.state_dict(), "dataset": self.dataset,
+                     "ema": self.ema.state_dict() if self.ema else None,
                      "ranks": ranks, "world_size": dist.world_size, "global_batch": self.global_batch,
                      "metrics_lines": self.metrics.lines,
                      "mlflow_run_id": self.tracker.run_id if self.tracker else None,
@@ -598,27 +609,36 @@ class Run:
                                      record["global_step"])
 
     def validate(self, epoch: int, train_seconds: float) -> None:
+        """Evaluate the weights (and their EMA) on every rank's share of the val split; log it, track the best."""
         cfg, progress = self.cfg, self.progress
         epoch_start = time.perf_counter() - train_seconds
-        collective.broadcast_buffers(self.model)
-        # the plain model: each rank evaluates its own share, with no DDP collective per batch
-        val = evaluate(self.model, self.hang.watch(self.val_loader), self.device, cfg.train.precision,
-                       cfg.train.channels_last)
+        val = self.evaluate(self.model)
+        if self.ema:
+            val.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "count"})
         progress.val = val
-        if val["top1"] > progress.best_val_top1 or progress.best_step < 0:
-            progress.best_val_top1, progress.best_step = val["top1"], progress.global_step
+        best = val["ema_top1" if self.best_of_ema else "top1"]
+        if best > progress.best_val_top1 or progress.best_step < 0:
+            progress.best_val_top1, progress.best_step = best, progress.global_step
         epoch_seconds = time.perf_counter() - epoch_start
-        log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images)  epoch %.1fs",
-                 epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], val["count"], epoch_seconds)
+        ema = (f"  EMA top-1 {val['ema_top1']:.2f}%  top-5 {val['ema_top5']:.2f}%  loss {val['ema_loss']:.4f}"
+               if self.ema else "")
+        log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f%s  (%d images)  epoch %.1fs",
+                 epoch + 1, cfg.train.epochs, val["top1"], val["top5"], val["loss"], ema, val["count"], epoch_seconds)
         if self.metrics:
             self.metrics.log("val", epoch=epoch, global_step=progress.global_step, **val,
                              epoch_seconds=epoch_seconds, checkpoint_seconds=self.save_seconds)
         if self.tracker:
-            self.tracker.log_metrics({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
+            self.tracker.log_metrics({**{f"val/{k}": v for k, v in val.items() if k != "count"},
                                       "epoch_seconds": epoch_seconds, "checkpoint_seconds": self.save_seconds},
                                      progress.global_step)
         if self.insights:
             self.insights.on_epoch_end(epoch, progress.global_step)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """``model`` (the plain one, no DDP collective per batch) on this rank's share, with rank 0's buffers."""
+        collective.broadcast_buffers(model)
+        return evaluate(model, self.hang.watch(self.val_loader), self.device, self.cfg.train.precision,
+                        self.cfg.train.channels_last)
 
     # ---------------------------------------------------------------- the end
 
@@ -629,28 +649,35 @@ class Run:
         progress.wall_seconds = self.wall_seconds()
         summary = {"epochs_completed": progress.epoch, "global_step": progress.global_step,
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
-                   "best_val_top1": progress.best_val_top1, "images_seen": progress.global_step * self.global_batch,
+                   **({"val_ema_top1": progress.val.get("ema_top1"), "val_ema_top5": progress.val.get("ema_top5")}
+                      if self.ema else {}),
+                   "best_val_top1": progress.best_val_top1, "best_of": "ema" if self.best_of_ema else "model",
+                   "images_seen": progress.global_step * self.global_batch,
                    "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
                    "replicas_identical": collective.replicas_identical(self.model)}
         if not summary["replicas_identical"]:
             log.error("The ranks' parameters differ at the end of training: the replicas drifted apart.")
+        if self.ema:
+            collective.broadcast_buffers(self.ema.module)
+        weights = {"model_final.pt": self.model, **({"model_ema.pt": self.ema.module} if self.ema else {})}
         problem = None
         if dist.is_main:
             try:  # CPU tensors: the weights load on any machine, with or without a GPU
-                atomic_torch_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                                  run_dir / "model_final.pt")
+                for name, model in weights.items():
+                    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / name)
                 atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
             except OSError as err:
-                problem = (f"Cannot write model_final.pt or summary.json into {run_dir} ({err}): the last checkpoint "
-                           "holds the trained run; free space, then run the same command again to write them.")
+                problem = (f"Cannot write {', '.join(weights)} or summary.json into {run_dir} ({err}): the last "
+                           "checkpoint holds the trained run; free space, then run the same command again to write "
+                           "them.")
         collective.main_decides(problem, CheckpointError)
         if dist.is_main:
             self.metrics.log("summary", **summary)
             self.metrics.close()
             if self.tracker:
-                self.tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", "model_final.pt",
-                                                                  "train.log")])
-            log.info("done: val top-1 %.2f%% (best %.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
+                self.tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", *weights, "train.log")])
+            log.info("done: val top-1 %.2f%% (best %s%.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
+                     "EMA " if self.best_of_ema else "",
                      progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
         return summary
 
