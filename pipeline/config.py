@@ -85,6 +85,19 @@ class EmaConfig:
 
 
 @dataclass
+class MixConfig:
+    """Mixup and CutMix with soft targets (timm's --mixup, --cutmix, --mixup-prob, --mixup-switch-prob,
+    --mixup-mode; torchvision's --mixup-alpha, --cutmix-alpha). Each image is mixed with its neighbour of the
+    pair (2k, 2k + 1) of the global batch: the per-rank batch must be even."""
+
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) draws mixup's lambda; 0: no mixup
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) draws CutMix's lambda; 0: no CutMix
+    prob: float = 1.0  # the probability that a batch (pair, image) is mixed at all
+    switch_prob: float = 0.5  # with both on: the probability of CutMix rather than mixup
+    mode: str = "batch"  # who shares one draw: batch (the global batch) | pair | elem (each image)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 90
     batch_size: int | None = 256  # GLOBAL batch, split evenly over ranks; or null with batch_per_gpu
@@ -97,6 +110,7 @@ class TrainConfig:
     # fp16: stop when the grad scaler skipped more steps than this in a row (every gradient overflows); 0: never
     max_skipped_steps: int = 20
     ema: EmaConfig = field(default_factory=EmaConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 @dataclass
@@ -195,6 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.check_shards": ("job", "node", "size"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "checkpoint.best": ("auto", "model", "ema"),
+    "train.mix.mode": ("batch", "pair", "elem"),
     "schedule.name": ("step", "cosine"),
     "tracking.backend": ("mlflow", "none"),
     "slurm.container_runtime": ("pyxis", "apptainer"),
@@ -211,7 +226,8 @@ NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
-                "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs")
+                "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs",
+                "train.mix.mixup_alpha", "train.mix.cutmix_alpha")
 
 
 class ConfigError(ValueError):
@@ -309,6 +325,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.train.ema.decay < 1:
         raise ConfigError(f"'train.ema.decay' must be in (0, 1), got {cfg.train.ema.decay} (timm's default: 0.9998 per "
                           "step; or set train.ema.half_life_images).")
+    for key in ("train.mix.prob", "train.mix.switch_prob"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise ConfigError(f"'{key}' is a probability: it must be in [0, 1], got {OmegaConf.select(cfg, key)}.")
     if cfg.checkpoint.best == "ema" and not cfg.train.ema.enabled:
         raise ConfigError("'checkpoint.best' is ema but 'train.ema.enabled' is false: there is no EMA to pick the "
                           "best checkpoint by. Set train.ema.enabled=true, or checkpoint.best=model.")

@@ -127,11 +127,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
                     world_size: int, on_log: Callable[[dict], None],
                     on_step: Callable[[int, torch.Tensor], bool],
-                    progress=None) -> tuple[int, bool]:
+                    progress=None, mixer: Callable | None = None) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
     ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step, loss)``
-    runs after every step (checkpoints, stop signals, a finite loss) and returns True to stop.
+    runs after every step (checkpoints, stop signals, a finite loss) and returns True to stop. ``mixer(images,
+    labels)`` gives the batch to train on and its (soft) targets.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -145,13 +146,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         except StopIteration:
             return global_step, False
         data_wait += time.perf_counter() - fetch_start
-        images, labels = _to_device(images, labels, device, train_cfg.channels_last)
-        loss = train_step(model, images, labels, criterion, optimizer, scaler, train_cfg.precision)
+        images, targets = _to_device(images, labels, device, train_cfg.channels_last)
+        if mixer is not None:
+            images, targets = mixer(images, targets)
+        loss = train_step(model, images, targets, criterion, optimizer, scaler, train_cfg.precision)
         scheduler.step()
         loss_sum += loss
         global_step += 1
         window_steps += 1
-        window_images += labels.numel()
+        window_images += images.shape[0]
         if progress is not None:
             progress.update(1)
         if global_step % train_cfg.log_every_steps == 0:

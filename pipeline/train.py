@@ -69,6 +69,8 @@ from pipeline.hang import HangWatch
 from pipeline.insights import start_insights
 from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, describe, holds_files
 from pipeline.log import add_log_file, setup_logging
+from pipeline.mix import BatchMixer
+from pipeline.mix import enabled as mixing
 from pipeline.models import build_model
 from pipeline.signals import StopRequested, StopSignals
 from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
@@ -112,6 +114,12 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
             f"schedule.warmup_epochs=auto warms up for {warmup:g} epochs at a global batch of {batch} (above "
             f"{WARMUP_ABOVE}), but train.epochs={cfg.train.epochs}: the warm-up would never end. Train for more "
             f"than {warmup:g} epochs, or set schedule.warmup_epochs to fewer epochs than train.epochs."))
+    if mixing(cfg.train.mix) and per_rank % 2:
+        raise collective.on_every_rank(ConfigError(
+            f"train.mix pairs each image with its neighbour (2k, 2k + 1) of the global batch, so that the mixed "
+            f"batch is the same at any world size; {per_rank} images per rank would split a pair between ranks. "
+            f"Use an even per-rank batch (train.batch_size={batch} over {dist.world_size} ranks), e.g. "
+            f"train.batch_size={(per_rank + 1) * dist.world_size}."))
     if not dist.is_main:
         return
     if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
@@ -413,6 +421,8 @@ class Run:
         schedule = OmegaConf.merge(cfg.schedule, {"warmup_epochs": self.warmup})
         self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = build_scaler(device, cfg.train.precision)
+        self.mixer = (BatchMixer(cfg.train.mix, cfg.run.seed, dist.rank, self.batch_size, dist.world_size,
+                                 cfg.model.num_classes) if mixing(cfg.train.mix) else None)
         self.progress = Progress()
         self.metrics_lines = 0
         self.boundary = StepBoundary(signals, device, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes,
@@ -508,13 +518,17 @@ class Run:
                     _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
-                                                 bar)
+                                                 bar, self.mixed if self.mixer else None)
                 if stopped:
                     raise StopRequested(self.stop_signal)
             self.validate(epoch, time.perf_counter() - epoch_start)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             if self.save("end of epoch"):  # a signal during validation: this checkpoint is the stop's
                 raise StopRequested(self.stop_signal)
+
+    def mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the step in progress, mixed (train.mix), and its soft targets."""
+        return self.mixer(images, labels, self.progress.epoch, self.progress.step_in_epoch)
 
     def on_step(self, global_step: int, loss: torch.Tensor) -> bool:
         """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop."""
