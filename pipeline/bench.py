@@ -30,8 +30,9 @@ import torch
 from pipeline.checkpoint import FORMAT_VERSION, library_versions, load_checkpoint, rng_state, save_checkpoint
 from pipeline.config import Config
 from pipeline.data.index import usable_cpus
-from pipeline.engine import build_optimizer, build_scaler
+from pipeline.engine import build_scaler
 from pipeline.models import build_model
+from pipeline.optim import build_optimizer
 
 
 def checkpoint_state(model_name: str, world_size: int) -> dict:

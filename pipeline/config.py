@@ -115,10 +115,17 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | lars (layer-wise trust ratios, for global batches above 8192)
     lr: float = 0.1  # per 256 images; scaled linearly with train.batch_size
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
+    # weight decay of normalisation layers' weights and biases, and of other biases (torchvision's
+    # --norm-weight-decay and --bias-weight-decay); null: optim.weight_decay
+    norm_weight_decay: float | None = None
+    bias_weight_decay: float | None = None
+    clip_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this (fp16: unscaled first); 0: off
+    lars_trust_coefficient: float = 0.001  # LARS's eta (You et al. 2017)
 
 
 @dataclass
@@ -208,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.on_dataset_change": ("refuse", "next_epoch"),
     "data.check_shards": ("job", "node", "size"),
     "train.precision": ("bf16", "fp16", "fp32"),
+    "optim.name": ("sgd", "lars"),
     "checkpoint.best": ("auto", "model", "ema"),
     "train.mix.mode": ("batch", "pair", "elem"),
     "schedule.name": ("step", "cosine"),
@@ -220,14 +228,15 @@ POSITIVE = (
     "data.generate.train_per_class", "data.generate.val_per_class", "data.generate.min_side",
     "train.epochs", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
-    "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps",
+    "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
                 "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs",
-                "train.mix.mixup_alpha", "train.mix.cutmix_alpha")
+                "train.mix.mixup_alpha", "train.mix.cutmix_alpha",
+                "optim.clip_grad_norm")
 
 
 class ConfigError(ValueError):
@@ -325,6 +334,10 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.train.ema.decay < 1:
         raise ConfigError(f"'train.ema.decay' must be in (0, 1), got {cfg.train.ema.decay} (timm's default: 0.9998 per "
                           "step; or set train.ema.half_life_images).")
+    for key in ("optim.norm_weight_decay", "optim.bias_weight_decay"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be 0 or more (or null for optim.weight_decay), got "
+                              f"{OmegaConf.select(cfg, key)}.")
     for key in ("train.mix.prob", "train.mix.switch_prob"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             raise ConfigError(f"'{key}' is a probability: it must be in [0, 1], got {OmegaConf.select(cfg, key)}.")

@@ -39,12 +39,6 @@ def build_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.SGD:
-    """SGD with the learning rate scaled linearly from 256 images to the global batch."""
-    return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr * global_batch / 256, momentum=optim_cfg.momentum,
-                           nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
-
-
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule_cfg) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (warm-up, then step or cosine)."""
     epoch = step / steps_per_epoch
@@ -112,12 +106,17 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
-    """One forward, backward and optimizer step; returns the loss as a device tensor (no sync)."""
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str,
+               clip_grad_norm: float = 0.0) -> torch.Tensor:
+    """One forward, backward and optimizer step, the gradients' norm clipped to ``clip_grad_norm`` (0: not);
+    returns the loss as a device tensor (no sync)."""
     with autocast(images.device, precision):
         loss = criterion(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)  # the true gradients' norm (fp16); the scaler's step skips non-finite ones
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
@@ -127,7 +126,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
                     world_size: int, on_log: Callable[[dict], None],
                     on_step: Callable[[int, torch.Tensor], bool],
-                    progress=None, mixer: Callable | None = None) -> tuple[int, bool]:
+                    progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
     ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step, loss)``
@@ -149,7 +148,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         images, targets = _to_device(images, labels, device, train_cfg.channels_last)
         if mixer is not None:
             images, targets = mixer(images, targets)
-        loss = train_step(model, images, targets, criterion, optimizer, scaler, train_cfg.precision)
+        loss = train_step(model, images, targets, criterion, optimizer, scaler, train_cfg.precision, clip_grad_norm)
         scheduler.step()
         loss_sum += loss
         global_step += 1

@@ -56,7 +56,6 @@ from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import DistInfo, RankError, disagreements, init_distributed, placement, shutdown
 from pipeline.ema import WeightsEma
 from pipeline.engine import (
-    build_optimizer,
     build_scaler,
     build_scheduler,
     compile_report,
@@ -72,6 +71,7 @@ from pipeline.log import add_log_file, setup_logging
 from pipeline.mix import BatchMixer
 from pipeline.mix import enabled as mixing
 from pipeline.models import build_model
+from pipeline.optim import LARS_ABOVE, build_optimizer, parameter_groups, regroup_state
 from pipeline.signals import StopRequested, StopSignals
 from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
 
@@ -127,6 +127,11 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
                     "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
                     "schedule.warmup_epochs=auto), or set model.sync_bn=true to normalise over all ranks' images.",
                     per_rank, "GPU" if dist.device.type == "cuda" else "rank")
+    if batch > LARS_ABOVE and cfg.optim.name != "lars":
+        log.warning("A global batch of %d with optim.name=%s: above %d, SGD with the linear scaling rule is known to "
+                    "lose accuracy (Goyal et al. 2017 reached 8k). Set optim.name=lars (layer-wise trust ratios, "
+                    "You et al. 2017) with optim.norm_weight_decay=0 optim.bias_weight_decay=0, or a smaller batch.",
+                    batch, cfg.optim.name, LARS_ABOVE)
     if batch > WARMUP_ABOVE and warmup == 0:
         log.warning("schedule.warmup_epochs=0 at a global batch of %d: the learning rate starts at %.3g on step 1, "
                     "where large batches diverge or lose accuracy without a warm-up (Goyal et al. 2017 warm up "
@@ -440,7 +445,8 @@ class Run:
         self.run_dir = prepare_run_dir(cfg, self.dist)  # from here on rank 0's log also goes to train.log
         if resume:
             self.model.load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
+            saved_optim = OmegaConf.create(resume["config"]).optim
+            self.optimizer.load_state_dict(regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
             self.scheduler.load_state_dict(resume["scheduler"])
             saved = flatten(resume["config"])
             if saved.get("train.precision", cfg.train.precision) == cfg.train.precision:
@@ -449,7 +455,8 @@ class Run:
                 log.info("train.precision changed from %s to %s since the checkpoint: applied%s.",
                          saved["train.precision"], cfg.train.precision,
                          ", with a new grad scaler" if cfg.train.precision == "fp16" else " (no grad scaler)")
-            self.changed = apply_changed_settings(saved, cfg, self.optimizer, self.scheduler, self.global_batch)
+            self.changed = apply_changed_settings(saved, cfg, self.model, self.optimizer, self.scheduler,
+                                                  self.global_batch)
             if self.ema and resume.get("ema"):
                 self.ema.load_state_dict(resume["ema"])
             elif self.ema:
@@ -518,7 +525,7 @@ class Run:
                     _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
-                                                 bar, self.mixed if self.mixer else None)
+                                                 bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm)
                 if stopped:
                     raise StopRequested(self.stop_signal)
             self.validate(epoch, time.perf_counter() - epoch_start)
@@ -696,8 +703,8 @@ class Run:
         return summary
 
 
-def apply_changed_settings(saved: dict, cfg: DictConfig, optimizer: torch.optim.Optimizer, scheduler,
-                           batch: int) -> str:
+def apply_changed_settings(saved: dict, cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler, batch: int) -> str:
     """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
     optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
     names them ("" if none). (The model, the data and the global batch cannot change: :func:`check_resumable`
@@ -713,9 +720,8 @@ def apply_changed_settings(saved: dict, cfg: DictConfig, optimizer: torch.optim.
     if not changed:
         return ""
     base = cfg.optim.lr * batch / 256
-    for group in optimizer.param_groups:
-        group.update(initial_lr=base, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                     weight_decay=cfg.optim.weight_decay)
+    for group, (_, decay) in zip(optimizer.param_groups, parameter_groups(model, cfg.optim), strict=True):
+        group.update(initial_lr=base, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, weight_decay=decay)
     scheduler.base_lrs = [base for _ in optimizer.param_groups]
     # the schedule is computed from the current settings at each step: the learning rate of the resumed step
     for group, factor in zip(optimizer.param_groups, [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas],

@@ -61,13 +61,15 @@ def test_an_auto_warm_up_as_long_as_the_run_is_refused_by_name():
 
 def test_a_resume_compares_the_warm_up_in_epochs_and_names_what_changed():
     from pipeline.config import flatten
-    from pipeline.engine import build_optimizer, build_scheduler
+    from pipeline.engine import build_scheduler
+    from pipeline.optim import build_optimizer
     from pipeline.train import apply_changed_settings
 
     def restored(words):
         cfg = load_config(MINI, words)
-        optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.optim, 256)
-        return cfg, optimizer, build_scheduler(optimizer, OmegaConf.merge(cfg.schedule, {"warmup_epochs": 0.0}),
+        model = torch.nn.Linear(2, 2)
+        optimizer = build_optimizer(model, cfg.optim, 256)
+        return cfg, model, optimizer, build_scheduler(optimizer, OmegaConf.merge(cfg.schedule, {"warmup_epochs": 0.0}),
                                                cfg.train.epochs, 10)
 
     saved = flatten(OmegaConf.to_container(load_config(MINI, ["schedule.warmup_epochs=0"])))
@@ -103,7 +105,8 @@ def test_a_per_gpu_batch_resumed_at_another_world_size_changes_the_global_batch_
 
 @pytest.mark.parametrize("profile, world, batch, lr", [("gpu-32", 32, 2048, 0.8), ("gpu-64", 64, 4096, 1.6)])
 def test_the_32_and_64_gpu_profiles_scale_the_batch_and_learning_rate_and_warm_up(profile, world, batch, lr):
-    from pipeline.engine import build_optimizer, build_scheduler
+    from pipeline.engine import build_scheduler
+    from pipeline.optim import build_optimizer
 
     cfg = load_config(ROOT / "configs/densenet121.yaml", [f"slurm.profile={profile}"])
     assert cfg.slurm.nodes * cfg.slurm.gpus_per_node == world

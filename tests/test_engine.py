@@ -8,7 +8,6 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.engine import (
     autocast,
-    build_optimizer,
     build_scaler,
     build_scheduler,
     compile_report,
@@ -17,6 +16,7 @@ from pipeline.engine import (
     train_step,
 )
 from pipeline.models.densenet import densenet_bc
+from pipeline.optim import build_optimizer
 from pipeline.train import per_rank_batch
 
 CPU = torch.device("cpu")
