@@ -187,14 +187,22 @@ def bench_train(args: argparse.Namespace) -> dict:
     overrides = ["data.backend=synthetic", f"data.synthetic_steps={args.steps}", f"train.epochs={args.epochs}",
                  f"train.log_every_steps={args.window}", "tracking.backend=none", *args.overrides]
     windows = args.steps * args.epochs // args.window - 1
-    runs: dict[str, list[dict]] = {"bare_loop": [], "train_loop": []}
-    for _ in range(args.repeat):  # alternated, so drifts in machine load hit both alike
+    added = args.added.split()
+    runs: dict[str, list[dict]] = {"bare_loop": [], "train_loop": [], **({"train_loop_added": []} if added else {})}
+    for _ in range(args.repeat):  # alternated, so drifts in machine load hit each alike
         runs["train_loop"].append(run_isolated("train_loop", {"config": config, "overrides": overrides}))
+        if added:
+            runs["train_loop_added"].append(run_isolated("train_loop", {"config": config,
+                                                                        "overrides": [*overrides, *added]}))
         runs["bare_loop"].append(run_isolated("bare_loop", {"config": config, "overrides": overrides,
                                                             "windows": windows}))
-    train = statistics.median(r["images_per_s"] for r in runs["train_loop"])
-    bare = statistics.median(r["images_per_s"] for r in runs["bare_loop"])
-    return {"runs": runs, "train_loop_images_per_s": train, "bare_loop_images_per_s": bare, "ratio": train / bare}
+    rate = {name: statistics.median(r["images_per_s"] for r in tries) for name, tries in runs.items()}
+    result = {"runs": runs, "train_loop_images_per_s": rate["train_loop"],
+              "bare_loop_images_per_s": rate["bare_loop"], "ratio": rate["train_loop"] / rate["bare_loop"]}
+    if added:
+        result.update(added=added, added_images_per_s=rate["train_loop_added"],
+                      added_cost=1 - rate["train_loop_added"] / rate["train_loop"])
+    return result
 
 
 def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, steps: int) -> None:
@@ -283,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--window", type=int, default=10, help="steps per logged window")
     train.add_argument("--repeat", type=int, default=3)
+    train.add_argument("--added", default="", help="key=value words (one string) of parts whose cost to measure: the "
+                       "train loop runs with and without them, e.g. 'train.ema.enabled=true train.mix.mixup_alpha=0.2'")
     train.add_argument("overrides", nargs="*", help="key=value words for the mini config")
     for p in (model, loader, index, train):
         p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
@@ -338,9 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         result = bench_train(args)
         print(_table([{"what": "train loop", "v": result["train_loop_images_per_s"]},
-                      {"what": "bare loop", "v": result["bare_loop_images_per_s"]}],
+                      {"what": "bare loop", "v": result["bare_loop_images_per_s"]},
+                      *([{"what": "train loop + added", "v": result["added_images_per_s"]}] if args.added else [])],
                      [("what", "loop", ""), ("v", "images/s", ".1f")]))
         print(f"ratio train/bare: {result['ratio']:.3f} (median of {args.repeat} alternated runs each)")
+        if args.added:
+            print(f"cost of {' '.join(result['added'])}: {100 * result['added_cost']:.1f}% of the train loop's "
+                  "images/s")
     if args.command in ("model", "loader", "index", "train"):
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))

@@ -20,17 +20,18 @@ from pipeline.checkpoint import RESUME_EXIT_CODE, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
+MODERN = str(ROOT / "configs/mini-modern.yaml")
 STEPS_PER_EPOCH = 10  # 640 images, global batch 64
 pytestmark = pytest.mark.slow
 
 
-def command(run_dir, data, ranks, backend, *extra):
+def command(run_dir, data, ranks, backend, *extra, config=MINI):
     words = [f"run.dir={run_dir}", f"data.root={data}", f"data.backend={backend}", "train.epochs=2",
              "train.batch_size=64", "checkpoint.every_steps=4", "train.log_every_steps=1", "data.workers=1",
              "tracking.backend=none", *extra]
     if ranks == 1:
-        return [sys.executable, "-m", "pipeline.train", MINI, *words]
-    return [sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", str(ranks), *words]
+        return [sys.executable, "-m", "pipeline.train", config, *words]
+    return [sys.executable, "-m", "launch.local", config, "--nproc-per-node", str(ranks), *words]
 
 
 def run(cmd, log):
@@ -81,15 +82,15 @@ def group_members(pgid):
 
 @pytest.fixture(scope="module")
 def reference(mini_data, tmp_path_factory):
-    """Uninterrupted runs, by (ranks, backend)."""
+    """Uninterrupted runs, by (ranks, backend, config)."""
     cache = {}
 
-    def get(ranks, backend):
-        if (ranks, backend) not in cache:
+    def get(ranks, backend, config=MINI):
+        if (ranks, backend, config) not in cache:
             run_dir = tmp_path_factory.mktemp("reference") / "run"
-            assert run(command(run_dir, mini_data, ranks, backend), run_dir.parent / "log") == 0
-            cache[ranks, backend] = run_dir
-        return cache[ranks, backend]
+            assert run(command(run_dir, mini_data, ranks, backend, config=config), run_dir.parent / "log") == 0
+            cache[ranks, backend, config] = run_dir
+        return cache[ranks, backend, config]
 
     return get
 
@@ -121,6 +122,20 @@ def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_da
     assert run(cmd, log) == 0, log.read_text()[-3000:]
     assert "Resuming from" in log.read_text()
     assert_same_run(reference(ranks, backend), run_dir)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_modern_recipe_resumes_bitwise_after_a_sigkill_with_its_ema(tmp_path, mini_data, reference, ranks,
+                                                                         request):
+    """configs/mini-modern.yaml (EMA, mixup and CutMix, label smoothing, norm weight decay, clipping)."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = command(run_dir, mini_data, ranks, "dali", config=MODERN)
+    interrupt(cmd, run_dir, mid_epoch_step(request), signal.SIGKILL, log)
+    assert run(cmd, log) == 0, log.read_text()[-3000:]
+    assert "Resuming from" in log.read_text()
+    expected = reference(ranks, "dali", MODERN)
+    assert_same_run(expected, run_dir)
+    assert (run_dir / "model_ema.pt").read_bytes() == (expected / "model_ema.pt").read_bytes()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
