@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torchvision
 from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import ConfigError, load_config
 from pipeline.ema import WeightsEma, decay_per_step
+from pipeline.models import build_model
 from pipeline.models.densenet import densenet_bc
 
 
@@ -81,3 +83,8 @@ def test_ema_settings_are_checked():
         load_config(None, ["train.ema.decay=1.0"])
     with pytest.raises(ConfigError, match="train.ema.enabled"):
         load_config(None, ["checkpoint.best=ema"])
+
+
+def test_the_average_loads_into_torchvisions_densenet121():
+    ema = WeightsEma(build_model("densenet121"), ema_config(), global_batch=256, steps_per_epoch=10)
+    torchvision.models.densenet121().load_state_dict(ema.state_dict()["module"])
