@@ -93,7 +93,7 @@ def bench_tracking(args: argparse.Namespace) -> dict:
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Rows as a fixed-width table; ``columns`` are (key, header, format)."""
-    widths = [max(len(header), 10) for _, header, _ in columns]
+    widths = [max(len(header), 10, *(len(format(row[key], fmt)) for row in rows)) for key, header, fmt in columns]
     lines = ["  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths, strict=True))]
     for row in rows:
         lines.append("  ".join(f"{format(row[key], fmt):>{w}}" for (key, _, fmt), w in zip(columns, widths,
