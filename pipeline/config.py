@@ -53,11 +53,27 @@ class GenerateConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive resizing, FFCV's schedule (min_res, max_res, start_ramp, end_ramp): the training image size is
+    min_size up to start_epoch, grows linearly to max_size at end_epoch, in multiples of step."""
+
+    enabled: bool = False
+    min_size: int = 160
+    max_size: int = 192
+    start_epoch: int = 0  # epochs counted from 0, as FFCV's
+    end_epoch: int = 0
+    step: int = 32
+
+
+@dataclass
 class DataConfig:
     root: str = "data/imagenet"  # train/<class>/*.JPEG and val/<class>/*.JPEG, or a packed dataset (index/, shards/)
     backend: str = "dali"  # dali | torchvision (Pillow + DataLoader) | synthetic (random tensors on the device)
     image_size: int = 224
-    val_resize: int = 0  # shorter side before the centre crop; 0 = image_size * 256 / 224
+    val_resize: int = 0  # shorter side before the centre crop; 0 = val_image_size * 256 / 224
+    val_image_size: int = 0  # the validation centre crop (torchvision's --val-crop-size); 0 = image_size
+    aug_repeats: int = 1  # repeated augmentation: each global batch holds each of its samples this many times
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     val_batch_size: int = 0  # per rank; 0 = the per-rank training batch
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes, per rank
     prefetch: int = 2  # DALI prefetch queue depth, or batches each DataLoader worker prepares ahead
@@ -229,8 +245,9 @@ POSITIVE = (
     "train.epochs", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
+    "data.aug_repeats", "data.progressive.min_size", "data.progressive.step",
 )
-NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize",
+NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
@@ -341,6 +358,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.mix.prob", "train.mix.switch_prob"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             raise ConfigError(f"'{key}' is a probability: it must be in [0, 1], got {OmegaConf.select(cfg, key)}.")
+    ramp = cfg.data.progressive
+    if ramp.enabled and not (ramp.min_size <= ramp.max_size and ramp.start_epoch <= ramp.end_epoch
+                             and ramp.min_size % ramp.step == 0 and ramp.max_size % ramp.step == 0):
+        raise ConfigError(f"'data.progressive' goes from {ramp.min_size} px at epoch {ramp.start_epoch} to "
+                          f"{ramp.max_size} px at epoch {ramp.end_epoch} in steps of {ramp.step}: min_size must not "
+                          "exceed max_size, start_epoch must not come after end_epoch, and both sizes must be "
+                          "multiples of step (FFCV: 160 to 192 in steps of 32).")
     if cfg.checkpoint.best == "ema" and not cfg.train.ema.enabled:
         raise ConfigError("'checkpoint.best' is ema but 'train.ema.enabled' is false: there is no EMA to pick the "
                           "best checkpoint by. Set train.ema.enabled=true, or checkpoint.best=model.")

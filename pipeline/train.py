@@ -51,7 +51,7 @@ from pipeline.config import WARMUP_ABOVE, ConfigError, flatten, global_batch, lo
 from pipeline.data.index import describe_change
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
-from pipeline.data.order import epoch_order
+from pipeline.data.order import epoch_order, train_image_size
 from pipeline.data.synthetic import ensure_generated
 from pipeline.distributed import DistInfo, RankError, disagreements, init_distributed, placement, shutdown
 from pipeline.ema import WeightsEma
@@ -114,6 +114,12 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
             f"schedule.warmup_epochs=auto warms up for {warmup:g} epochs at a global batch of {batch} (above "
             f"{WARMUP_ABOVE}), but train.epochs={cfg.train.epochs}: the warm-up would never end. Train for more "
             f"than {warmup:g} epochs, or set schedule.warmup_epochs to fewer epochs than train.epochs."))
+    repeats = cfg.data.aug_repeats
+    if batch % repeats:
+        raise collective.on_every_rank(ConfigError(
+            f"data.aug_repeats={repeats} puts each sample of a global batch in it {repeats} times, in {repeats} equal "
+            f"parts, but the global batch of {batch} does not divide by {repeats}. Use a global batch that does, "
+            f"e.g. {max(1, batch // repeats) * repeats}, or another data.aug_repeats."))
     if mixing(cfg.train.mix) and per_rank % 2:
         raise collective.on_every_rank(ConfigError(
             f"train.mix pairs each image with its neighbour (2k, 2k + 1) of the global batch, so that the mixed "
@@ -292,9 +298,9 @@ def run_fingerprint(cfg: DictConfig) -> dict:
     return {**config, **{f"version of {name}": versions[name] for name in names}}
 
 
-def order_fingerprint(dataset: dict, seed: int, epoch: int, global_batch: int) -> dict:
+def order_fingerprint(dataset: dict, seed: int, epoch: int, global_batch: int, repeats: int) -> dict:
     """The dataset index and the first ids of the epoch's order (``torch.randperm`` differs across builds)."""
-    order = epoch_order(dataset["counts"]["train"], epoch, seed, global_batch)
+    order = epoch_order(dataset["counts"]["train"], epoch, seed, global_batch, repeats)
     return {"dataset index": dataset["hash"][:16], f"first sample ids of epoch {epoch + 1}": order[:8].tolist()}
 
 
@@ -477,12 +483,12 @@ class Run:
         cfg, dist, model = self.cfg, self.dist, self.model
         if self.dataset:  # the config and versions were agreed first thing; now the data and the order
             check_ranks_agree(dist, order_fingerprint(self.dataset, cfg.run.seed, self.progress.epoch,
-                                                      self.global_batch))
+                                                      self.global_batch, cfg.data.aug_repeats))
         net: nn.Module = model
         if dist.world_size > 1:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.train.compile:
-            net = torch.compile(net)
+        if cfg.train.compile:  # with progressive resizing, one static graph per size (sizes only grow)
+            net = torch.compile(net, dynamic=False if cfg.data.progressive.enabled else None)
         self.net = net
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
@@ -616,8 +622,8 @@ class Run:
         """A logged window: the loss, the rate of the job and of each GPU (or CPU rank), and its TFLOP/s."""
         progress = self.progress
         per_gpu = record["images_per_s"] / self.dist.world_size
-        record = {**record, "images_per_s_per_gpu": per_gpu,
-                  "tflops_per_gpu": self.flops * per_gpu / self.batch_size / 1e12}
+        flops = self.flops * (train_image_size(self.cfg.data, progress.epoch) / self.cfg.data.image_size) ** 2
+        record = {**record, "images_per_s_per_gpu": per_gpu, "tflops_per_gpu": flops * per_gpu / self.batch_size / 1e12}
         log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%",
                  progress.epoch + 1, progress.step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
                  record["images_per_s"], per_gpu, "GPU" if self.device.type == "cuda" else "rank",

@@ -30,12 +30,35 @@ def train_steps(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
 
 
-def epoch_order(num_samples: int, epoch: int, seed: int, global_batch: int) -> np.ndarray:
-    """The sample ids of ``epoch`` in reading order, whole global batches only (int32 or int64)."""
+def epoch_order(num_samples: int, epoch: int, seed: int, global_batch: int, repeats: int = 1) -> np.ndarray:
+    """The sample ids of ``epoch`` in reading order, whole global batches only (int32 or int64).
+
+    With ``repeats`` k > 1 (repeated augmentation), each global batch holds ``global_batch / k`` samples of
+    the permutation k times: copy j of them fills the j-th k-th of the batch, so the copies of a sample fall
+    on different ranks (as torchvision's RASampler spreads them) and the epoch keeps its number of steps.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    keep = train_steps(num_samples, global_batch) * global_batch
-    order = torch.randperm(num_samples, generator=generator)[:keep].numpy()
+    steps, unique = train_steps(num_samples, global_batch), global_batch // repeats
+    order = torch.randperm(num_samples, generator=generator)[:steps * unique].numpy()
+    if repeats > 1:
+        order = np.repeat(order.reshape(steps, 1, unique), repeats, axis=1).reshape(-1)
     return order.astype(np.int32) if num_samples < 2**31 else order
+
+
+def repeat_copies(global_batch: int, repeats: int) -> np.ndarray:
+    """Which copy (0 .. repeats - 1) of its sample each position of a global batch holds."""
+    return np.arange(global_batch) // (global_batch // repeats)
+
+
+def train_image_size(data_cfg, epoch: int) -> int:
+    """The training image size of ``epoch``: ``data.image_size``, or with ``data.progressive`` FFCV's schedule,
+    ``min_size`` up to ``start_epoch``, then a linear ramp to ``max_size`` at ``end_epoch``, rounded to a
+    multiple of ``step``."""
+    ramp = data_cfg.progressive
+    if not ramp.enabled:
+        return data_cfg.image_size
+    size = np.interp(epoch, [ramp.start_epoch, ramp.end_epoch], [ramp.min_size, ramp.max_size])
+    return int(round(size / ramp.step)) * ramp.step
 
 
 def rank_batch(order: np.ndarray, step: int, rank: int, world_size: int, per_rank_batch: int) -> np.ndarray:
