@@ -271,7 +271,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _schema_keys() -> dict[str, Any]:
+def schema_defaults() -> dict[str, Any]:
     """Every dotted key of the schema, with its default value."""
     return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
 
@@ -287,7 +287,7 @@ def _nearest_keys(key: str, valid: list[str]) -> list[str]:
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
-    defaults = _schema_keys()
+    defaults = schema_defaults()
     if isinstance(err, ConfigKeyError) or key not in defaults:
         near = _nearest_keys(key, list(defaults))
         hint = f"Did you mean: {', '.join(near)}?" if near else "See `--print-config` for every valid key."
@@ -365,6 +365,9 @@ def validate(cfg: DictConfig) -> None:
                           f"{ramp.max_size} px at epoch {ramp.end_epoch} in steps of {ramp.step}: min_size must not "
                           "exceed max_size, start_epoch must not come after end_epoch, and both sizes must be "
                           "multiples of step (FFCV: 160 to 192 in steps of 32).")
+    if cfg.train.ema.enabled and cfg.train.ema.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"'train.ema.warmup_epochs' ({cfg.train.ema.warmup_epochs}) must be less than "
+                          f"'train.epochs' ({cfg.train.epochs}): until then the average is the weights themselves.")
     if cfg.checkpoint.best == "ema" and not cfg.train.ema.enabled:
         raise ConfigError("'checkpoint.best' is ema but 'train.ema.enabled' is false: there is no EMA to pick the "
                           "best checkpoint by. Set train.ema.enabled=true, or checkpoint.best=model.")

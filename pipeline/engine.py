@@ -171,24 +171,33 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             return global_step, True
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: str,
              channels_last: bool) -> dict[str, float]:
     """Top-1 / top-5 (percent) and mean loss over every sample of ``loader`` on all ranks, from summed counts."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    return evaluate_together([model], loader, device, precision, channels_last)[0]
+
+
+@torch.no_grad()
+def evaluate_together(models: list[nn.Module], loader: Iterable, device: torch.device, precision: str,
+                      channels_last: bool) -> list[dict[str, float]]:
+    """:func:`evaluate` of each of ``models`` in one pass over ``loader``: each batch is decoded once."""
+    totals = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # correct@1, @5, loss sum, count
     criterion = nn.CrossEntropyLoss(reduction="sum")
+    for model in models:
+        model.eval()
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
-        with autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, labels),
-                               torch.tensor(labels.numel(), device=device)]).double()
+        for k, model in enumerate(models):
+            with autocast(device, precision):
+                logits = model(images)
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels[:, None]
+            totals[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, labels),
+                                      torch.tensor(labels.numel(), device=device)]).double()
     collective.all_reduce_sum(totals)
-    correct1, correct5, loss_sum, count = totals.tolist()
-    count = max(count, 1.0)
-    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
-            "count": int(totals[3].item())}
+    results = []
+    for correct1, correct5, loss_sum, count in totals.tolist():
+        results.append({"top1": 100 * correct1 / max(count, 1.0), "top5": 100 * correct5 / max(count, 1.0),
+                        "loss": loss_sum / max(count, 1.0), "count": int(count)})
+    return results

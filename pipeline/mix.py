@@ -75,7 +75,7 @@ def mix(images: torch.Tensor, labels: torch.Tensor, params: MixParams, num_class
     """Each image mixed with its pair's other image (index ``i ^ 1``), and the soft targets, on the device."""
     device, batch = images.device, images.shape[0]
     partner = torch.arange(batch, device=device) ^ 1
-    mixup_lam, target_lam, boxes = (_to_device(a, device) for a in params)
+    mixup_lam, target_lam, boxes = _draws_on(device, params)
     weight = mixup_lam.to(images.dtype).view(-1, 1, 1, 1)
     other = images[partner]
     # torchvision's order of operations (v2.MixUp): partner * (1 - lam) + image * lam
@@ -97,11 +97,12 @@ def _format_of(images: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+def _draws_on(device: torch.device, params: MixParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``params`` on ``device`` in one copy: mixup's lambdas, the targets' lambdas, the boxes (as integers)."""
+    table = torch.from_numpy(np.column_stack([params.mixup_lam, params.target_lam, params.boxes]))
     if device.type == "cuda":  # a pinned buffer: the copy is queued on the stream, the host does not wait
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table[:, 0], table[:, 1], table[:, 2:].long()
 
 
 class BatchMixer:
@@ -119,5 +120,6 @@ class BatchMixer:
         return mix(images, labels, params, self.num_classes)
 
 
-def enabled(mix_cfg) -> bool:
+def mixing_enabled(mix_cfg) -> bool:
+    """Whether ``train.mix`` mixes anything."""
     return mix_cfg.prob > 0 and (mix_cfg.mixup_alpha > 0 or mix_cfg.cutmix_alpha > 0)

@@ -1,9 +1,9 @@
 """The optimizer: SGD or LARS, weight decay by parameter kind, and its state across a change of groups.
 
-Parameters fall into three kinds, as torchvision's reference scripts split them: those of normalisation layers
-(``optim.norm_weight_decay``), other biases (``optim.bias_weight_decay``) and the rest (``optim.weight_decay``).
-Each kind with its own decay is a parameter group of its own; the kinds that share ``optim.weight_decay`` stay in
-the first group, so the default settings build the one group of earlier versions.
+Parameters fall into groups as torchvision's reference scripts split them (``set_weight_decay``): with
+``optim.bias_weight_decay`` set, every bias (normalisation layers' too) is in a group of its own; with
+``optim.norm_weight_decay`` set, the other parameters of normalisation layers are; the rest are in the first
+group, with ``optim.weight_decay``. The defaults (both null) build the one group of earlier versions.
 
 LARS (You et al., "Large Batch Training of Convolutional Networks", 2017) scales each parameter's update by a
 trust ratio ``eta * ||w|| / (||g|| + weight_decay * ||w||)``, then runs SGD with momentum; groups without weight
@@ -23,26 +23,26 @@ LARS_ABOVE = 8192  # global batch above which plain SGD with linear scaling is k
 
 
 def parameter_groups(model: nn.Module, optim_cfg) -> list[tuple[list[str], float]]:
-    """(parameter names, weight decay) of each group, in the optimizer's order."""
-    kinds: dict[str, list[str]] = {"other": [], "norm": [], "bias": []}
+    """(parameter names, weight decay) of each group, in the optimizer's order. ``optim_cfg`` may be a config of
+    a checkpoint from before the kinds' keys (then both are null)."""
+    norm_decay, bias_decay = optim_cfg.get("norm_weight_decay"), optim_cfg.get("bias_weight_decay")
+    groups: dict[str, list[str]] = {"other": [], "norm": [], "bias": []}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(prefix=module_name, recurse=False):
-            kind = "norm" if isinstance(module, NORM_LAYERS) else "bias" if name.endswith("bias") else "other"
-            kinds[kind].append(name)
-    decays = {"other": optim_cfg.weight_decay, "norm": optim_cfg.get("norm_weight_decay"),
-              "bias": optim_cfg.get("bias_weight_decay")}
-    groups = [(list(kinds["other"]), optim_cfg.weight_decay)]
-    for kind in ("norm", "bias"):
-        if decays[kind] is None:
-            groups[0][0].extend(kinds[kind])
-        elif kinds[kind]:
-            groups.append((kinds[kind], decays[kind]))
+            if bias_decay is not None and name.rsplit(".", 1)[-1] == "bias":
+                groups["bias"].append(name)
+            elif norm_decay is not None and isinstance(module, NORM_LAYERS):
+                groups["norm"].append(name)
+            else:
+                groups["other"].append(name)
+    decays = {"other": optim_cfg.weight_decay, "norm": norm_decay, "bias": bias_decay}
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    return [(sorted(names, key=order.__getitem__), decay) for names, decay in groups if names]
+    return [(sorted(names, key=order.__getitem__), decays[kind]) for kind, names in groups.items() if names]
 
 
 class Lars(torch.optim.SGD):
-    """SGD whose update of each adapted parameter is scaled by LARS's trust ratio (``trust_coefficient``)."""
+    """SGD (momentum, Nesterov; its state and state_dict) whose update of each parameter in a group with weight
+    decay is scaled by LARS's trust ratio (``trust_coefficient``). The gradients are left as they are."""
 
     def __init__(self, params, trust_coefficient: float = 0.001, **sgd):
         super().__init__(params, **sgd)
@@ -50,25 +50,30 @@ class Lars(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        decays = []
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            decay = group["weight_decay"]
-            decays.append(decay)
-            if decay == 0:
-                continue
+            decay, momentum = group["weight_decay"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                ratio = self.trust_coefficient * w_norm / (g_norm + decay * w_norm)
-                ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-                p.grad.add_(p, alpha=decay).mul_(ratio)
-            group["weight_decay"] = 0.0  # applied above, inside the trust ratio
-        try:
-            return super().step(closure)
-        finally:
-            for group, decay in zip(self.param_groups, decays, strict=True):
-                group["weight_decay"] = decay
+                update = p.grad.add(p, alpha=decay)
+                if decay:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    ratio = self.trust_coefficient * w_norm / (g_norm + decay * w_norm)
+                    update.mul_(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
+                if momentum:
+                    state = self.state[p]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = update.clone()
+                    else:
+                        buffer.mul_(momentum).add_(update)
+                    update = update.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                p.add_(update, alpha=-group["lr"])
+        return loss
 
 
 def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.SGD:
@@ -77,7 +82,7 @@ def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.opt
     groups = [{"params": [params[n] for n in names], "weight_decay": decay}
               for names, decay in parameter_groups(model, optim_cfg)]
     sgd = dict(lr=optim_cfg.lr * global_batch / 256, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
-    if optim_cfg.get("name", "sgd") == "lars":
+    if optim_cfg.name == "lars":
         return Lars(groups, trust_coefficient=optim_cfg.lars_trust_coefficient, **sgd)
     return torch.optim.SGD(groups, **sgd)
 

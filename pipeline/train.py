@@ -47,7 +47,16 @@ from pipeline.checkpoint import (
     set_rng_state,
     unwritable,
 )
-from pipeline.config import WARMUP_ABOVE, ConfigError, flatten, global_batch, load_config, to_yaml, warmup_epochs
+from pipeline.config import (
+    WARMUP_ABOVE,
+    ConfigError,
+    flatten,
+    global_batch,
+    load_config,
+    schema_defaults,
+    to_yaml,
+    warmup_epochs,
+)
 from pipeline.data.index import describe_change
 from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
@@ -59,7 +68,7 @@ from pipeline.engine import (
     build_scaler,
     build_scheduler,
     compile_report,
-    evaluate,
+    evaluate_together,
     step_flops,
     train_one_epoch,
     tune_backends,
@@ -68,8 +77,7 @@ from pipeline.hang import HangWatch
 from pipeline.insights import start_insights
 from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, describe, holds_files
 from pipeline.log import add_log_file, setup_logging
-from pipeline.mix import BatchMixer
-from pipeline.mix import enabled as mixing
+from pipeline.mix import BatchMixer, mixing_enabled
 from pipeline.models import build_model
 from pipeline.optim import LARS_ABOVE, build_optimizer, parameter_groups, regroup_state
 from pipeline.signals import StopRequested, StopSignals
@@ -90,6 +98,7 @@ class Progress:
     global_step: int = 0
     best_val_top1: float = 0.0
     best_step: int = -1
+    best_of: str = "model"  # whose val top-1 best_val_top1 is: the model's or its EMA's (checkpoint.best)
     val: dict = field(default_factory=lambda: {"top1": 0.0, "top5": 0.0})  # the last validation (and its EMA's)
     wall_seconds: float = 0.0  # over all attempts
 
@@ -120,12 +129,13 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
             f"data.aug_repeats={repeats} puts each sample of a global batch in it {repeats} times, in {repeats} equal "
             f"parts, but the global batch of {batch} does not divide by {repeats}. Use a global batch that does, "
             f"e.g. {max(1, batch // repeats) * repeats}, or another data.aug_repeats."))
-    if mixing(cfg.train.mix) and per_rank % 2:
+    if mixing_enabled(cfg.train.mix) and per_rank % 2:
+        fix = (f"train.batch_per_gpu={per_rank + 1}" if cfg.train.batch_per_gpu is not None else
+               f"train.batch_size={(per_rank + 1) * dist.world_size} (now {batch} over {dist.world_size} ranks)")
         raise collective.on_every_rank(ConfigError(
             f"train.mix pairs each image with its neighbour (2k, 2k + 1) of the global batch, so that the mixed "
             f"batch is the same at any world size; {per_rank} images per rank would split a pair between ranks. "
-            f"Use an even per-rank batch (train.batch_size={batch} over {dist.world_size} ranks), e.g. "
-            f"train.batch_size={(per_rank + 1) * dist.world_size}."))
+            f"Use an even per-rank batch, e.g. {fix}."))
     if not dist.is_main:
         return
     if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
@@ -133,6 +143,11 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
                     "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
                     "schedule.warmup_epochs=auto), or set model.sync_bn=true to normalise over all ranks' images.",
                     per_rank, "GPU" if dist.device.type == "cuda" else "rank")
+    if cfg.optim.name == "lars" and (cfg.optim.norm_weight_decay is None or cfg.optim.bias_weight_decay is None):
+        log.warning("optim.name=lars with optim.norm_weight_decay=%s and optim.bias_weight_decay=%s: LARS then adapts "
+                    "and decays normalisation layers and biases too, which You et al. (2017) and timm leave out. Set "
+                    "optim.norm_weight_decay=0 optim.bias_weight_decay=0.", cfg.optim.norm_weight_decay,
+                    cfg.optim.bias_weight_decay)
     if batch > LARS_ABOVE and cfg.optim.name != "lars":
         log.warning("A global batch of %d with optim.name=%s: above %d, SGD with the linear scaling rule is known to "
                     "lose accuracy (Goyal et al. 2017 reached 8k). Set optim.name=lars (layer-wise trust ratios, "
@@ -433,12 +448,12 @@ class Run:
         self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = build_scaler(device, cfg.train.precision)
         self.mixer = (BatchMixer(cfg.train.mix, cfg.run.seed, dist.rank, self.batch_size, dist.world_size,
-                                 cfg.model.num_classes) if mixing(cfg.train.mix) else None)
-        self.progress = Progress()
+                                 cfg.model.num_classes) if mixing_enabled(cfg.train.mix) else None)
+        self.best_of_ema = cfg.checkpoint.best == "ema" or (cfg.checkpoint.best == "auto" and self.ema is not None)
+        self.progress = Progress(best_of="ema" if self.best_of_ema else "model")
         self.metrics_lines = 0
         self.boundary = StepBoundary(signals, device, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes,
                                      cfg.train.max_skipped_steps)
-        self.best_of_ema = cfg.checkpoint.best == "ema" or (cfg.checkpoint.best == "auto" and self.ema is not None)
         self.stop_signal = ""
         self.save_seconds = 0.0
         self.changed = ""  # the settings a resume changed, as the log names them
@@ -467,7 +482,16 @@ class Run:
                 self.ema.load_state_dict(resume["ema"])
             elif self.ema:
                 log.info("train.ema is on since the checkpoint: the average starts from the resumed weights.")
+            elif resume.get("ema"):
+                log.warning("train.ema is off since the checkpoint: its moving average of the weights is dropped "
+                            "(no val/ema_* and no model_ema.pt). Set train.ema.enabled=true to keep it.")
             self.progress = progress = Progress(**resume["progress"])
+            best_of = "ema" if self.best_of_ema else "model"
+            if progress.best_of != best_of:
+                log.info("The best checkpoint now follows the %s's val top-1 (checkpoint.best=%s), not the %s's: "
+                         "the best so far (%.2f%% at step %d) is forgotten, the next validation starts it again.",
+                         best_of, cfg.checkpoint.best, progress.best_of, progress.best_val_top1, progress.best_step)
+                progress.best_of, progress.best_val_top1, progress.best_step = best_of, 0.0, -1
             self.metrics_lines = resume["metrics_lines"]
             restore(resume, self.dist, cfg, progress, self.train_loader, self.scheduler, self.steps_per_epoch)
             if progress.epoch >= cfg.train.epochs:
@@ -639,9 +663,13 @@ class Run:
         """Evaluate the weights (and their EMA) on every rank's share of the val split; log it, track the best."""
         cfg, progress = self.cfg, self.progress
         epoch_start = time.perf_counter() - train_seconds
-        val = self.evaluate(self.model)
-        if self.ema:
-            val.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "count"})
+        models = [self.model, *([self.ema.module] if self.ema else [])]
+        for model in models:  # the plain models: each rank evaluates its own share, no DDP collective per batch
+            collective.broadcast_buffers(model)  # with rank 0's BatchNorm statistics
+        val, *ema = evaluate_together(models, self.hang.watch(self.val_loader), self.device,
+                                      cfg.train.precision, cfg.train.channels_last)
+        if ema:
+            val.update({f"ema_{k}": v for k, v in ema[0].items() if k != "count"})
         progress.val = val
         best = val["ema_top1" if self.best_of_ema else "top1"]
         if best > progress.best_val_top1 or progress.best_step < 0:
@@ -661,12 +689,6 @@ class Run:
         if self.insights:
             self.insights.on_epoch_end(epoch, progress.global_step)
 
-    def evaluate(self, model: nn.Module) -> dict:
-        """``model`` (the plain one, no DDP collective per batch) on this rank's share, with rank 0's buffers."""
-        collective.broadcast_buffers(model)
-        return evaluate(model, self.hang.watch(self.val_loader), self.device, self.cfg.train.precision,
-                        self.cfg.train.channels_last)
-
     # ---------------------------------------------------------------- the end
 
     def finish(self) -> dict:
@@ -678,7 +700,7 @@ class Run:
                    "val_top1": progress.val["top1"], "val_top5": progress.val["top5"],
                    **({"val_ema_top1": progress.val.get("ema_top1"), "val_ema_top5": progress.val.get("ema_top5")}
                       if self.ema else {}),
-                   "best_val_top1": progress.best_val_top1, "best_of": "ema" if self.best_of_ema else "model",
+                   "best_val_top1": progress.best_val_top1, "best_of": progress.best_of,
                    "images_seen": progress.global_step * self.global_batch,
                    "wall_seconds": round(progress.wall_seconds, 2), "world_size": dist.world_size,
                    "replicas_identical": collective.replicas_identical(self.model)}
@@ -703,9 +725,10 @@ class Run:
             self.metrics.close()
             if self.tracker:
                 self.tracker.finish([run_dir / name for name in ("config.yaml", "summary.json", *weights, "train.log")])
-            log.info("done: val top-1 %.2f%% (best %s%.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
-                     "EMA " if self.best_of_ema else "",
-                     progress.best_val_top1, summary["images_seen"], summary["wall_seconds"], run_dir)
+            ema = f", EMA {summary['val_ema_top1']:.2f}%" if self.ema else ""
+            log.info("done: val top-1 %.2f%%%s (best %s%.2f%%), %d images in %.0fs; wrote %s", summary["val_top1"],
+                     ema, "EMA " if progress.best_of == "ema" else "", progress.best_val_top1, summary["images_seen"],
+                     summary["wall_seconds"], run_dir)
         return summary
 
 
@@ -714,9 +737,10 @@ def apply_changed_settings(saved: dict, cfg: DictConfig, model: nn.Module, optim
     """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
     optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
     names them ("" if none). (The model, the data and the global batch cannot change: :func:`check_resumable`
-    refuses those.) A warm-up is compared in epochs: auto and the number it stands for are the same."""
+    refuses those.) A warm-up is compared in epochs: auto and the number it stands for are the same. A key the
+    saved config lacks came with a later version: the checkpoint ran with its default."""
     current = flatten(OmegaConf.to_container(cfg))
-    saved = dict(saved)
+    saved = {**schema_defaults(), **saved}
     for flat in (saved, current):
         if "schedule.warmup_epochs" in flat:
             flat["schedule.warmup_epochs"] = warmup_epochs(OmegaConf.create({"warmup_epochs":

@@ -83,6 +83,8 @@ def test_ema_settings_are_checked():
         load_config(None, ["train.ema.decay=1.0"])
     with pytest.raises(ConfigError, match="train.ema.enabled"):
         load_config(None, ["checkpoint.best=ema"])
+    with pytest.raises(ConfigError, match=r"'train.ema.warmup_epochs' \(90.0\) must be less than 'train.epochs'"):
+        load_config(None, ["train.ema.enabled=true", "train.ema.warmup_epochs=90"])
 
 
 def test_the_average_loads_into_torchvisions_densenet121():

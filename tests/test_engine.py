@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
 from pipeline.engine import (
     autocast,
     build_scaler,
@@ -27,7 +27,8 @@ def schedule(**kw):
 
 
 def test_learning_rate_scales_linearly_with_the_global_batch():
-    optim = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
+    optim = OmegaConf.merge(load_config(None).optim, {"lr": 0.1, "momentum": 0.9, "nesterov": True,
+                                                      "weight_decay": 1e-4})
     model = nn.Linear(2, 2)
     assert build_optimizer(model, optim, 256).param_groups[0]["lr"] == pytest.approx(0.1)
     assert build_optimizer(model, optim, 1024).param_groups[0]["lr"] == pytest.approx(0.4)

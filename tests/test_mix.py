@@ -137,7 +137,10 @@ def test_mix_settings_are_checked():
 def test_an_odd_per_rank_batch_is_refused_when_mixing_and_allowed_without():
     three_ranks = DistInfo(0, 3, 0, torch.device("cpu"))
     cfg = load_config(None, ["train.mix.mixup_alpha=0.2", "train.batch_size=33"])
-    with pytest.raises(ConfigError, match=r"11 images per rank would split a pair .* train.batch_size=36"):
+    with pytest.raises(ConfigError, match=r"split a pair .* e.g. train.batch_size=36 \(now 33 over 3"):
         check_batch_settings(cfg, three_ranks, 33, 11, 0.0)
+    per_gpu = load_config(None, ["train.mix.mixup_alpha=0.2", "train.batch_size=null", "train.batch_per_gpu=11"])
+    with pytest.raises(ConfigError, match=r"e.g. train.batch_per_gpu=12\.$"):
+        check_batch_settings(per_gpu, three_ranks, 33, 11, 0.0)
     check_batch_settings(load_config(None, ["train.batch_size=33"]), three_ranks, 33, 11, 0.0)
     check_batch_settings(cfg, three_ranks, 36, 12, 0.0)

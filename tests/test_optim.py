@@ -4,14 +4,15 @@ import logging
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config import load_config
+from pipeline.config import flatten, load_config
 from pipeline.distributed import DistInfo
-from pipeline.engine import build_scaler, train_step
+from pipeline.engine import build_scaler, build_scheduler, train_step
 from pipeline.models.densenet import densenet_bc
 from pipeline.optim import Lars, build_optimizer, parameter_groups, regroup_state
-from pipeline.train import check_batch_settings
+from pipeline.train import apply_changed_settings, check_batch_settings
 
 
 def optim(*words):
@@ -37,15 +38,18 @@ def test_default_settings_keep_one_group_with_every_parameter():
     assert group["weight_decay"] == 1e-4 and len(group["params"]) == len(list(net.parameters()))
 
 
-def test_norm_and_bias_parameters_get_their_own_weight_decay():
+def test_norm_and_bias_parameters_get_their_own_weight_decay_as_torchvisions_set_weight_decay():
     net = model()
+    norms = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    # a bias is a bias first (torchvision checks its custom key "bias" before the normalisation classes)
     groups = parameter_groups(net, optim("optim.norm_weight_decay=0", "optim.bias_weight_decay=0.5"))
     (other, other_decay), (norm, norm_decay), (bias, bias_decay) = groups
-    norms = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert set(norm) == {f"{m}.{p}" for m in norms for p in ("weight", "bias")} and norm_decay == 0
-    assert bias == ["classifier.bias"] and bias_decay == 0.5
+    assert set(norm) == {f"{m}.weight" for m in norms} and norm_decay == 0
+    assert set(bias) == {f"{m}.bias" for m in norms} | {"classifier.bias"} and bias_decay == 0.5
     assert all(n.endswith("conv1.weight") or n.endswith("conv2.weight") or n.endswith(".conv.weight")
                or n in ("features.conv0.weight", "classifier.weight") for n in other) and other_decay == 1e-4
+    (_, _), (norm, _) = parameter_groups(net, optim("optim.norm_weight_decay=0"))
+    assert set(norm) == {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
     # a parameter whose gradient is zero decays only if its group has weight decay
     optimizer = build_optimizer(net, optim("optim.norm_weight_decay=0", "optim.momentum=0", "optim.nesterov=false"),
                                 256)
@@ -102,15 +106,48 @@ def test_lars_scales_each_adapted_update_by_its_trust_ratio():
     for name in ("0.bias", "1.weight", "1.bias"):  # no weight decay: not adapted, plain SGD
         assert torch.allclose(dict(net.named_parameters())[name], before[name] - lr * (1 + momentum) * grads[name],
                               rtol=0, atol=1e-7), name
-    assert optimizer.param_groups[0]["weight_decay"] == decay  # restored after the step
+    assert all(torch.equal(p.grad, grads[n]) for n, p in net.named_parameters())  # the gradients as they were
 
 
 def test_a_global_batch_above_8192_without_lars_is_warned_about(caplog):
     cpu = DistInfo(0, 1, 0, torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
         check_batch_settings(load_config(None), cpu, 16384, 64, 5.0)
-        check_batch_settings(load_config(None, ["optim.name=lars"]), cpu, 16384, 64, 5.0)
+        check_batch_settings(load_config(None, ["optim.name=lars", "optim.norm_weight_decay=0",
+                                                "optim.bias_weight_decay=0"]), cpu, 16384, 64, 5.0)
         check_batch_settings(load_config(None), cpu, 8192, 64, 5.0)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and said[0].startswith("A global batch of 16384 with optim.name=sgd") \
         and "optim.name=lars" in said[0]
+
+
+def test_lars_with_decayed_norms_and_biases_is_warned_about(caplog):
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        check_batch_settings(load_config(None, ["optim.name=lars"]), cpu, 16384, 64, 5.0)
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("optim.name=lars with optim.norm_weight_decay=None") and "=0 optim.bias" in said
+
+
+def test_a_checkpoint_from_before_the_groups_resumes_with_new_groups_and_one_learning_rate():
+    """Its config lacks optim.norm_weight_decay: it ran with the default (one group)."""
+    net = model()
+    old = optim()
+    optimizer = build_optimizer(net, old, 256)
+    scheduler = build_scheduler(optimizer, OmegaConf.merge(load_config(None).schedule, {"warmup_epochs": 1.0}), 90,
+                                10)
+    step(net, optimizer)
+    scheduler.step()
+    saved = OmegaConf.to_container(load_config(None))
+    for key in ("norm_weight_decay", "bias_weight_decay", "name"):
+        del saved["optim"][key]
+    cfg = load_config(None, ["optim.norm_weight_decay=0"])
+    resumed = build_optimizer(net, cfg.optim, 256)
+    resumed.load_state_dict(regroup_state(optimizer.state_dict(), net, OmegaConf.create(saved).optim, cfg.optim))
+    schedule = build_scheduler(resumed, OmegaConf.merge(cfg.schedule, {"warmup_epochs": 1.0}), 90, 10)
+    schedule.load_state_dict(scheduler.state_dict())
+    assert apply_changed_settings(flatten(saved), cfg, net, resumed, schedule, 256) == \
+        "optim.norm_weight_decay None -> 0.0"
+    schedule.step()
+    assert len({g["lr"] for g in resumed.param_groups}) == 1 and resumed.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert [g["weight_decay"] for g in resumed.param_groups] == [1e-4, 0.0]

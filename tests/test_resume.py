@@ -15,8 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from pipeline.checkpoint import RESUME_EXIT_CODE, load_checkpoint
+from pipeline.models.densenet import densenet_bc
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
@@ -136,6 +138,13 @@ def test_the_modern_recipe_resumes_bitwise_after_a_sigkill_with_its_ema(tmp_path
     expected = reference(ranks, "dali", MODERN)
     assert_same_run(expected, run_dir)
     assert (run_dir / "model_ema.pt").read_bytes() == (expected / "model_ema.pt").read_bytes()
+    densenet_bc(16, 12, num_classes=10).load_state_dict(torch.load(run_dir / "model_ema.pt", weights_only=True))
+    # the best checkpoint kept is the EMA's best epoch (checkpoint.best=auto with train.ema on)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    best = max(vals, key=lambda v: v["ema_top1"])  # the first of equals, as the run keeps it
+    assert summary["best_of"] == "ema" and summary["best_val_top1"] == best["ema_top1"]
+    assert (run_dir / "checkpoints" / f"step-{best['global_step']:09d}.pt").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
