@@ -33,6 +33,7 @@ from torchvision.transforms import (
     TrivialAugmentWide,
 )
 
+from pipeline.config import load_config
 from pipeline.data.augment import (
     ERASE_SALT,
     IMAGENET_POLICY,
@@ -50,7 +51,10 @@ from pipeline.data.augment import (
     keyed_uniforms,
     op_draws,
 )
+from pipeline.data.loaders import build_loaders
 from pipeline.data.order import ATTEMPTS, uniforms
+from pipeline.data.synthetic import write_synthetic_imagenet
+from pipeline.distributed import DistInfo
 
 dali = pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
@@ -380,3 +384,39 @@ def test_bad_boxes_are_refused_before_dali_sees_them():
     aug = Augmentation(np.zeros((1, 0), np.int32), np.zeros((1, 0)), np.array([[60, 0, 10, 10]], np.int32))
     with pytest.raises(ValueError, match="outside a 64x64 image"):
         check_augmentation(aug, SIZE)
+
+
+# ---------------------------------------------------------------- the loaders
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from pipeline.data.imagenet import verify
+
+    root = write_synthetic_imagenet(tmp_path_factory.mktemp("data") / "tree", num_classes=10, train_per_class=7,
+                                    val_per_class=2, min_side=30, max_side=80)
+    verify(root, workers=2)
+    return root
+
+
+def first_batch(tree, backend, **overrides):
+    words = [f"data.root={tree}", f"data.backend={backend}", "data.image_size=32", "data.workers=1",
+             "model.num_classes=10", *[f"{k}={v}" for k, v in overrides.items()]]
+    train, _ = build_loaders(load_config(None, words), DistInfo(0, 1, 0, torch.device("cpu")), 16)
+    train.set_epoch(1)
+    return next(iter(train))[0]
+
+
+@pytest.mark.parametrize("policy", ["ra", "ta_wide", "imagenet", "none"])
+def test_both_loaders_give_the_same_augmented_batch(tree, policy):
+    on = {"data.auto_augment": policy, "data.random_erase": 0.25}
+    dali_batch, folder = first_batch(tree, "dali", **on), first_batch(tree, "torchvision", **on)
+    plain = first_batch(tree, "torchvision")
+    erased = (folder == 0).all(1, keepdim=True)
+    assert erased.any() and torch.equal((dali_batch == 0).all(1, keepdim=True), erased)  # the same boxes, exactly
+    # different resamplers before the ops (as without augmentation: < 0.05), the same ops after them; AutoAugment's
+    # ImageNet policy equalizes often, by another table in DALI
+    assert (dali_batch - folder).abs().mean().item() < (0.1 if policy == "imagenet" else 0.05)
+    if policy == "none":  # erasing alone: the rest of each image as it was
+        assert torch.equal(folder.masked_fill(erased, 0), plain.masked_fill(erased, 0))
+    else:
+        assert (plain - folder).abs().mean().item() > 0.2  # the ops changed the images
