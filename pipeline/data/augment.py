@@ -302,7 +302,7 @@ _ENHANCE = ("Brightness", "Color", "Contrast", "Sharpness")
 
 class DaliOps(NamedTuple):
     """Per sample and slot: the DALI op kind (index into :data:`DALI_KINDS`), its scalar (a blend factor,
-    posterize's divisor, solarize's threshold) and its 2x3 destination-to-source matrix (affine ops)."""
+    posterize's bit mask, solarize's threshold) and its 2x3 destination-to-source matrix (affine ops)."""
 
     kind: np.ndarray
     factor: np.ndarray
@@ -357,8 +357,8 @@ def dali_params(aug: Augmentation, size: int) -> DaliOps:
         kind[i, k] = DALI_KINDS.index(_KIND[name])
         if name in _ENHANCE:
             factor[i, k] = 1.0 + m
-        elif name == "Posterize":
-            factor[i, k] = 2.0 ** (8 - int(m))
+        elif name == "Posterize":  # the mask of the high bits kept
+            factor[i, k] = 256 - 2 ** (8 - int(m))
         elif name == "Solarize":
             factor[i, k] = m
         elif _KIND[name] == "affine":

@@ -1,10 +1,11 @@
 """The DALI side of :mod:`pipeline.data.augment`: torchvision's ops as DALI operators, fed per-sample arguments.
 
 Each op reproduces what torchvision has Pillow do, in Pillow's arithmetic: a blend ``degenerate + factor *
-(image - degenerate)`` in float32, truncated and clipped to uint8 (``Image.blend``); the grey of ``Color`` with
+(image - degenerate)`` in float32, clipped and truncated to uint8 (``Image.blend``); the grey of ``Color`` with
 Pillow's integer luma weights; ``Contrast`` about the rounded mean grey; ``Sharpness`` against Pillow's 3x3
 smoothing with the 1-pixel border kept; ``AutoContrast`` in float64 as Pillow's Python code computes its table;
-the geometric ops as ``warp_affine`` with Pillow's destination-to-source matrix, nearest neighbour, fill 0.
+``Posterize``, ``Solarize`` and ``Invert`` on the uint8 values; the geometric ops as ``warp_affine`` with
+Pillow's destination-to-source matrix, nearest neighbour, fill 0.
 ``Equalize`` is DALI's own (OpenCV's formula, not Pillow's: see tests/data/test_augment.py for how far apart).
 The per-sample choice of op is DALI's conditional execution (``enable_conditionals=True`` on the pipeline):
 each ``if`` on a DataNode splits the batch, so every sample runs only its own op.
@@ -30,20 +31,23 @@ def _float(images):
     return fn.cast(images, dtype=types.FLOAT)
 
 
-def _to_uint8(values):
-    """Pillow's conversion of a blend: clipped to 0-255, then truncated."""
-    return fn.cast(dmath.floor(dmath.clamp(values, 0.0, 255.0)), dtype=types.UINT8)
+def _truncate(values):
+    """Pillow's uint8 of a blend, clipped to 0-255 then truncated. DALI's cast saturates and rounds half away from
+    zero, so the cast of ``values - 0.5`` is exactly that (the subtraction is exact below 256), and much cheaper
+    on the CPU than ``floor`` and ``clamp``."""
+    return fn.cast(values - 0.5, dtype=types.UINT8)
 
 
 def _blend(degenerate, images, factor):
-    return _to_uint8(degenerate + factor * (images - degenerate))
+    """Pillow's ``Image.blend(degenerate, image, factor)``: ``degenerate + factor * (image - degenerate)``."""
+    return _truncate(degenerate + factor * (_float(images) - degenerate))
 
 
 def _grey(images):
-    """Pillow's ``convert("L")``: (R*19595 + G*38470 + B*7471 + 2**15) >> 16, exact in float32 (below 2**24)."""
-    x = _float(images)
-    weighted = x[:, :, 0] * 19595.0 + x[:, :, 1] * 38470.0 + x[:, :, 2] * 7471.0 + 32768.0
-    return dmath.floor(weighted / 65536.0)
+    """Pillow's ``convert("L")``, (R*19595 + G*38470 + B*7471 + 2**15) >> 16, as HW1 uint8: the weights over 2**16
+    and their sum are exact in float32, and the cast rounds half up as the added 2**15 does."""
+    weights = types.Constant(np.array([19595, 38470, 7471], np.float32) / 65536, device=images.device)
+    return fn.cast(fn.reductions.sum(images * weights, axes=[2], keep_dims=True), dtype=types.UINT8)
 
 
 def _identity(images, factor, matrix, size):
@@ -55,45 +59,46 @@ def _affine(images, factor, matrix, size):
 
 
 def _brightness(images, factor, matrix, size):
-    return _to_uint8(_on(images, factor) * _float(images))
+    # a blend with black, factor * x truncated: DALI's fused operator with a shift of -0.5 before its rounding
+    # gives exactly that (checked against Pillow on every factor of the tables), at a tenth of the arithmetic's cost
+    return fn.brightness_contrast(images, brightness=factor, brightness_shift=-0.5 / 255)
 
 
 def _color(images, factor, matrix, size):
-    grey = fn.expand_dims(_grey(images), axes=[2], new_axis_names="C")
-    return _blend(grey, _float(images), _on(images, factor))
+    return _blend(_grey(images), images, _on(images, factor))
 
 
 def _contrast(images, factor, matrix, size):
-    mean = dmath.floor(fn.reductions.mean(_grey(images)) + 0.5)  # Pillow: int(mean of the grey + 0.5)
-    return _blend(mean, _float(images), _on(images, factor))
+    # Pillow: a blend with the grey of int(mean grey + 0.5), which the rounding cast gives
+    mean = fn.cast(fn.reductions.mean(_grey(images)), dtype=types.UINT8)
+    return _blend(mean, images, _on(images, factor))
 
 
 def _sharpness(images, factor, matrix, size):
-    x = _float(images)
-    blended = _float(_blend(_float(fn.filter(images, _SMOOTH)), x, _on(images, factor)))
-    interior = np.zeros((size, size, 1), np.float32)
-    interior[1:-1, 1:-1] = 1  # Pillow's smoothing leaves the border as it was, so the blend does too
-    return fn.cast(x + types.Constant(interior, device=images.device) * (blended - x), dtype=types.UINT8)
+    smooth = fn.filter(images, _SMOOTH, mode="valid")  # rounds as Pillow's filter does
+    # Pillow smooths the interior only and keeps the 1-pixel border, so the blend leaves the border as it was
+    middle = fn.cat(images[1:-1, 0:1], smooth, images[1:-1, size - 1:size], axis=1)
+    degenerate = fn.cat(images[0:1], middle, images[size - 1:size], axis=0)
+    return _blend(degenerate, images, _on(images, factor))
 
 
 def _posterize(images, factor, matrix, size):
-    step = _on(images, factor)  # 2 ** (8 - bits): keeping the high bits is flooring to a multiple of it
-    return fn.cast(dmath.floor(_float(images) / step) * step, dtype=types.UINT8)
+    return images & fn.cast(factor, dtype=types.UINT8)  # the factor is the mask of the bits kept
 
 
 def _solarize(images, factor, matrix, size):
-    x = _float(images)
-    return fn.cast(x + (x >= _on(images, factor)) * (255.0 - 2.0 * x), dtype=types.UINT8)
+    above = images >= _on(images, factor)  # Pillow inverts the values from the threshold up
+    return images ^ (above * types.Constant(np.uint8(255), device=images.device))  # 255 - x is x ^ 255
 
 
 def _autocontrast(images, factor, matrix, size):
-    x = fn.cast(images, dtype=types.FLOAT64)
+    # Pillow's table, int(x * scale + offset) in double precision per channel; a flat channel stays as it is
     lo = fn.cast(fn.reductions.min(images, axes=[0, 1], keep_dims=True), dtype=types.FLOAT64)
     hi = fn.cast(fn.reductions.max(images, axes=[0, 1], keep_dims=True), dtype=types.FLOAT64)
-    spread = hi > lo  # a flat channel stays as it is
+    spread = hi > lo
     scale = spread * (255.0 / dmath.max(hi - lo, 1.0)) + (spread ^ True) * 1.0
     offset = -(lo * spread) * scale
-    return fn.cast(dmath.floor(dmath.clamp(x * scale + offset, 0.0, 255.0)), dtype=types.UINT8)
+    return _truncate(fn.cast(images, dtype=types.FLOAT64) * scale + offset)
 
 
 def _equalize(images, factor, matrix, size):
@@ -101,7 +106,7 @@ def _equalize(images, factor, matrix, size):
 
 
 def _invert(images, factor, matrix, size):
-    return fn.cast(255.0 - _float(images), dtype=types.UINT8)
+    return types.Constant(np.uint8(255), device=images.device) - images
 
 
 _OPS = {"identity": _identity, "affine": _affine, "brightness": _brightness, "color": _color,
