@@ -3,7 +3,8 @@
     model        forward + backward + optimizer step on synthetic tensors already on the device: images/s,
                  step time, peak memory; --compare torchvision (same settings) or memory_efficient (off vs on)
     loader       the train pipeline over a JPEG tree and its packed copy, both backends, against torchvision's
-                 stock ImageFolder recipe and the bare DALI decode+resize rate, on the same files and cores
+                 stock ImageFolder recipe and the bare DALI decode+resize rate, on the same files and cores;
+                 --augment: both backends with RandAugment and random erasing on too
     index        a synthetic ImageNet-sized dataset index: build, save, load, epoch order, memory per rank/worker
     train        the real training loop (mini config, random batches) against a bare forward/backward/step loop
     checkpoint   save and load time and size of a full training checkpoint (model, SGD momentum,
@@ -137,6 +138,8 @@ def bench_model(args: argparse.Namespace) -> dict:
 
 LOADER_RUNS = ("decode_only", "dali_limit", "dali", "dali_packed", "torchvision", "torchvision_packed",
                "stock_torchvision")
+# torchvision's recipe values: RandAugment(num_ops=2, magnitude=9), RandomErasing(p=0.25)
+AUGMENT = ["data.auto_augment=ra", "data.ra_num_ops=2", "data.ra_magnitude=9", "data.random_erase=0.25"]
 
 
 def bench_loader(args: argparse.Namespace) -> dict:
@@ -158,6 +161,9 @@ def bench_loader(args: argparse.Namespace) -> dict:
                  "torchvision": ("loader", {**loader, "backend": "torchvision"}),
                  "torchvision_packed": ("loader", {**loader, "backend": "torchvision", "root": str(packed)}),
                  "stock_torchvision": ("stock_torchvision", common)}
+        if args.augment:
+            specs["dali_augment"] = ("loader", {**loader, "backend": "dali", "overrides": AUGMENT})
+            specs["torchvision_augment"] = ("loader", {**loader, "backend": "torchvision", "overrides": AUGMENT})
         tries: dict[str, list[dict]] = {name: [] for name in specs}
         for _ in range(args.repeat):  # alternated, so drifts in machine load hit each alike
             for name, (kind, spec) in specs.items():
@@ -166,7 +172,10 @@ def bench_loader(args: argparse.Namespace) -> dict:
                    "all_images_per_s": [r["images_per_s"] for r in t]} for name, t in tries.items()}
     rate = {name: run["images_per_s"] for name, run in runs.items()}
     faster_dali = max(("dali", "dali_packed"), key=rate.get)
-    return {"runs": runs, "repeat": args.repeat, "ratio": rate[faster_dali] / rate["stock_torchvision"],
+    augment = {"dali_augment_over_dali": rate["dali_augment"] / rate["dali"],
+               "torchvision_augment_over_torchvision": rate["torchvision_augment"] / rate["torchvision"]
+               } if args.augment else {}
+    return {"runs": runs, **augment, "repeat": args.repeat, "ratio": rate[faster_dali] / rate["stock_torchvision"],
             "ratio_run": faster_dali, "packed_over_folder_dali": rate["dali_packed"] / rate["dali"],
             "dali_of_limit": rate[faster_dali] / rate["dali_limit"],
             "dali_over_torchvision": rate["dali"] / rate["torchvision"],
@@ -279,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--image-size", type=int, default=224)
     loader.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     loader.add_argument("--repeat", type=int, default=3, help="alternated runs of each; the median is shown")
+    loader.add_argument("--augment", action="store_true", help="also both backends with RandAugment (2 ops, "
+                        "magnitude 9) and random erasing (p 0.25) on")
     index = sub.add_parser("index", help="a synthetic ImageNet-sized index: build/save/load time, epoch order, "
                            "memory per rank and per loader worker")
     index.add_argument("--samples", type=int, default=1_281_167)
@@ -338,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['packed_over_folder_dali']:.2f}x; {result['ratio_run']} at "
               f"{100 * result['dali_of_limit']:.0f}% of the bare DALI decode+resize rate (median of "
               f"{args.repeat} alternated runs, {args.workers} workers)")
+        if args.augment:
+            print(f"with {' '.join(AUGMENT)}: dali x{result['dali_augment_over_dali']:.3f}, torchvision "
+                  f"x{result['torchvision_augment_over_torchvision']:.3f} of its images/s without")
     elif args.command == "index":
         result = bench_index(args)
         keys = ("build_s", "save_s", "load_s", "order_s", "order_s_all_ranks_at_once", "index_MB", "uss_MB_per_rank",

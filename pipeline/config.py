@@ -84,6 +84,15 @@ class DataConfig:
     # packed data at start: every shard's size, and its SHA-256 read by one rank of the job (job: one shared copy),
     # or by one rank of each node (node: node-local copies), or not at all (size)
     check_shards: str = "job"
+    # the train policy on uint8 after crop and flip, by the names of torchvision's reference scripts (--auto-augment):
+    # none | ra (RandAugment) | ta_wide (TrivialAugmentWide) | imagenet (AutoAugment, AutoAugmentPolicy.IMAGENET)
+    auto_augment: str = "none"
+    ra_num_ops: int = 2  # RandAugment's num_ops
+    ra_magnitude: int = 9  # RandAugment's magnitude: a bin, 0 .. magnitude_bins - 1
+    magnitude_bins: int = 31  # num_magnitude_bins of ra and ta_wide (AutoAugment's policy has its own 10)
+    # probability of torchvision's RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0), after normalising
+    # as in its recipe; 0: off
+    random_erase: float = 0.0
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -230,6 +239,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("dali", "torchvision", "synthetic"),
     "run.on_dataset_change": ("refuse", "next_epoch"),
     "data.check_shards": ("job", "node", "size"),
+    "data.auto_augment": ("none", "ra", "ta_wide", "imagenet"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "optim.name": ("sgd", "lars"),
     "checkpoint.best": ("auto", "model", "ema"),
@@ -245,7 +255,7 @@ POSITIVE = (
     "train.epochs", "train.log_every_steps", "optim.lr", "model.growth_rate",
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
-    "data.aug_repeats", "data.progressive.min_size", "data.progressive.step",
+    "data.aug_repeats", "data.progressive.min_size", "data.progressive.step", "data.ra_num_ops",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
@@ -405,6 +415,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'run.resume' is {cfg.run.resume!r}: use auto (the newest good checkpoint in run.dir), "
                           "never (start fresh, refuse a run.dir that holds files), or the path of a checkpoint file "
                           "that exists.")
+    if cfg.data.magnitude_bins < 2:
+        raise ConfigError(f"'data.magnitude_bins' is {cfg.data.magnitude_bins}; RandAugment and TrivialAugmentWide "
+                          "need at least 2 bins (torchvision's default is 31).")
+    if not 0 <= cfg.data.ra_magnitude < cfg.data.magnitude_bins:
+        raise ConfigError(f"'data.ra_magnitude' is {cfg.data.ra_magnitude}: RandAugment's magnitude is a bin, "
+                          f"0 to data.magnitude_bins - 1 ({cfg.data.magnitude_bins - 1}); torchvision's default is 9.")
+    if not 0 <= cfg.data.random_erase <= 1:
+        raise ConfigError(f"'data.random_erase' is {cfg.data.random_erase}: the probability of erasing a box of a "
+                          "training image, 0 (off) to 1; torchvision's recipes use 0.1 or 0.25.")
     if cfg.data.generate.max_side < cfg.data.generate.min_side:
         raise ConfigError("'data.generate.max_side' must be at least 'data.generate.min_side'.")
 

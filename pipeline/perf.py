@@ -161,7 +161,8 @@ def measure_loader(spec: dict) -> dict:
 
     cfg = load_config(None, [f"data.root={spec['root']}", f"data.backend={spec['backend']}",
                              f"data.workers={spec['workers']}", f"data.image_size={spec['image_size']}",
-                             f"model.num_classes={spec['classes']}", f"train.batch_size={spec['batch']}"])
+                             f"model.num_classes={spec['classes']}", f"train.batch_size={spec['batch']}",
+                             *spec.get("overrides", [])])
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
     index = dataset_index(cfg, dist)
     train, _ = build_loaders(cfg, dist, spec["batch"], index)

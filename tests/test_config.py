@@ -67,7 +67,8 @@ def test_wrong_type_names_the_key_and_the_expected_type():
 
 @pytest.mark.parametrize("word,allowed", [("train.precision=fp8", "bf16, fp16, fp32"),
                                           ("schedule.name=linear", "step, cosine"),
-                                          ("model.name=resnet50", "densenet121")])
+                                          ("model.name=resnet50", "densenet121"),
+                                          ("data.auto_augment=randaugment", "none, ra, ta_wide, imagenet")])
 def test_value_outside_the_choices_names_what_is_allowed(word, allowed):
     with pytest.raises(ConfigError, match=allowed):
         load_config(None, [word])
@@ -76,7 +77,11 @@ def test_value_outside_the_choices_names_what_is_allowed(word, allowed):
 @pytest.mark.parametrize("word,key", [("train.batch_size=0", "train.batch_size"),
                                       ("optim.lr=-0.1", "optim.lr"),
                                       ("train.label_smoothing=1.5", "train.label_smoothing"),
-                                      ("schedule.warmup_epochs=100", "schedule.warmup_epochs")])
+                                      ("schedule.warmup_epochs=100", "schedule.warmup_epochs"),
+                                      ("data.ra_magnitude=31", "data.ra_magnitude"),
+                                      ("data.ra_num_ops=0", "data.ra_num_ops"),
+                                      ("data.magnitude_bins=1", "data.magnitude_bins"),
+                                      ("data.random_erase=1.5", "data.random_erase")])
 def test_out_of_range_values_name_the_key(word, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [word])

@@ -2,7 +2,9 @@
 
 Train: the encoded bytes of this rank's share of each global batch, with each sample's crop window
 and flip computed outside DALI (:mod:`pipeline.data.order`), enter through ``external_source``; DALI
-decodes exactly that window (ROI decode), resizes it to ``image_size``, flips and normalises.
+decodes exactly that window (ROI decode), resizes it to ``image_size``, flips and normalises. With
+augmentation on, each sample's ops and erase box (:mod:`pipeline.data.augment`) enter the same way: DALI
+flips, applies the ops to the uint8 image, normalises, then erases.
 Val: decode, resize the shorter side to ``val_resize``, centre crop. Both emit HWC, which a
 ``permute`` turns into a channels-last NCHW view without a copy.
 """
@@ -17,6 +19,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipeline.data import dali_augment
+from pipeline.data.augment import dali_params
 from pipeline.data.layout import DatasetError, decode_error, short_reason
 from pipeline.data.order import TrainPlan
 from pipeline.data.samples import SampleBytes
@@ -35,15 +39,25 @@ def _normalize(images, image_size: int, mean: list[float], std: list[float], mir
 
 
 @pipeline_def
-def train_pipeline(source, image_size: int, mean: list[float], std: list[float], on_gpu: bool):
-    encoded, anchor, shape, flip, labels, ids = fn.external_source(
-        source=source, num_outputs=6, batch=True,
-        dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32, types.INT64])
+def train_pipeline(source, image_size: int, mean: list[float], std: list[float], on_gpu: bool, slots: int = 0,
+                   erase: bool = False):
+    """``slots`` ops per sample and an erase box (``erase``) come after the crop's outputs; with ``slots``
+    the pipeline needs ``enable_conditionals=True``."""
+    extra = [types.INT32, types.FLOAT, types.FLOAT] * slots + [types.FLOAT, types.FLOAT] * erase
+    encoded, anchor, shape, flip, labels, *augment, ids = fn.external_source(
+        source=source, num_outputs=6 + len(extra), batch=True,
+        dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32, *extra, types.INT64])
     # the index's width and height are the stored pixels: no EXIF rotation, as Pillow reads them
     images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if on_gpu else "cpu",
                                      output_type=types.RGB, axis_names="WH", adjust_orientation=False)
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
-    images = _normalize(images, image_size, mean, std, mirror=flip)
+    if slots:  # the policy sees the flipped image, as in torchvision's recipe
+        images = fn.flip(images, horizontal=flip)
+        images = dali_augment.apply_ops(images, augment[0:3 * slots:3], augment[1:3 * slots:3],
+                                        augment[2:3 * slots:3], image_size)
+    images = _normalize(images, image_size, mean, std, mirror=None if slots else flip)
+    if erase:
+        images = dali_augment.erase(images, augment[-2], augment[-1])
     return images, labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded)
 
 
@@ -179,6 +193,22 @@ def dali_reason(message: str) -> str:
     return after[0][:400] if after else short_reason(message)
 
 
+def augment_inputs(plan: TrainPlan, epoch: int, ids: np.ndarray) -> list[np.ndarray]:
+    """The batch's per-sample augmentation arguments, in ``train_pipeline``'s order: kind, factor and matrix
+    of each op slot, then the erase box's anchor and shape; none without augmentation."""
+    aug = plan.augmentation(epoch, ids)
+    if aug is None:
+        return []
+    inputs = []
+    if plan.augment.slots:
+        ops = dali_params(aug, plan.augment.image_size)
+        for k in range(plan.augment.slots):
+            inputs += [ops.kind[:, k], ops.factor[:, k], ops.matrix[:, k]]
+    if plan.augment.erase > 0:
+        inputs += [aug.box[:, :2].astype(np.float32), aug.box[:, 2:].astype(np.float32)]
+    return [np.ascontiguousarray(a) for a in inputs]  # external_source refuses strided arrays
+
+
 def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
                        val_batch_size: int, device: torch.device,
                        channels_last: bool) -> tuple[DaliLoader | None, DaliLoader]:
@@ -198,11 +228,14 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
                 ids = plan.ids(epoch, start + k)
                 x, y, w, h, flip = plan.windows(epoch, ids)
                 return (train.read_many(ids), np.stack([x, y], 1), np.stack([w, h], 1), flip.astype(np.int32),
-                        train.split.label[ids].astype(np.int32), ids.astype(np.int64))
+                        train.split.label[ids].astype(np.int32), *augment_inputs(plan, epoch, ids),
+                        ids.astype(np.int64))
             return batch
 
+        slots, erase = (plan.augment.slots, plan.augment.erase > 0) if plan.augment else (0, False)
         train_loader = DaliLoader(
-            lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, **common),
+            lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, slots=slots, erase=erase,
+                                        enable_conditionals=slots > 0, **common),
             train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch)
 
     val_steps = -(-len(val_ids) // val_batch_size)

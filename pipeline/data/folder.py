@@ -14,18 +14,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from pipeline.data.augment import apply_ops, erase
 from pipeline.data.layout import DatasetError, DecodeError, decode_error
 from pipeline.data.order import TrainPlan
 from pipeline.data.samples import SampleBytes
 from pipeline.signals import end_workers_at_exit, ignore_stop_signals
 
 _MARK = "undecodable image file: "
+NO_BOX = np.zeros(4, np.int32)  # an erase box that erases nothing
 
 
 class IndexedImages(Dataset):
     """Samples of a split by ``(id, epoch)``, decoded to RGB (CMYK, grayscale and PNG files included), as
-    HWC uint8 tensors. ``plan`` given (train): the sample's crop window and flip of that epoch, resized to
-    ``image_size``. Without (val): ``transform``.
+    ``(HWC uint8 tensor, label, id, erase box)``. ``plan`` given (train): the sample's crop window and flip
+    of that epoch, resized to ``image_size``, then its augmentation ops; its erase box (top, left, height,
+    width; zeros for none) is applied after normalising, by :func:`stack`. Without (val): ``transform``.
     """
 
     def __init__(self, reader: SampleBytes, plan: TrainPlan | None = None, image_size: int = 0,
@@ -35,7 +38,7 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return len(self.reader.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int, np.ndarray]:
         index, epoch = key
         data = self.reader.read(index)
         try:
@@ -49,23 +52,31 @@ class IndexedImages(Dataset):
             raise DatasetError(changed)
         label = int(self.reader.split.label[index])
         if self.plan is None:
-            return torch.from_numpy(np.array(self.transform(image))), label, index
-        x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, np.array([index])))
+            return torch.from_numpy(np.array(self.transform(image))), label, index, NO_BOX
+        ids = np.array([index])
+        x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, ids))
         image = F.resized_crop(image, y, x, h, w, [self.image_size, self.image_size],
                                interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
         if flip:
             image = F.hflip(image)
-        return torch.from_numpy(np.array(image)), label, index
+        aug = self.plan.augmentation(epoch, ids)
+        if aug is None:
+            return torch.from_numpy(np.array(image)), label, index, NO_BOX
+        image = apply_ops(image, aug.op[0], aug.magnitude[0])
+        return torch.from_numpy(np.array(image)), label, index, aug.box[0]
 
 
-def stack(samples: list[tuple[torch.Tensor, int, int]], mean: torch.Tensor, std: torch.Tensor,
+def stack(samples: list[tuple[torch.Tensor, int, int, np.ndarray]], mean: torch.Tensor, std: torch.Tensor,
           channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacks HWC uint8 samples and normalises them in the worker: NHWC floats, returned as the channels-last
-    NCHW view (no copy), or made contiguous NCHW when ``channels_last`` is off."""
-    images = torch.stack([image for image, _, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
+    """Stacks HWC uint8 samples and normalises them in the worker, then erases each sample's box: NHWC floats,
+    returned as the channels-last NCHW view (no copy), or made contiguous NCHW when ``channels_last`` is off."""
+    images = torch.stack([image for image, _, _, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
+    for image, (_, _, _, box) in zip(images, samples, strict=True):
+        erase(image, box)
     if not channels_last:
         images = images.contiguous()
-    return images, torch.tensor([label for _, label, _ in samples]), torch.tensor([i for _, _, i in samples])
+    return (images, torch.tensor([label for _, label, _, _ in samples]),
+            torch.tensor([i for _, _, i, _ in samples]))
 
 
 class StepSampler(Sampler[tuple[int, int]]):

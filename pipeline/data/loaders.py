@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline import collective
+from pipeline.data.augment import augment_spec
 from pipeline.data.index import REPORT_NAME, DatasetIndex, has_index, index_tree, load_exclusions, load_index
 from pipeline.data.layout import DatasetError
 from pipeline.data.order import TrainPlan, train_steps, val_range
@@ -145,7 +146,8 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
             raise collective.on_every_rank(DatasetError(
                 f"'{root}' holds {len(train_split)} usable training images, fewer than one global batch "
                 f"(train.batch_size={global_batch}). Lower train.batch_size."))
-        plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size)
+        plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size,
+                         augment_spec(cfg.data))
     readers = SampleBytes(root, index, "train"), SampleBytes(root, index, "val")
     val_ids = val_range(len(val_split), dist.rank, dist.world_size)
     if backend == "dali":

@@ -8,16 +8,21 @@
   3/4-4/3, 10 attempts, then the centre-crop fallback) and a horizontal flip, drawn from a counter-based
   generator keyed by (seed, epoch, sample id), in pixels of the index's width and height. No state, no
   stream: the same sample in the same epoch gets the same window in any process, thread or restart.
+- The augmentation policy and random erasing (:mod:`pipeline.data.augment`) are drawn the same way, under
+  salts of the seed, so turning them on leaves the order and the windows as they were.
 - Val: the split in order, cut into ``world`` contiguous chunks; every image counted exactly once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.data.augment import Augmentation, AugmentSpec
 
 ATTEMPTS = 10
 SCALE = (0.08, 1.0)
@@ -138,15 +143,16 @@ def check_windows(windows: Windows, widths: np.ndarray, heights: np.ndarray) -> 
 
 
 class TrainPlan:
-    """One rank's view of the training order: which ids it reads at each step, and their windows.
+    """One rank's view of the training order: which ids it reads at each step, their windows and their
+    augmentation (``augment``; None: crop and flip only).
 
     The loader's state is only ``(epoch, step)``, the number of global batches consumed: at any world
-    size, step ``s`` of an epoch is the same global batch, with the same crops.
+    size, step ``s`` of an epoch is the same global batch, with the same crops and ops.
     """
 
     def __init__(self, widths: np.ndarray, heights: np.ndarray, seed: int, rank: int, world_size: int,
-                 per_rank_batch: int):
-        self.widths, self.heights, self.seed = widths, heights, seed
+                 per_rank_batch: int, augment: AugmentSpec | None = None):
+        self.widths, self.heights, self.seed, self.augment = widths, heights, seed, augment
         self.rank, self.world_size, self.per_rank_batch = rank, world_size, per_rank_batch
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -171,3 +177,13 @@ class TrainPlan:
         windows = crop_windows(self.seed, epoch, ids, widths, heights)
         check_windows(windows, widths, heights)
         return windows
+
+    def augmentation(self, epoch: int, ids: np.ndarray) -> Augmentation | None:
+        """The policy's ops and the erase boxes of samples ``ids`` in ``epoch``; None without augmentation."""
+        if self.augment is None:
+            return None
+        from pipeline.data.augment import check_augmentation, draw
+
+        augmentation = draw(self.augment, self.seed, epoch, ids)
+        check_augmentation(augmentation, self.augment.image_size)
+        return augmentation
