@@ -81,6 +81,13 @@ def step_flops(model_cfg, batch: int, image_size: int) -> float:
         return 0.0
 
 
+def compile_model(net: nn.Module, sizes_change: bool) -> nn.Module:
+    """``torch.compile`` of ``net``. When the input size changes over the run (progressive resizing), each size
+    gets a static graph of its own, compiled once: without ``dynamic=False`` the second size would compile a
+    graph with dynamic shapes, slower for every later size."""
+    return torch.compile(net, dynamic=False if sizes_change else None)
+
+
 def compile_report() -> str:
     """How many graphs ``torch.compile`` captured: more than one means graph breaks split the model.
 

@@ -25,7 +25,7 @@ LARS_ABOVE = 8192  # global batch above which plain SGD with linear scaling is k
 def parameter_groups(model: nn.Module, optim_cfg) -> list[tuple[list[str], float]]:
     """(parameter names, weight decay) of each group, in the optimizer's order. ``optim_cfg`` may be a config of
     a checkpoint from before the kinds' keys (then both are null)."""
-    norm_decay, bias_decay = optim_cfg.get("norm_weight_decay"), optim_cfg.get("bias_weight_decay")
+    norm_decay, bias_decay = (getattr(optim_cfg, key, None) for key in ("norm_weight_decay", "bias_weight_decay"))
     groups: dict[str, list[str]] = {"other": [], "norm": [], "bias": []}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(prefix=module_name, recurse=False):

@@ -67,6 +67,7 @@ from pipeline.ema import WeightsEma
 from pipeline.engine import (
     build_scaler,
     build_scheduler,
+    compile_model,
     compile_report,
     evaluate_together,
     step_flops,
@@ -511,8 +512,8 @@ class Run:
         net: nn.Module = model
         if dist.world_size > 1:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.train.compile:  # with progressive resizing, one static graph per size (sizes only grow)
-            net = torch.compile(net, dynamic=False if cfg.data.progressive.enabled else None)
+        if cfg.train.compile:
+            net = compile_model(net, sizes_change=cfg.data.progressive.enabled)
         self.net = net
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
@@ -548,6 +549,11 @@ class Run:
             epoch_start = time.perf_counter()
             if progress.step_in_epoch == 0:
                 self.train_loader.set_epoch(epoch)
+            size = train_image_size(cfg.data, epoch)
+            if cfg.data.progressive.enabled and dist.is_main and size != train_image_size(cfg.data, epoch - 1):
+                log.info("epoch %d trains at %d px (data.progressive)%s", epoch + 1, size,
+                         ": torch.compile compiles a graph for this size at its first step" if cfg.train.compile
+                         else "")
             if progress.step_in_epoch < self.steps_per_epoch:
                 show_bar = dist.is_main and sys.stderr.isatty()
                 with tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",

@@ -10,6 +10,7 @@ from pipeline.engine import (
     autocast,
     build_scaler,
     build_scheduler,
+    compile_model,
     compile_report,
     evaluate,
     lr_factor,
@@ -130,3 +131,16 @@ def test_the_flops_of_a_step_are_three_times_the_forward_of_densenet121():
     cfg = OmegaConf.create({"name": "densenet121", "num_classes": 1000, "drop_rate": 0.0, "depth": 100,
                             "growth_rate": 12})
     assert step_flops(cfg, 2, 224) / 2 / 1e9 == pytest.approx(3 * 5.67, rel=0.03)
+
+
+def test_a_compiled_model_compiles_once_per_size_when_sizes_change():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2))
+    compiled = compile_model(net, sizes_change=True)
+    for size in (16, 24, 32, 32, 32):  # progressive resizing: each size from its first epoch on
+        compiled(torch.randn(2, 3, size, size)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()

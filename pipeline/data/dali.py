@@ -22,7 +22,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.data import dali_augment
 from pipeline.data.augment import dali_params
 from pipeline.data.layout import DatasetError, decode_error, short_reason
-from pipeline.data.order import TrainPlan
+from pipeline.data.order import TrainPlan, val_sizes
 from pipeline.data.samples import SampleBytes
 
 
@@ -100,12 +100,13 @@ class DaliLoader:
     """Iterates ``(images, labels)``: images a float NCHW tensor (channels-last unless told otherwise).
 
     ``batches(epoch, start)`` gives ``k -> (outputs..., ids)`` for the k-th batch from step ``start``, or
-    None past the end. The train pipeline is built for each epoch (or resumed step) and released when
+    None past the end. ``make_pipeline(feed, epoch)`` builds the pipeline of an epoch (its image size may
+    follow the epoch). The train pipeline is built for each epoch (or resumed step) and released when
     the epoch ends, so it never decodes a pass nobody reads. State: the epoch and the steps consumed.
     ``last_ids`` are the sample ids of the batch last yielded, as DALI returned them with it.
     """
 
-    def __init__(self, make_pipeline: Callable[[_Feed], object], batches: Callable[[int, int], Callable],
+    def __init__(self, make_pipeline: Callable[[_Feed, int], object], batches: Callable[[int, int], Callable],
                  steps: Callable[[], int], reader: SampleBytes, channels_last: bool, root: str, prefetch: int):
         self._make_pipeline, self._batches, self._steps = make_pipeline, batches, steps
         self.reader, self.channels_last, self.root = reader, channels_last, root
@@ -135,7 +136,7 @@ class DaliLoader:
     def _iterator(self) -> DALIGenericIterator:
         if self._it is None:
             self._fed.clear()
-            pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed))
+            pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed), self.epoch)
             pipe.build()
             self._it = DALIGenericIterator(pipe, ["data", "label", "id", "shape"], prepare_first_batch=False)
         return self._it
@@ -193,15 +194,15 @@ def dali_reason(message: str) -> str:
     return after[0][:400] if after else short_reason(message)
 
 
-def augment_inputs(plan: TrainPlan, epoch: int, ids: np.ndarray) -> list[np.ndarray]:
-    """The batch's per-sample augmentation arguments, in ``train_pipeline``'s order: kind, factor and matrix
-    of each op slot, then the erase box's anchor and shape; none without augmentation."""
-    aug = plan.augmentation(epoch, ids)
+def augment_inputs(plan: TrainPlan, epoch: int, keys: np.ndarray) -> list[np.ndarray]:
+    """The batch's per-sample augmentation arguments (drawn by ``keys``), in ``train_pipeline``'s order: kind,
+    factor and matrix of each op slot, then the erase box's anchor and shape; none without augmentation."""
+    aug = plan.augmentation(epoch, keys)
     if aug is None:
         return []
     inputs = []
     if plan.augment.slots:
-        ops = dali_params(aug, plan.augment.image_size)
+        ops = dali_params(aug, plan.image_size(epoch))
         for k in range(plan.augment.slots):
             inputs += [ops.kind[:, k], ops.factor[:, k], ops.matrix[:, k]]
     if plan.augment.erase > 0:
@@ -215,9 +216,9 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
     on_gpu = device.type == "cuda"
     common = dict(num_threads=data_cfg.workers, device_id=device.index if on_gpu else None,
-                  prefetch_queue_depth=data_cfg.prefetch, image_size=data_cfg.image_size, mean=list(data_cfg.mean),
-                  std=list(data_cfg.std), on_gpu=on_gpu, seed=0)
-    resize = data_cfg.val_resize or round(data_cfg.image_size * 256 / 224)
+                  prefetch_queue_depth=data_cfg.prefetch, mean=list(data_cfg.mean), std=list(data_cfg.std),
+                  on_gpu=on_gpu, seed=0)
+    val_size, resize = val_sizes(data_cfg)
     root = str(data_cfg.root)
     train_loader = None
     if plan is not None:
@@ -225,17 +226,18 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
             def batch(k: int) -> tuple | None:
                 if start + k >= plan.steps:
                     return None
-                ids = plan.ids(epoch, start + k)
-                x, y, w, h, flip = plan.windows(epoch, ids)
+                ids, keys = plan.ids(epoch, start + k), plan.keys(epoch, start + k)
+                x, y, w, h, flip = plan.windows(epoch, ids, keys)
                 return (train.read_many(ids), np.stack([x, y], 1), np.stack([w, h], 1), flip.astype(np.int32),
-                        train.split.label[ids].astype(np.int32), *augment_inputs(plan, epoch, ids),
+                        train.split.label[ids].astype(np.int32), *augment_inputs(plan, epoch, keys),
                         ids.astype(np.int64))
             return batch
 
         slots, erase = (plan.augment.slots, plan.augment.erase > 0) if plan.augment else (0, False)
         train_loader = DaliLoader(
-            lambda feed: train_pipeline(source=feed, batch_size=plan.per_rank_batch, slots=slots, erase=erase,
-                                        enable_conditionals=slots > 0, **common),
+            lambda feed, epoch: train_pipeline(source=feed, batch_size=plan.per_rank_batch,
+                                               image_size=plan.image_size(epoch), slots=slots, erase=erase,
+                                               enable_conditionals=slots > 0, **common),
             train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch)
 
     val_steps = -(-len(val_ids) // val_batch_size)
@@ -249,6 +251,7 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
         return batch
 
     val_loader = DaliLoader(
-        lambda feed: val_pipeline(source=feed, batch_size=val_batch_size, resize=resize, **common),
+        lambda feed, epoch: val_pipeline(source=feed, batch_size=val_batch_size, image_size=val_size, resize=resize,
+                                         **common),
         val_batches, lambda: val_steps, val, channels_last, root, data_cfg.prefetch)
     return train_loader, val_loader

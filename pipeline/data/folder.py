@@ -16,7 +16,7 @@ from torchvision.transforms import functional as F
 
 from pipeline.data.augment import apply_ops, erase
 from pipeline.data.layout import DatasetError, DecodeError, decode_error
-from pipeline.data.order import TrainPlan
+from pipeline.data.order import TrainPlan, val_sizes
 from pipeline.data.samples import SampleBytes
 from pipeline.signals import end_workers_at_exit, ignore_stop_signals
 
@@ -25,21 +25,21 @@ NO_BOX = np.zeros(4, np.int32)  # an erase box that erases nothing
 
 
 class IndexedImages(Dataset):
-    """Samples of a split by ``(id, epoch)``, decoded to RGB (CMYK, grayscale and PNG files included), as
-    ``(HWC uint8 tensor, label, id, erase box)``. ``plan`` given (train): the sample's crop window and flip
-    of that epoch, resized to ``image_size``, then its augmentation ops; its erase box (top, left, height,
-    width; zeros for none) is applied after normalising, by :func:`stack`. Without (val): ``transform``.
+    """Samples of a split by ``(id, epoch, draw key)``, decoded to RGB (CMYK, grayscale and PNG files
+    included), as ``(HWC uint8 tensor, label, id, erase box)``. ``plan`` given (train): the sample's crop
+    window and flip of that epoch (drawn by its key), resized to the epoch's image size, then its augmentation
+    ops; its erase box (top, left, height, width; zeros for none) is applied after normalising, by
+    :func:`stack`. Without (val): ``transform``.
     """
 
-    def __init__(self, reader: SampleBytes, plan: TrainPlan | None = None, image_size: int = 0,
-                 transform: Callable | None = None):
-        self.reader, self.plan, self.image_size, self.transform = reader, plan, image_size, transform
+    def __init__(self, reader: SampleBytes, plan: TrainPlan | None = None, transform: Callable | None = None):
+        self.reader, self.plan, self.transform = reader, plan, transform
 
     def __len__(self) -> int:
         return len(self.reader.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int, np.ndarray]:
-        index, epoch = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, np.ndarray]:
+        index, epoch, draw = key
         data = self.reader.read(index)
         try:
             with Image.open(io.BytesIO(data)) as image:
@@ -53,13 +53,14 @@ class IndexedImages(Dataset):
         label = int(self.reader.split.label[index])
         if self.plan is None:
             return torch.from_numpy(np.array(self.transform(image))), label, index, NO_BOX
-        ids = np.array([index])
-        x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, ids))
-        image = F.resized_crop(image, y, x, h, w, [self.image_size, self.image_size],
-                               interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+        keys = np.array([draw])
+        x, y, w, h, flip = (int(a[0]) for a in self.plan.windows(epoch, np.array([index]), keys))
+        size = self.plan.image_size(epoch)
+        image = F.resized_crop(image, y, x, h, w, [size, size], interpolation=transforms.InterpolationMode.BILINEAR,
+                               antialias=True)
         if flip:
             image = F.hflip(image)
-        aug = self.plan.augmentation(epoch, ids)
+        aug = self.plan.augmentation(epoch, keys)
         if aug is None:
             return torch.from_numpy(np.array(image)), label, index, NO_BOX
         image = apply_ops(image, aug.op[0], aug.magnitude[0])
@@ -79,19 +80,21 @@ def stack(samples: list[tuple[torch.Tensor, int, int, np.ndarray]], mean: torch.
             torch.tensor([i for _, _, i, _ in samples]))
 
 
-class StepSampler(Sampler[tuple[int, int]]):
-    """Yields ``(id, epoch)`` for ``ids_of(epoch, step)``, step by step from step ``start``."""
+class StepSampler(Sampler[tuple[int, int, int]]):
+    """Yields ``(id, epoch, draw key)`` for ``ids_of(epoch, step)`` and ``keys_of(epoch, step)`` (default: the
+    ids), step by step from step ``start``."""
 
-    def __init__(self, ids_of: Callable[[int, int], np.ndarray], steps: Callable[[], int]):
-        self.ids_of, self.steps, self.epoch, self.start = ids_of, steps, 0, 0
+    def __init__(self, ids_of: Callable[[int, int], np.ndarray], steps: Callable[[], int],
+                 keys_of: Callable[[int, int], np.ndarray] | None = None):
+        self.ids_of, self.keys_of, self.steps, self.epoch, self.start = ids_of, keys_of or ids_of, steps, 0, 0
 
     def __len__(self) -> int:
         return sum(len(self.ids_of(self.epoch, s)) for s in range(self.start, self.steps()))
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         for step in range(self.start, self.steps()):
-            for i in self.ids_of(self.epoch, step):
-                yield int(i), self.epoch
+            for i, key in zip(self.ids_of(self.epoch, step), self.keys_of(self.epoch, step), strict=True):
+                yield int(i), self.epoch, int(key)
 
 
 class FolderLoader:
@@ -148,8 +151,7 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
                          val_batch_size: int, device: torch.device,
                          channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
-    size = data_cfg.image_size
-    resize = data_cfg.val_resize or round(size * 256 / 224)
+    val_size, resize = val_sizes(data_cfg)
     mean, std = (255 * torch.tensor(list(v), dtype=torch.float32) for v in (data_cfg.mean, data_cfg.std))
     common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
                   collate_fn=functools.partial(stack, mean=mean, std=std, channels_last=channels_last),
@@ -160,13 +162,13 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
     root = str(data_cfg.root)
     train_loader = None
     if plan is not None:
-        sampler = StepSampler(plan.ids, lambda: plan.steps)
-        loader = DataLoader(IndexedImages(train, plan, size), sampler=sampler,
+        sampler = StepSampler(plan.ids, lambda: plan.steps, plan.keys)
+        loader = DataLoader(IndexedImages(train, plan), sampler=sampler,
                             batch_size=plan.per_rank_batch, **common)
         train_loader = FolderLoader(loader, sampler, root)
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
-    val_loader = DataLoader(IndexedImages(val, transform=val_transform(size, resize)),
+    val_loader = DataLoader(IndexedImages(val, transform=val_transform(val_size, resize)),
                             sampler=val_sampler, batch_size=val_batch_size, **common)
     return train_loader, FolderLoader(val_loader, val_sampler, root)

@@ -13,7 +13,7 @@ from pipeline import collective
 from pipeline.data.augment import augment_spec
 from pipeline.data.index import REPORT_NAME, DatasetIndex, has_index, index_tree, load_exclusions, load_index
 from pipeline.data.layout import DatasetError
-from pipeline.data.order import TrainPlan, train_steps, val_range
+from pipeline.data.order import TrainPlan, train_image_size, train_steps, val_range
 from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
 from pipeline.distributed import DistInfo
@@ -147,7 +147,7 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
                 f"'{root}' holds {len(train_split)} usable training images, fewer than one global batch "
                 f"(train.batch_size={global_batch}). Lower train.batch_size."))
         plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size,
-                         augment_spec(cfg.data))
+                         augment_spec(cfg.data), cfg.data.aug_repeats, functools.partial(train_image_size, cfg.data))
     readers = SampleBytes(root, index, "train"), SampleBytes(root, index, "val")
     val_ids = val_range(len(val_split), dist.rank, dist.world_size)
     if backend == "dali":

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -53,6 +55,13 @@ def epoch_order(num_samples: int, epoch: int, seed: int, global_batch: int, repe
 def repeat_copies(global_batch: int, repeats: int) -> np.ndarray:
     """Which copy (0 .. repeats - 1) of its sample each position of a global batch holds."""
     return np.arange(global_batch) // (global_batch // repeats)
+
+
+def val_sizes(data_cfg) -> tuple[int, int]:
+    """The validation centre crop (``data.val_image_size``, else ``data.image_size``) and the shorter side it is
+    resized to first (``data.val_resize``, else 256/224 of the crop, as torchvision's 224/256)."""
+    size = data_cfg.val_image_size or data_cfg.image_size
+    return size, data_cfg.val_resize or round(size * 256 / 224)
 
 
 def train_image_size(data_cfg, epoch: int) -> int:
@@ -144,16 +153,21 @@ def check_windows(windows: Windows, widths: np.ndarray, heights: np.ndarray) -> 
 
 class TrainPlan:
     """One rank's view of the training order: which ids it reads at each step, their windows and their
-    augmentation (``augment``; None: crop and flip only).
+    augmentation (``augment``; None: crop and flip only), at the epoch's image size (``image_size``, a
+    function of the epoch).
 
     The loader's state is only ``(epoch, step)``, the number of global batches consumed: at any world
-    size, step ``s`` of an epoch is the same global batch, with the same crops and ops.
+    size, step ``s`` of an epoch is the same global batch, with the same crops and ops. With ``repeats``
+    copies of each sample in a batch (repeated augmentation), each copy draws its own crop and ops: the
+    draws are keyed by ``id * repeats + copy`` (:meth:`keys`) instead of the id.
     """
 
     def __init__(self, widths: np.ndarray, heights: np.ndarray, seed: int, rank: int, world_size: int,
-                 per_rank_batch: int, augment: AugmentSpec | None = None):
+                 per_rank_batch: int, augment: AugmentSpec | None = None, repeats: int = 1,
+                 image_size: Callable[[int], int] | None = None):
         self.widths, self.heights, self.seed, self.augment = widths, heights, seed, augment
         self.rank, self.world_size, self.per_rank_batch = rank, world_size, per_rank_batch
+        self.repeats, self._image_size = repeats, image_size
         self._cached: tuple[int, np.ndarray] | None = None
 
     @property
@@ -166,24 +180,42 @@ class TrainPlan:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, epoch_order(len(self.widths), epoch, self.seed, self.global_batch))
+            self._cached = (epoch, epoch_order(len(self.widths), epoch, self.seed, self.global_batch, self.repeats))
         return self._cached[1]
+
+    def image_size(self, epoch: int) -> int:
+        """The side of the training images in ``epoch`` (without ``image_size``: the augmentation's, or 0)."""
+        if self._image_size is not None:
+            return self._image_size(epoch)
+        return self.augment.image_size if self.augment else 0
 
     def ids(self, epoch: int, step: int) -> np.ndarray:
         return rank_batch(self.order(epoch), step, self.rank, self.world_size, self.per_rank_batch)
 
-    def windows(self, epoch: int, ids: np.ndarray) -> Windows:
+    def keys(self, epoch: int, step: int) -> np.ndarray:
+        """What this rank's samples at ``step`` draw their crops and ops from: the id, or with repeated
+        augmentation ``id * repeats + copy``."""
+        ids = self.ids(epoch, step).astype(np.int64)
+        if self.repeats == 1:
+            return ids
+        start = self.rank * self.per_rank_batch
+        return ids * self.repeats + repeat_copies(self.global_batch, self.repeats)[start:start + len(ids)]
+
+    def windows(self, epoch: int, ids: np.ndarray, keys: np.ndarray | None = None) -> Windows:
+        """The crop windows and flips of samples ``ids``, drawn by their ``keys`` (default: the ids)."""
         widths, heights = self.widths[ids], self.heights[ids]
-        windows = crop_windows(self.seed, epoch, ids, widths, heights)
+        windows = crop_windows(self.seed, epoch, ids if keys is None else keys, widths, heights)
         check_windows(windows, widths, heights)
         return windows
 
-    def augmentation(self, epoch: int, ids: np.ndarray) -> Augmentation | None:
-        """The policy's ops and the erase boxes of samples ``ids`` in ``epoch``; None without augmentation."""
+    def augmentation(self, epoch: int, keys: np.ndarray) -> Augmentation | None:
+        """The policy's ops and the erase boxes drawn by ``keys`` in ``epoch``, at the epoch's image size;
+        None without augmentation."""
         if self.augment is None:
             return None
         from pipeline.data.augment import check_augmentation, draw
 
-        augmentation = draw(self.augment, self.seed, epoch, ids)
-        check_augmentation(augmentation, self.augment.image_size)
+        spec = dataclasses.replace(self.augment, image_size=self.image_size(epoch))
+        augmentation = draw(spec, self.seed, epoch, keys)
+        check_augmentation(augmentation, spec.image_size)
         return augmentation

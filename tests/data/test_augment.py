@@ -23,6 +23,7 @@ import torch
 import torchvision.transforms.autoaugment as tv_autoaugment
 import torchvision.transforms.transforms as tv_transforms
 from matplotlib import cbook
+from nvidia.dali import fn, pipeline_def
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms import (
     AutoAugment,
@@ -34,6 +35,7 @@ from torchvision.transforms import (
 )
 
 from pipeline.config import load_config
+from pipeline.data import dali_augment
 from pipeline.data.augment import (
     ERASE_SALT,
     IMAGENET_POLICY,
@@ -55,11 +57,6 @@ from pipeline.data.loaders import build_loaders
 from pipeline.data.order import ATTEMPTS, uniforms
 from pipeline.data.synthetic import write_synthetic_imagenet
 from pipeline.distributed import DistInfo
-
-dali = pytest.importorskip("nvidia.dali")
-from nvidia.dali import fn, pipeline_def  # noqa: E402
-
-from pipeline.data import dali_augment  # noqa: E402
 
 SIZE = 64
 POINTWISE = ("Identity", "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast",
@@ -398,12 +395,28 @@ def tree(tmp_path_factory):
     return root
 
 
-def first_batch(tree, backend, **overrides):
+def first_batch(tree, backend, epoch=1, **overrides):
     words = [f"data.root={tree}", f"data.backend={backend}", "data.image_size=32", "data.workers=1",
              "model.num_classes=10", *[f"{k}={v}" for k, v in overrides.items()]]
     train, _ = build_loaders(load_config(None, words), DistInfo(0, 1, 0, torch.device("cpu")), 16)
-    train.set_epoch(1)
+    train.set_epoch(epoch)
     return next(iter(train))[0]
+
+
+PROGRESSIVE = {"data.progressive.enabled": "true", "data.progressive.min_size": 16, "data.progressive.max_size": 32,
+               "data.progressive.start_epoch": 0, "data.progressive.end_epoch": 2, "data.progressive.step": 8}
+
+
+@pytest.mark.parametrize("epoch, size", [(0, 16), (1, 24), (2, 32)])
+def test_both_loaders_give_the_same_batch_with_repeats_augmentation_and_the_epochs_size(tree, epoch, size):
+    on = {"data.auto_augment": "ta_wide", "data.random_erase": 0.25, "data.aug_repeats": 2, **PROGRESSIVE}
+    dali_batch, folder = (first_batch(tree, backend, epoch, **on) for backend in ("dali", "torchvision"))
+    assert dali_batch.shape == folder.shape == (16, 3, size, size)
+    erased = (folder == 0).all(1, keepdim=True)
+    assert torch.equal((dali_batch == 0).all(1, keepdim=True), erased)
+    assert (dali_batch - folder).abs().mean().item() < 0.05
+    # the batch holds 8 samples twice (copies in its two halves), each copy cropped and augmented on its own
+    assert all((folder[k] - folder[k + 8]).abs().mean() > 0.05 for k in range(8))
 
 
 @pytest.mark.parametrize("policy", ["ra", "ta_wide", "imagenet", "none"])

@@ -7,11 +7,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+from pipeline.config import ConfigError, load_config
+from pipeline.data.augment import AugmentSpec
 from pipeline.data.order import (
     TrainPlan,
     crop_windows,
     epoch_order,
     rank_batch,
+    train_image_size,
     train_steps,
     uniforms,
     val_range,
@@ -63,23 +66,66 @@ def test_validation_chunks_cover_the_split_exactly_once(world):
 
 
 def global_batches(plan_at_world, epoch, steps):
-    """Per step: the global batch's ids and windows, as the ranks of one world size together read them."""
+    """Per step: the global batch's ids, windows, ops and erase boxes, each rank's part from its own plan."""
     out = []
     for step in range(steps):
-        ids = np.concatenate([plan.ids(epoch, step) for plan in plan_at_world])
-        out.append((ids.tolist(), [w.tolist() for w in plan_at_world[0].windows(epoch, ids)]))
+        parts = []
+        for plan in plan_at_world:
+            ids, keys = plan.ids(epoch, step), plan.keys(epoch, step)
+            aug = plan.augmentation(epoch, keys)
+            parts.append((ids, *plan.windows(epoch, ids, keys), *(aug or ())))
+        out.append([np.concatenate(column).tolist() for column in zip(*parts, strict=True)])
     return out
 
 
-def test_global_batches_hold_the_same_samples_and_crops_at_world_sizes_1_2_and_3():
+@pytest.mark.parametrize("repeats", [1, 3])
+@pytest.mark.parametrize("augment", [None, "ra"])
+def test_global_batches_hold_the_same_samples_crops_and_ops_at_world_sizes_1_2_and_3_from_each_ranks_plan(
+        repeats, augment):
     rng = np.random.default_rng(0)
     widths, heights = rng.integers(16, 500, 200), rng.integers(16, 500, 200)
+    spec = AugmentSpec(augment, 2, 9, 31, 0.5, 32) if augment else None
     results = []
     for world in (1, 2, 3):
-        plans = [TrainPlan(widths, heights, 5, r, world, 12 // world) for r in range(world)]
+        plans = [TrainPlan(widths, heights, 5, r, world, 12 // world, spec, repeats) for r in range(world)]
         results.append(global_batches(plans, epoch=2, steps=plans[0].steps))
     assert results[0] == results[1] == results[2]
     assert len(results[0]) == 200 // 12
+
+
+def test_repeated_augmentation_puts_each_sample_k_times_in_its_batch_with_a_crop_per_copy():
+    rng = np.random.default_rng(1)
+    widths, heights = rng.integers(100, 500, 300), rng.integers(100, 500, 300)
+    spec = AugmentSpec("ta_wide", 2, 9, 31, 0.0, 64)
+    plan = TrainPlan(widths, heights, 5, 0, 1, 24, spec, repeats=3)
+    assert plan.steps == 300 // 24  # the epoch keeps its number of steps, as torchvision's RASampler
+    seen = []
+    for step in range(plan.steps):
+        ids, keys = plan.ids(1, step), plan.keys(1, step)
+        first, second, third = ids[:8], ids[8:16], ids[16:]
+        assert first.tolist() == second.tolist() == third.tolist() and len(set(first.tolist())) == 8
+        assert keys.tolist() == [i * 3 + copy for copy in range(3) for i in first]
+        windows = plan.windows(1, ids, keys)
+        assert len({(windows.x[k], windows.y[k], windows.w[k]) for k in (0, 8, 16)}) == 3  # a crop per copy
+        ops = plan.augmentation(1, keys).op
+        assert any(not np.array_equal(ops[k], ops[k + 8]) for k in range(8))
+        seen += first.tolist()
+    assert len(seen) == len(set(seen)) == plan.steps * 8  # a third of the epoch's samples, each once
+    # no repeats: the order and the windows of earlier versions
+    plain = TrainPlan(widths, heights, 5, 0, 1, 24)
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))[:plan.steps * 24]
+    assert plain.order(1).tolist() == order.tolist() and plain.keys(1, 0).tolist() == plain.ids(1, 0).tolist()
+
+
+def test_the_training_size_follows_ffcvs_schedule():
+    cfg = load_config(None, ["data.progressive.enabled=true", "data.progressive.min_size=160",
+                             "data.progressive.max_size=192", "data.progressive.start_epoch=10",
+                             "data.progressive.end_epoch=13"])
+    # FFCV's get_resolution: np.interp between the ramp's ends, rounded to a multiple of 32
+    assert [train_image_size(cfg.data, e) for e in range(9, 15)] == [160, 160, 160, 192, 192, 192]
+    assert train_image_size(load_config(None).data, 5) == 224
+    with pytest.raises(ConfigError, match="multiples of step"):
+        load_config(None, ["data.progressive.enabled=true", "data.progressive.min_size=150"])
 
 
 def test_windows_depend_on_seed_epoch_and_id_alone():
