@@ -23,6 +23,7 @@ from pipeline.models.densenet import densenet_bc
 ROOT = Path(__file__).resolve().parents[1]
 MINI = str(ROOT / "configs/mini.yaml")
 MODERN = str(ROOT / "configs/mini-modern.yaml")
+MODERN_RAMP = ("data.progressive.start_epoch=0", "data.progressive.end_epoch=1")
 STEPS_PER_EPOCH = 10  # 640 images, global batch 64
 pytestmark = pytest.mark.slow
 
@@ -84,15 +85,16 @@ def group_members(pgid):
 
 @pytest.fixture(scope="module")
 def reference(mini_data, tmp_path_factory):
-    """Uninterrupted runs, by (ranks, backend, config)."""
+    """Uninterrupted runs, by (ranks, backend, config, extra overrides)."""
     cache = {}
 
-    def get(ranks, backend, config=MINI):
-        if (ranks, backend, config) not in cache:
+    def get(ranks, backend, config=MINI, extra=()):
+        if (ranks, backend, config, extra) not in cache:
             run_dir = tmp_path_factory.mktemp("reference") / "run"
-            assert run(command(run_dir, mini_data, ranks, backend, config=config), run_dir.parent / "log") == 0
-            cache[ranks, backend, config] = run_dir
-        return cache[ranks, backend, config]
+            assert run(command(run_dir, mini_data, ranks, backend, *extra, config=config),
+                       run_dir.parent / "log") == 0
+            cache[ranks, backend, config, extra] = run_dir
+        return cache[ranks, backend, config, extra]
 
     return get
 
@@ -129,13 +131,15 @@ def test_sigkill_mid_epoch_then_restart_ends_bitwise_identical(tmp_path, mini_da
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_the_modern_recipe_resumes_bitwise_after_a_sigkill_with_its_ema(tmp_path, mini_data, reference, ranks,
                                                                          request):
-    """configs/mini-modern.yaml (EMA, mixup and CutMix, label smoothing, norm weight decay, clipping)."""
+    """configs/mini-modern.yaml: EMA, mixup and CutMix, TrivialAugment-wide, random erasing, repeated augmentation,
+    progressive resizing (24 px in epoch 1, 32 px in epoch 2, where the kill falls), label smoothing, no weight
+    decay on norms, clipping."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = command(run_dir, mini_data, ranks, "dali", config=MODERN)
+    cmd = command(run_dir, mini_data, ranks, "dali", *MODERN_RAMP, config=MODERN)
     interrupt(cmd, run_dir, mid_epoch_step(request), signal.SIGKILL, log)
     assert run(cmd, log) == 0, log.read_text()[-3000:]
     assert "Resuming from" in log.read_text()
-    expected = reference(ranks, "dali", MODERN)
+    expected = reference(ranks, "dali", MODERN, MODERN_RAMP)
     assert_same_run(expected, run_dir)
     assert (run_dir / "model_ema.pt").read_bytes() == (expected / "model_ema.pt").read_bytes()
     densenet_bc(16, 12, num_classes=10).load_state_dict(torch.load(run_dir / "model_ema.pt", weights_only=True))
