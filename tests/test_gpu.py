@@ -123,3 +123,35 @@ def test_sync_batchnorm_at_world_2_matches_one_process_with_the_whole_batch():
     backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
     [(loss_gap, worst_grad, worst_name, stats_gap)] = run_local_ranks(_sync_bn_rank, 2, backend, timeout_s=300)
     assert loss_gap < 1e-5 and worst_grad < 1e-4 and stats_gap < 1e-5, (loss_gap, worst_grad, worst_name, stats_gap)
+
+
+def test_mixing_the_ema_and_clipping_add_no_host_sync_to_the_step():
+    from pipeline.config import load_config
+    from pipeline.ema import WeightsEma
+    from pipeline.mix import BatchMixer
+    from pipeline.optim import build_optimizer
+
+    cfg = load_config(None, ["train.mix.mixup_alpha=0.2", "train.mix.cutmix_alpha=1.0", "train.mix.mode=elem",
+                             "train.ema.enabled=true", "optim.norm_weight_decay=0"])
+    model = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    optimizer, scaler = build_optimizer(model, cfg.optim, 16), build_scaler(torch.device("cuda"), "bf16")
+    mixer, ema = BatchMixer(cfg.train.mix, 0, 0, 16, 1, 10), WeightsEma(model, cfg.train.ema, 16, 10)
+    x = torch.randn(16, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device="cuda")
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(k):
+        images, targets = mixer(x, y, 0, k)
+        loss = train_step(model, images, targets, criterion, optimizer, scaler, "bf16", clip_grad_norm=1.0)
+        ema.update(model, k)
+        return loss
+
+    step(1)  # the first step chooses its kernels and allocates
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(k) for k in range(2, 22)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(math.isfinite(float(v)) for v in losses)
