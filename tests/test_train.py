@@ -61,11 +61,11 @@ def test_model_final_is_a_torchvision_state_dict(tmp_path):
 def test_synthetic_backend_trains_with_amp_and_memory_efficient_layers(tmp_path, precision):
     run_dir = tmp_path / "run"
     result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", "data.backend=synthetic",
-                   "data.synthetic_steps=4", "train.epochs=2", "train.log_every_steps=2",
+                   "data.synthetic_steps=4", "train.epochs=2", "train.log_every_steps=2", "train.batch_size=8",
                    f"train.precision={precision}", "model.memory_efficient=true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == 8 and summary["images_seen"] == 8 * 32
+    assert summary["global_step"] == 8 and summary["images_seen"] == 8 * 8
 
 
 @pytest.mark.parametrize("words,needle", [
@@ -182,7 +182,8 @@ def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(t
     from pipeline.engine import lr_factor
 
     run_dir = tmp_path / "run"
-    words = [f"run.dir={run_dir}", "data.backend=synthetic", "data.synthetic_steps=4", "train.log_every_steps=1"]
+    words = [f"run.dir={run_dir}", "data.backend=synthetic", "data.synthetic_steps=4", "train.log_every_steps=1",
+             "train.batch_size=8"]  # small: fp16 autocast is slow on a CPU
     first = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     again = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=2", "optim.lr=0.4", "train.precision=fp16",
@@ -194,9 +195,9 @@ def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(t
     assert "optim.lr 0.8 -> 0.4" in out and "train.epochs 1 -> 2" in out
     log = (run_dir / "train.log").read_text()  # what a resume says reaches the run's own log too
     assert "Resuming from" in log and "optim.lr 0.8 -> 0.4" in log and "with a new grad scaler" in log
-    # the schedule of the new settings, from the resumed step on: lr 0.4 per 256 images at batch 32
+    # the schedule of the new settings, from the resumed step on: lr 0.4 per 256 images at batch 8
     schedule = OmegaConf.create({"name": "cosine", "warmup_epochs": 0.5, "milestones": [], "gamma": 0.1})
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     lrs = {e["global_step"]: e["lr"] for e in events if e["event"] == "train"}
     for step in (5, 6, 7):
-        assert lrs[step] == pytest.approx(0.4 * 32 / 256 * lr_factor(step, 4, 2, schedule))
+        assert lrs[step] == pytest.approx(0.4 * 8 / 256 * lr_factor(step, 4, 2, schedule))
