@@ -238,7 +238,7 @@ def library_versions() -> dict:
 # keys that define the model and the data of a run: a resume must not change them
 # (the dataset is named by its index hash, checked apart, not by data.root: a moved or packed copy may continue)
 MUST_MATCH = ("model.", "data.backend", "data.image_size", "data.val_resize", "data.val_image_size", "data.mean",
-              "data.std", "data.aug_repeats",
+              "data.std", "data.aug_repeats", "data.progressive.",
               "data.generate.", "run.seed")  # the global batch is checked on its own (with train.batch_per_gpu)
 MAY_CHANGE = ("model.sync_bn",)  # SyncBatchNorm holds the same parameters and statistics as BatchNorm
 

@@ -326,6 +326,8 @@ def _parse_overrides(words: list[str]) -> DictConfig:
         raise ConfigError(f"Could not parse the command-line overrides {words}: {err}") from None
 
 
+# torch.compile's default recompile limit: with progressive resizing, one static graph per size
+COMPILED_SIZES = 8
 # Goyal et al. 2017: a linear warm-up of 5 epochs lets a global batch of 8192 match 256; small batches need none
 WARMUP_ABOVE = 1024
 AUTO_WARMUP_EPOCHS = 5
@@ -378,6 +380,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.ema.enabled and cfg.train.ema.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"'train.ema.warmup_epochs' ({cfg.train.ema.warmup_epochs}) must be less than "
                           f"'train.epochs' ({cfg.train.epochs}): until then the average is the weights themselves.")
+    crop = cfg.data.val_image_size or cfg.data.image_size
+    if cfg.data.val_resize and cfg.data.val_resize < crop:
+        raise ConfigError(f"'data.val_resize' ({cfg.data.val_resize}) is smaller than the validation crop "
+                          f"({crop}, 'data.val_image_size' or else 'data.image_size'): the centre crop would not fit "
+                          f"in the resized image. Resize to at least the crop, e.g. data.val_resize="
+                          f"{round(crop * 256 / 224)} (256/224 of it), or set data.val_resize=0 for that.")
+    if ramp.enabled and cfg.train.compile and (ramp.max_size - ramp.min_size) // ramp.step + 1 > COMPILED_SIZES:
+        raise ConfigError(f"'data.progressive' trains at {(ramp.max_size - ramp.min_size) // ramp.step + 1} sizes "
+                          f"({ramp.min_size} to {ramp.max_size} in steps of {ramp.step}) with train.compile=true: "
+                          f"torch.compile keeps at most {COMPILED_SIZES} graphs of a model, and would run the later "
+                          "sizes uncompiled. Use a larger data.progressive.step (FFCV: 32), or train.compile=false.")
     if cfg.checkpoint.best == "ema" and not cfg.train.ema.enabled:
         raise ConfigError("'checkpoint.best' is ema but 'train.ema.enabled' is false: there is no EMA to pick the "
                           "best checkpoint by. Set train.ema.enabled=true, or checkpoint.best=model.")

@@ -544,18 +544,18 @@ class Run:
         if cfg.data.record_ids and hasattr(self.train_loader, "last_ids"):
             (self.run_dir / "sample_ids").mkdir(exist_ok=True)
             self.ids_file = closing.enter_context(open(self.run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
-        sizes = [0]  # the training image size of each epoch this attempt trains
+        last_size = 0  # the training image size of the epoch before (none yet)
         while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
             epoch_start = time.perf_counter()
             if progress.step_in_epoch == 0:
                 self.train_loader.set_epoch(epoch)
             size = train_image_size(cfg.data, epoch)
-            if cfg.data.progressive.enabled and dist.is_main and size != sizes[-1]:
+            if cfg.data.progressive.enabled and dist.is_main and size != last_size:
                 log.info("epoch %d trains at %d px (data.progressive)%s", epoch + 1, size,
                          ": torch.compile compiles a graph for this size at its first step" if cfg.train.compile
                          else "")
-            sizes.append(size)
+            last_size = size
             if progress.step_in_epoch < self.steps_per_epoch:
                 show_bar = dist.is_main and sys.stderr.isatty()
                 with tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",

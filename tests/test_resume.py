@@ -139,6 +139,7 @@ def test_the_modern_recipe_resumes_bitwise_after_a_sigkill_with_its_ema(tmp_path
     interrupt(cmd, run_dir, mid_epoch_step(request), signal.SIGKILL, log)
     assert run(cmd, log) == 0, log.read_text()[-3000:]
     assert "Resuming from" in log.read_text()
+    assert "epoch 2 trains at 32 px (data.progressive)" in (run_dir / "train.log").read_text()
     expected = reference(ranks, "dali", MODERN, MODERN_RAMP)
     assert_same_run(expected, run_dir)
     assert (run_dir / "model_ema.pt").read_bytes() == (expected / "model_ema.pt").read_bytes()

@@ -223,7 +223,8 @@ def erase_boxes(p: float, seed: int, epoch: int, ids: np.ndarray, size: int) -> 
 
 
 def draw(spec: AugmentSpec, seed: int, epoch: int, ids: np.ndarray) -> Augmentation:
-    """The ops and erase boxes of samples ``ids`` in ``epoch``: a pure function of (seed, epoch, id)."""
+    """The ops and erase boxes drawn by ``ids`` (the samples' draw keys) in ``epoch``: a pure function of (seed,
+    epoch, key)."""
     op, magnitude = draw_ops(spec, seed, epoch, ids)
     return Augmentation(op, magnitude, erase_boxes(spec.erase, seed, epoch, ids, spec.image_size))
 

@@ -100,7 +100,7 @@ class StepSampler(Sampler[tuple[int, int, int]]):
 class FolderLoader:
     """Iterates ``(images, labels)`` batches of one rank; a decode failure names the file.
 
-    Its state is the epoch and the steps consumed: windows are a function of (seed, epoch, id), so
+    Its state is the epoch and the steps consumed: windows are a function of (seed, epoch, draw key), so
     that is all a restored loader needs to yield exactly the batches the interrupted one would have.
     """
 

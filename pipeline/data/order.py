@@ -1,4 +1,5 @@
-"""Which samples each step reads, and how each is cropped: pure functions of (seed, epoch, sample id).
+"""Which samples each step reads, and how each is cropped: pure functions of (seed, epoch, sample id; with
+repeated augmentation, its copy).
 
 - Order: each epoch is a fresh permutation of the split, cut into global batches; the last
   ``len(split) % global_batch`` samples of the permutation are left out of that epoch, so every rank
@@ -41,19 +42,28 @@ def epoch_order(num_samples: int, epoch: int, seed: int, global_batch: int, repe
     """The sample ids of ``epoch`` in reading order, whole global batches only (int32 or int64).
 
     With ``repeats`` k > 1 (repeated augmentation), each global batch holds ``global_batch / k`` samples of
-    the permutation k times: copy j of them fills the j-th k-th of the batch, so the copies of a sample fall
-    on different ranks (as torchvision's RASampler spreads them) and the epoch keeps its number of steps.
+    the permutation k times: copy j of them fills the j-th k-th of the batch, in an order of its own, so a
+    sample's copies sit at different positions (on different ranks while the per-rank batch is at most
+    ``global_batch / k``, as torchvision's RASampler spreads them) with different neighbours to be mixed with,
+    and the epoch keeps its number of steps.
     """
+    if global_batch % repeats:
+        raise ValueError(f"a global batch of {global_batch} does not divide into {repeats} copies")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     steps, unique = train_steps(num_samples, global_batch), global_batch // repeats
     order = torch.randperm(num_samples, generator=generator)[:steps * unique].numpy()
     if repeats > 1:
-        order = np.repeat(order.reshape(steps, 1, unique), repeats, axis=1).reshape(-1)
+        blocks = order.reshape(steps, 1, unique)
+        shuffles = torch.rand(steps, repeats - 1, unique, generator=generator).argsort(dim=-1).numpy()
+        copies = np.take_along_axis(np.broadcast_to(blocks, shuffles.shape), shuffles, axis=-1)
+        order = np.concatenate([blocks, copies], axis=1).reshape(-1)
     return order.astype(np.int32) if num_samples < 2**31 else order
 
 
 def repeat_copies(global_batch: int, repeats: int) -> np.ndarray:
     """Which copy (0 .. repeats - 1) of its sample each position of a global batch holds."""
+    if global_batch % repeats:
+        raise ValueError(f"a global batch of {global_batch} does not divide into {repeats} copies")
     return np.arange(global_batch) // (global_batch // repeats)
 
 
@@ -184,10 +194,12 @@ class TrainPlan:
         return self._cached[1]
 
     def image_size(self, epoch: int) -> int:
-        """The side of the training images in ``epoch`` (without ``image_size``: the augmentation's, or 0)."""
+        """The side of the training images in ``epoch`` (without ``image_size``: the augmentation's)."""
         if self._image_size is not None:
             return self._image_size(epoch)
-        return self.augment.image_size if self.augment else 0
+        if self.augment is None:
+            raise ValueError("this TrainPlan was given no image size")
+        return self.augment.image_size
 
     def ids(self, epoch: int, step: int) -> np.ndarray:
         return rank_batch(self.order(epoch), step, self.rank, self.world_size, self.per_rank_batch)

@@ -99,25 +99,31 @@ def test_repeated_augmentation_puts_each_sample_k_times_in_its_batch_with_a_crop
     spec = AugmentSpec("ta_wide", 2, 9, 31, 0.0, 64)
     plan = TrainPlan(widths, heights, 5, 0, 1, 24, spec, repeats=3)
     assert plan.steps == 300 // 24  # the epoch keeps its number of steps, as torchvision's RASampler
-    seen = []
+    seen, pairs = [], []
     for step in range(plan.steps):
         ids, keys = plan.ids(1, step), plan.keys(1, step)
         first, second, third = ids[:8], ids[8:16], ids[16:]
-        assert first.tolist() == second.tolist() == third.tolist() and len(set(first.tolist())) == 8
-        assert keys.tolist() == [i * 3 + copy for copy in range(3) for i in first]
+        assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(third.tolist())
+        assert len(set(first.tolist())) == 8
+        assert keys.tolist() == [i * 3 + k // 8 for k, i in enumerate(ids)]
         windows = plan.windows(1, ids, keys)
-        assert len({(windows.x[k], windows.y[k], windows.w[k]) for k in (0, 8, 16)}) == 3  # a crop per copy
+        at = {(int(i), int(k) // 8): k for k, i in enumerate(ids)}  # (sample, copy) -> position
+        for i in first:  # a crop and ops per copy
+            assert len({(windows.x[at[i, c]], windows.y[at[i, c]], windows.w[at[i, c]]) for c in range(3)}) == 3
         ops = plan.augmentation(1, keys).op
-        assert any(not np.array_equal(ops[k], ops[k + 8]) for k in range(8))
+        assert any(not np.array_equal(ops[at[i, 0]], ops[at[i, 1]]) for i in first)
+        pairs += [tuple(sorted(ids[p:p + 2].tolist())) for p in range(0, 24, 2)]  # who is mixed with whom
         seen += first.tolist()
     assert len(seen) == len(set(seen)) == plan.steps * 8  # a third of the epoch's samples, each once
+    # each copy has its own order: a sample's copies meet other neighbours (mixup pairs (2k, 2k + 1))
+    assert len(set(pairs)) > 0.8 * len(pairs)
     # no repeats: the order and the windows of earlier versions
     plain = TrainPlan(widths, heights, 5, 0, 1, 24)
     order = torch.randperm(300, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))[:plan.steps * 24]
     assert plain.order(1).tolist() == order.tolist() and plain.keys(1, 0).tolist() == plain.ids(1, 0).tolist()
 
 
-def test_the_training_size_follows_ffcvs_schedule():
+def test_the_training_size_follows_ffcvs_schedule_and_sizes_that_cannot_work_are_refused():
     cfg = load_config(None, ["data.progressive.enabled=true", "data.progressive.min_size=160",
                              "data.progressive.max_size=192", "data.progressive.start_epoch=10",
                              "data.progressive.end_epoch=13"])
@@ -126,6 +132,11 @@ def test_the_training_size_follows_ffcvs_schedule():
     assert train_image_size(load_config(None).data, 5) == 224
     with pytest.raises(ConfigError, match="multiples of step"):
         load_config(None, ["data.progressive.enabled=true", "data.progressive.min_size=150"])
+    with pytest.raises(ConfigError, match="trains at 9 sizes .* torch.compile keeps at most 8 graphs"):
+        load_config(None, ["data.progressive.enabled=true", "data.progressive.min_size=128",
+                           "data.progressive.max_size=256", "data.progressive.step=16", "train.compile=true"])
+    with pytest.raises(ConfigError, match=r"'data.val_resize' \(232\) is smaller than the validation crop \(256"):
+        load_config(None, ["data.val_resize=232", "data.val_image_size=256"])
 
 
 def test_windows_depend_on_seed_epoch_and_id_alone():
