@@ -15,12 +15,9 @@ broadcast before evaluating.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def decay_per_step(ema_cfg, global_batch: int) -> float:
@@ -43,15 +40,16 @@ class WeightsEma:
         self._pairs = None
 
     def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
-        """(averaged, source) floating tensors, then (averaged, source) integer ones, in the module's order."""
-        if self._pairs is None or self._pairs[0] is not model:
+        """(averaged, source) floating tensors, then (averaged, source) integer ones, in the module's order; listed
+        once (the training model is always the same)."""
+        if self._pairs is None:
             ours = [*self.module.parameters(), *self.module.buffers()]
             theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
             floats = [i for i, t in enumerate(ours) if t.is_floating_point()]
             ints = [i for i, t in enumerate(ours) if not t.is_floating_point()]
-            self._pairs = (model, [ours[i] for i in floats], [theirs[i] for i in floats],
+            self._pairs = ([ours[i] for i in floats], [theirs[i] for i in floats],
                            [ours[i] for i in ints], [theirs[i] for i in ints])
-        return self._pairs[1:]
+        return self._pairs
 
     def update(self, model: nn.Module, global_step: int) -> None:
         """After optimizer step ``global_step`` (counted from 1): average ``model``'s weights in, every
