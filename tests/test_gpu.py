@@ -72,6 +72,23 @@ def test_mini_config_on_the_gpu_with_bf16_and_channels_last(tmp_path):
     assert {t.device.type for t in weights.values()} == {"cpu"}  # loads on a machine without a GPU
 
 
+
+def test_mini_config_trains_two_steps_with_the_dali_mixed_decoder(tmp_path):
+    """The DALI ``mixed`` (GPU) decoder on a generated mini tree: 2 train steps of the mini config and its
+    validation, the images decoded on the GPU. Skipped where DALI is not installed."""
+    pytest.importorskip("nvidia.dali")
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs/mini.yaml"),
+                             f"run.dir={run_dir}", f"data.root={tmp_path / 'mini'}", "data.backend=dali",
+                             "data.generate.train_per_class=7", "data.generate.val_per_class=2", "train.epochs=1",
+                             "train.log_every_steps=1", "train.precision=bf16", "tracking.backend=none"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on cuda" in result.stdout and "DALI could not be imported" not in result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["epochs_completed"] == 1, summary
+    assert math.isfinite(summary["val_top1"])
+
 def _sync_bn_rank(rank: int, world: int, port: int, out, backend: str) -> None:
     import os
 

@@ -5,6 +5,8 @@
 # bf16, channels-last), and memory_efficient off vs on.
 # The last lines printed are the table. BATCH, STEPS, SIZE and PYTHON override the defaults. Packages the
 # machine lacks (omegaconf) come as wheels in .whl/, fetched beforehand by tests/gpu/wheels.sh.
+# With DALI (installed, or its wheels carried in parts to .whl-dali/ by `DALI=1 tests/gpu/wheels.sh`, one part
+# per call on a machine that takes 64 MiB per call), the mini config also trains with DALI's `mixed` decoder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
@@ -16,6 +18,15 @@ OUT="${OUT:-$(mktemp -d)}"
 if compgen -G ".whl/*.whl" > /dev/null; then  # carried from tests/gpu/wheels.sh
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ -f .whl-dali/SHA256SUMS ]; then  # DALI's wheels, carried in parts (tests/gpu/wheels.sh with DALI=1)
+    if (cd .whl-dali && sha256sum --quiet -c SHA256SUMS); then
+        mkdir -p /tmp/dali-wheels && cat .whl-dali/dali.tar.part-* | tar -C /tmp/dali-wheels -xf -
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/dali-wheels/*.whl \
+            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "DALI's wheel parts in .whl-dali/ are incomplete: carry every part SHA256SUMS names" >&2
+    fi
 fi
 "$PYTHON" -c "import omegaconf" 2>/dev/null || { echo "omegaconf is missing: run tests/gpu/wheels.sh where pip \
 works and carry .whl here" >&2; exit 2; }
