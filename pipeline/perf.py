@@ -356,7 +356,7 @@ def measure_bare_loop(spec: dict) -> dict:
     for _ in range(spec["windows"] + 1):
         began = time.perf_counter()
         for _ in range(window):
-            loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision)
+            loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision).loss
         loss.item()
         rates.append(window * batch / (time.perf_counter() - began))
     return {**spec, "images_per_s": statistics.median(rates[1:]),

@@ -80,7 +80,7 @@ from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked,
 from pipeline.log import add_log_file, setup_logging
 from pipeline.mix import BatchMixer, mixing_enabled
 from pipeline.models import build_model
-from pipeline.optim import LARS_ABOVE, build_optimizer, parameter_groups, regroup_state
+from pipeline.optim import LARS_ABOVE, build_optimizer, load_optimizer_state, parameter_groups, regroup_state
 from pipeline.signals import StopRequested, StopSignals
 from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
 
@@ -149,6 +149,9 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
                     "and decays normalisation layers and biases too, which You et al. (2017) and timm leave out. Set "
                     "optim.norm_weight_decay=0 optim.bias_weight_decay=0.", cfg.optim.norm_weight_decay,
                     cfg.optim.bias_weight_decay)
+    if cfg.optim.name == "lars" and cfg.train.precision == "fp16":
+        log.info("optim.name=lars with train.precision=fp16: the grad scaler reads on the host whether to skip each "
+                 "step before LARS steps (one device sync per step; fused SGD or bf16 have none).")
     if batch > LARS_ABOVE and cfg.optim.name != "lars":
         log.warning("A global batch of %d with optim.name=%s: above %d, SGD with the linear scaling rule is known to "
                     "lose accuracy (Goyal et al. 2017 reached 8k). Set optim.name=lars (layer-wise trust ratios, "
@@ -468,7 +471,7 @@ class Run:
         if resume:
             self.model.load_state_dict(resume["model"])
             saved_optim = OmegaConf.create(resume["config"]).optim
-            self.optimizer.load_state_dict(regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
+            load_optimizer_state(self.optimizer, regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
             self.scheduler.load_state_dict(resume["scheduler"])
             saved = flatten(resume["config"])
             if saved.get("train.precision", cfg.train.precision) == cfg.train.precision:
@@ -511,7 +514,12 @@ class Run:
                                                       self.global_batch, cfg.data.aug_repeats))
         net: nn.Module = model
         if dist.world_size > 1:
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # the gradients are views of the all-reduce buckets: no copy into them, no second copy in memory.
+            # static_graph stays off: every parameter is used at every step and the checkpointed layers are
+            # non-reentrant, which DDP handles without it; with torch.compile it is known to clash with dynamo's
+            # DDPOptimizer (pytorch#109261)
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
         if cfg.train.compile:
             net = compile_model(net, sizes_change=cfg.data.progressive.enabled)
         self.net = net
@@ -531,7 +539,6 @@ class Run:
         self.flops = step_flops(cfg.model, self.batch_size, cfg.data.image_size) if dist.is_main else 0.0
         self.attempt_start, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         self.compile_pending = cfg.train.compile and dist.is_main
-        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.attempt_start
@@ -575,8 +582,9 @@ class Run:
         """The batch of the step in progress, mixed (train.mix), and its soft targets."""
         return self.mixer(images, labels, self.progress.epoch, self.progress.step_in_epoch)
 
-    def on_step(self, global_step: int, loss: torch.Tensor) -> bool:
-        """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop."""
+    def on_step(self, global_step: int, loss: torch.Tensor, skipped: torch.Tensor | None = None) -> bool:
+        """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop.
+        ``skipped``: (fp16) whether the grad scaler skipped the step, on the device."""
         progress = self.progress
         if self.compile_pending:  # the first step compiled the forward and backward
             self.compile_pending = False
@@ -594,12 +602,6 @@ class Run:
         progress.step_in_epoch += 1
         if self.insights:
             self.insights.on_step(global_step)  # the gradients of this step are still there
-        skipped = None
-        if self.last_scale is not None:
-            # the scaler lowers its scale exactly when it skipped the step; its step() already waited for the
-            # device (it reads found_inf), so reading the scale costs only the update's few kernels
-            scale = self.scaler.get_scale()
-            skipped, self.last_scale = scale < self.last_scale, scale
         decision = self.boundary.after_step(global_step, loss, skipped,
                                             last_in_epoch=progress.step_in_epoch == self.steps_per_epoch)
         if decision.stop or decision.save:
@@ -656,6 +658,8 @@ class Run:
         per_gpu = record["images_per_s"] / self.dist.world_size
         flops = self.flops * (train_image_size(self.cfg.data, progress.epoch) / self.cfg.data.image_size) ** 2
         record = {**record, "images_per_s_per_gpu": per_gpu, "tflops_per_gpu": flops * per_gpu / self.batch_size / 1e12}
+        if self.scaler.is_enabled():  # read here only: the log line waits for the device anyway
+            record["loss_scale"] = self.scaler.get_scale()
         log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%",
                  progress.epoch + 1, progress.step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
                  record["images_per_s"], per_gpu, "GPU" if self.device.type == "cuda" else "rank",
@@ -664,7 +668,8 @@ class Run:
             self.metrics.log("train", epoch=progress.epoch, **record)
         if self.tracker:
             self.tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait",
-                                                                       "images_per_s_per_gpu", "tflops_per_gpu")},
+                                                                       "images_per_s_per_gpu", "tflops_per_gpu",
+                                                                       "grad_norm", "loss_scale") if k in record},
                                      record["global_step"])
 
     def validate(self, epoch: int, train_seconds: float) -> None:
