@@ -15,9 +15,12 @@ s + 1: the stop checkpoint holds at most 2 steps more than the signal's. At an e
 reduction is read at once (one blocking round trip per epoch), so an epoch never ends with a decision in
 flight, and validation's collectives never meet one.
 
-The loss is checked without a host sync: its value is copied to pinned host memory without blocking and read
-one step later, when the GPU has long finished that step. The loss of step s is so checked at step s + 1
-and travels in that step's flags: every rank stops at step s + 2 at the latest. A non-finite loss, or (fp16)
+The loss is checked without a host sync: its value (and, fp16, whether the grad scaler skipped the step: the
+unscaled gradients' norm is not finite, see :func:`pipeline.engine.train_step`) is copied to pinned host memory
+without blocking and read one step later, when the GPU has long finished that step. (A norm can also overflow
+float32 with every gradient finite, above about 1.8e19: such a step counts as skipped though it was applied.)
+The loss of step s is so checked at step s + 1 and travels in that step's flags: every rank stops at step s + 2
+at the latest. A non-finite loss, or (fp16)
 more than ``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with
 :class:`NonFiniteLoss`; before any checkpoint the loss of the current step and the weights are checked
 (blocking, once per checkpoint), so no checkpoint of a step after the bad one is ever written.

@@ -81,6 +81,7 @@ from pipeline.log import add_log_file, setup_logging
 from pipeline.mix import BatchMixer, mixing_enabled
 from pipeline.models import build_model
 from pipeline.optim import LARS_ABOVE, build_optimizer, load_optimizer_state, parameter_groups, regroup_state
+from pipeline.profiling import StepProfiler
 from pipeline.signals import StopRequested, StopSignals
 from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
 
@@ -539,6 +540,7 @@ class Run:
         self.flops = step_flops(cfg.model, self.batch_size, cfg.data.image_size) if dist.is_main else 0.0
         self.attempt_start, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         self.compile_pending = cfg.train.compile and dist.is_main
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, dist.rank, self.device)
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.attempt_start
@@ -551,6 +553,7 @@ class Run:
         if cfg.data.record_ids and hasattr(self.train_loader, "last_ids"):
             (self.run_dir / "sample_ids").mkdir(exist_ok=True)
             self.ids_file = closing.enter_context(open(self.run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
+        closing.callback(self.profiler.finish)  # a window cut short by a stop or an error is written too
         last_size = 0  # the training image size of the epoch before (none yet)
         while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
@@ -565,12 +568,14 @@ class Run:
             last_size = size
             if progress.step_in_epoch < self.steps_per_epoch:
                 show_bar = dist.is_main and sys.stderr.isatty()
+                self.profiler.before_step(progress.global_step + 1)
                 with tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
                           disable=not show_bar, leave=False) as bar:
                     _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
                                                  bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm)
+                self.profiled(self.profiler.finish())  # a window ends with the epoch
                 if stopped:
                     raise StopRequested(self.stop_signal)
             self.validate(epoch, time.perf_counter() - epoch_start)
@@ -591,6 +596,7 @@ class Run:
             log.info("%s; first step done %.1fs after start", compile_report(),
                      time.perf_counter() - self.attempt_start)
         progress.global_step = global_step
+        self.profiled(self.profiler.after_step(global_step))
         self.hang.beat(global_step)
         if self.ema:
             self.ema.update(self.model, global_step)
@@ -600,6 +606,8 @@ class Run:
                                 f"{' '.join(map(str, ids.tolist()))}\n")
             self.ids_file.flush()
         progress.step_in_epoch += 1
+        if progress.step_in_epoch < self.steps_per_epoch:  # the window records the steps and their boundaries
+            self.profiler.before_step(global_step + 1)
         if self.insights:
             self.insights.on_step(global_step)  # the gradients of this step are still there
         decision = self.boundary.after_step(global_step, loss, skipped,
@@ -609,6 +617,11 @@ class Run:
             return self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
                              stopping=decision.stop)
         return False
+
+    def profiled(self, files: list[Path]) -> None:
+        """After a profile window: rank 0 queues the whole files of run.dir/profile it sees for the MLflow run."""
+        if files and self.tracker:
+            self.tracker.log_artifacts(sorted(p for p in files[0].parent.glob("rank-*") if p.is_file()), "profile")
 
     def save(self, reason: str, stopping: bool = False) -> bool:
         """A checkpoint of this step (every rank calls it), unless the loss or weights are not finite (then every

@@ -70,6 +70,7 @@ def test_synthetic_backend_trains_with_amp_and_memory_efficient_layers(tmp_path,
     logged = [e for e in logged if e["event"] == "train"]
     if precision == "fp16":  # the unscaled gradients' norm (computed to tell a skipped step) and the scale
         assert all(e["grad_norm"] > 0 and e["loss_scale"] >= 1 for e in logged), logged
+    assert not (run_dir / "profile").exists()  # profile.start_step=0: no profile
 
 
 @pytest.mark.parametrize("words,needle", [
