@@ -61,7 +61,7 @@ class StepProfiler:
             name = f"rank-{self.rank}"
             trace = self.folder / f"{name}.trace.json"
             _write_whole(trace, lambda tmp: profiler.export_chrome_trace(str(tmp)))
-            table = profiler.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+            table = profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                                   row_limit=TOP_OPERATORS)
             ops = self.folder / f"{name}.ops.txt"
             atomic_write_bytes(ops, table.encode())

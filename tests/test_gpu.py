@@ -200,3 +200,28 @@ def test_training_steps_and_the_step_boundary_make_no_host_sync(precision, clip)
         assert skips[-5:] == [False] * 5, skips  # the scale settled: the last steps were applied
         assert all(s == (not math.isfinite(float(r.grad_norm))) for s, r in zip(skips, results, strict=True))
     boundary.before_save(21, lambda: True)  # every loss and skip read: none stops the run
+
+
+def test_a_profile_window_on_cuda_writes_a_memory_snapshot_for_memory_viz(tmp_path):
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from pipeline.profiling import StepProfiler
+
+    model = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).cuda()
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1, fused=True), build_scaler(torch.device("cuda"),
+                                                                                              "bf16")
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    profiler = StepProfiler(OmegaConf.create({"start_step": 2, "steps": 2}), tmp_path, 0, torch.device("cuda"))
+    for step in range(1, 5):
+        profiler.before_step(step)
+        train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, "bf16")
+        profiler.after_step(step)
+    names = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert names == ["rank-0.memory.pickle", "rank-0.ops.txt", "rank-0.trace.json"]
+    snapshot = pickle.loads((tmp_path / "profile/rank-0.memory.pickle").read_bytes())
+    assert snapshot["segments"] and any(trace for trace in snapshot["device_traces"])  # what memory_viz draws
+    assert "Self CUDA" in (tmp_path / "profile/rank-0.ops.txt").read_text()
+    trace = json.loads((tmp_path / "profile/rank-0.trace.json").read_text())
+    assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])  # the GPU's own kernels
