@@ -211,6 +211,11 @@ def bench_train(args: argparse.Namespace) -> dict:
     if added:
         result.update(added=added, added_images_per_s=rate["train_loop_added"],
                       added_cost=1 - rate["train_loop_added"] / rate["train_loop"])
+    if args.profile:  # one more run, untimed, profiled after the first (warm-up) window
+        window = [f"profile.start_step={args.window + 1}", f"profile.steps={args.profile_steps}"]
+        run_isolated("train_loop", {"config": config, "overrides": [*overrides, *added, *window],
+                                    "profile_to": str(Path(args.profile).resolve())})
+        result["profile"] = sorted(str(p) for p in Path(args.profile).resolve().glob("rank-*"))
     return result
 
 
@@ -304,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--repeat", type=int, default=3)
     train.add_argument("--added", default="", help="key=value words (one string) of parts whose cost to measure: the "
                        "train loop runs with and without them, e.g. 'train.ema.enabled=true train.mix.mixup_alpha=0.2'")
+    train.add_argument("--profile", default="", help="also profile the train loop (with --added's parts) into this "
+                       "folder: a trace and the top operators per rank (see the README's profiling section)")
+    train.add_argument("--profile-steps", type=int, default=5, help="steps the profile records, after the first window")
     train.add_argument("overrides", nargs="*", help="key=value words for the mini config")
     for p in (model, loader, index, train):
         p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
@@ -369,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.added:
             print(f"cost of {' '.join(result['added'])}: {100 * result['added_cost']:.1f}% of the train loop's "
                   "images/s")
+        if args.profile:
+            steps = f"{args.window + 1}-{args.window + args.profile_steps}"
+            print(f"profile of steps {steps}: {', '.join(result['profile'])}")
     if args.command in ("model", "loader", "index", "train"):
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))

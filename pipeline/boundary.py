@@ -15,9 +15,12 @@ s + 1: the stop checkpoint holds at most 2 steps more than the signal's. At an e
 reduction is read at once (one blocking round trip per epoch), so an epoch never ends with a decision in
 flight, and validation's collectives never meet one.
 
-The loss is checked without a host sync: its value is copied to pinned host memory without blocking and read
-one step later, when the GPU has long finished that step. The loss of step s is so checked at step s + 1
-and travels in that step's flags: every rank stops at step s + 2 at the latest. A non-finite loss, or (fp16)
+The loss is checked without a host sync: its value (and, fp16, whether the grad scaler skipped the step: the
+unscaled gradients' norm is not finite, see :func:`pipeline.engine.train_step`) is copied to pinned host memory
+without blocking and read one step later, when the GPU has long finished that step. (A norm can also overflow
+float32 with every gradient finite, above about 1.8e19: such a step counts as skipped though it was applied.)
+The loss of step s is so checked at step s + 1 and travels in that step's flags: every rank stops at step s + 2
+at the latest. A non-finite loss, or (fp16)
 more than ``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with
 :class:`NonFiniteLoss`; before any checkpoint the loss of the current step and the weights are checked
 (blocking, once per checkpoint), so no checkpoint of a step after the bad one is ever written.
@@ -51,42 +54,47 @@ class Decision:
 
 
 class LossWatch:
-    """A step's loss, read one step later without waiting for the device (on a CPU, at once)."""
+    """A step's loss (and, fp16, whether the grad scaler skipped it), read one step later without waiting for
+    the device (on a CPU, at once)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._slots = [torch.zeros((), dtype=torch.float32, pin_memory=self.cuda) for _ in range(2)]  # pinned
+        # two slots in turn of (loss, skipped), pinned: a copy into them does not wait for the device
+        self._slots = [torch.zeros(2, dtype=torch.float32, pin_memory=self.cuda) for _ in range(2)]
         self._events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
         self._step: list[int | None] = [None, None]
+        self._skip_known = [False, False]
         self._next = 0
 
-    def record(self, step: int, loss: torch.Tensor) -> tuple[int, float] | None:
-        """Keep step ``step``'s loss; return the previous step's (step, value) if it was not finite."""
+    def record(self, step: int, loss: torch.Tensor,
+               skipped: torch.Tensor | None = None) -> list[tuple[int, float, bool | None]]:
+        """Keep step ``step``'s loss and skip flag; return what the previous step kept (read now)."""
         previous = self.read(1 - self._next)
         slot = self._next
+        values = loss.detach().float().reshape(1) if skipped is None else \
+            torch.stack([loss.detach().float(), skipped.float()])
         if self.cuda:
-            self._slots[slot].copy_(loss.detach(), non_blocking=True)
+            self._slots[slot][:values.numel()].copy_(values, non_blocking=True)
             self._events[slot].record()
         else:
-            self._slots[slot] = loss.detach()  # already on the host
-        self._step[slot] = step
+            self._slots[slot] = values  # already on the host
+        self._step[slot], self._skip_known[slot] = step, skipped is not None
         self._next = 1 - slot
         return previous
 
-    def read(self, slot: int) -> tuple[int, float] | None:
+    def read(self, slot: int) -> list[tuple[int, float, bool | None]]:
+        """``[(step, loss, skipped or None)]`` of what ``slot`` keeps (``[]`` if nothing), and frees it."""
         if self._step[slot] is None:
-            return None
+            return []
         if self.cuda:
             self._events[slot].synchronize()  # that step finished long ago: no wait in steady state
-        step, value = self._step[slot], self._slots[slot].item()
-        self._step[slot] = None
-        return None if math.isfinite(value) else (step, value)
+        values = self._slots[slot].tolist()
+        step, self._step[slot] = self._step[slot], None
+        return [(step, values[0], bool(values[1]) if self._skip_known[slot] else None)]
 
-    def read_all(self) -> tuple[int, float] | None:
-        """Every loss kept so far, now (a host sync): the first non-finite one."""
-        first = self.read(1 - self._next)
-        latest = self.read(self._next)
-        return first or latest
+    def read_all(self) -> list[tuple[int, float, bool | None]]:
+        """Everything kept so far, now (a host sync), in step order."""
+        return self.read(1 - self._next) + self.read(self._next)
 
 
 class StepBoundary:
@@ -115,23 +123,26 @@ class StepBoundary:
 
     # ---------------------------------------------------------------- the flags of one rank
 
-    def _flags(self, step: int, loss: torch.Tensor | None, skipped: bool | None, now: bool) -> list[int]:
+    def _flags(self, step: int, loss: torch.Tensor | None, skipped: torch.Tensor | None, now: bool) -> list[int]:
         if loss is not None:
-            bad = self.loss.record(step, loss)
-            if bad and self.problem is None:
-                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
+            self._check(self.loss.record(step, loss, skipped))
         if now:
-            bad = self.loss.read_all()
-            if bad and self.problem is None:
-                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
-        if skipped is not None:
+            self._check(self.loss.read_all())
+        timed = self.every_minutes > 0 and self.clock() - self.last_save >= 60 * self.every_minutes
+        return [int(self.signals.received is not None), int(timed), int(self.problem is not None)]
+
+    def _check(self, seen: list[tuple[int, float, bool | None]]) -> None:
+        """This rank's reason to stop, from the steps' losses and skips read now (in step order)."""
+        for step, value, skipped in seen:
+            if not math.isfinite(value) and self.problem is None:
+                self.problem = f"the loss at step {step} is {value}"
+            if skipped is None:
+                continue
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
             if self.max_skipped and self.skipped_in_a_row > self.max_skipped and self.problem is None:
                 self.problem = (f"the fp16 grad scaler skipped {self.skipped_in_a_row} steps in a row up to step "
                                 f"{step} (more than train.max_skipped_steps={self.max_skipped}): every gradient "
                                 "overflows")
-        timed = self.every_minutes > 0 and self.clock() - self.last_save >= 60 * self.every_minutes
-        return [int(self.signals.received is not None), int(timed), int(self.problem is not None)]
 
     # ---------------------------------------------------------------- agreeing
 
@@ -152,9 +163,10 @@ class StepBoundary:
             work.wait()
         return buffer.tolist()
 
-    def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: bool | None = None,
+    def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: torch.Tensor | None = None,
                    last_in_epoch: bool = False) -> Decision:
-        """The decision at the boundary after step ``step`` (``skipped``: whether the fp16 scaler skipped it)."""
+        """The decision at the boundary after step ``step`` (``skipped``: fp16, whether the grad scaler skipped
+        it, a device flag read with the loss)."""
         now = self.blocking or last_in_epoch
         flags = self._flags(step, loss, skipped, now)
         began = time.perf_counter()
@@ -182,10 +194,8 @@ class StepBoundary:
         stop, _, diverged = self._read()
         stop = max(stop, int(self.signals.received is not None))
         if self.problem is None:
-            bad = self.loss.read_all()
-            if bad:
-                self.problem = f"the loss at step {bad[0]} is {bad[1]}"
-            elif not weights_finite():
+            self._check(self.loss.read_all())
+            if self.problem is None and not weights_finite():
                 self.problem = f"the weights after step {step} hold non-finite values"
         self._start([stop, 0, int(diverged or self.problem is not None)])
         stop, _, diverged = self._read()

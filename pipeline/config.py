@@ -191,6 +191,14 @@ class InsightsConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of global steps, written per rank to run.dir/profile (see the README)."""
+
+    start_step: int = 0  # the global step (counted from 1) whose start begins the window; 0: no profile
+    steps: int = 5  # how many steps the window records (it ends with the epoch at the latest)
+
+
+@dataclass
 class SlurmConfig:
     """How ``python -m launch.slurm`` asks SLURM for the job; ignored by local runs."""
 
@@ -231,6 +239,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     insights: InsightsConfig = field(default_factory=InsightsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -256,6 +265,7 @@ POSITIVE = (
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
     "data.aug_repeats", "data.progressive.min_size", "data.progressive.step", "data.ra_num_ops",
+    "profile.steps",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
@@ -263,7 +273,7 @@ NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
                 "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs",
                 "train.mix.mixup_alpha", "train.mix.cutmix_alpha",
-                "optim.clip_grad_norm")
+                "optim.clip_grad_norm", "profile.start_step")
 
 
 class ConfigError(ValueError):

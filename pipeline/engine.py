@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -112,36 +113,65 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
+class StepResult(NamedTuple):
+    """What a training step leaves on the device (no host sync): its loss; the true (unscaled) gradients' total
+    norm where it was computed (fp16, or clipping), else None; and (fp16) whether the grad scaler skipped it."""
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    skipped: torch.Tensor | None
+
+
+def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients, on the device (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6
+        return nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # torch 2.5, as clip_grad_norm_ does
+
+
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str,
-               clip_grad_norm: float = 0.0) -> torch.Tensor:
-    """One forward, backward and optimizer step, the gradients' norm clipped to ``clip_grad_norm`` (0: not);
-    returns the loss as a device tensor (no sync)."""
+               clip_grad_norm: float = 0.0) -> StepResult:
+    """One forward, backward and optimizer step, the gradients' norm clipped to ``clip_grad_norm`` (0: not).
+
+    With fp16 the gradients are unscaled before the step, so their norm is known on the device: it is not finite
+    exactly when a gradient is not, which is what makes the grad scaler skip the step. An optimizer that takes
+    the scaler's verdict on the device (fused SGD) then skips it without a host sync.
+    """
     with autocast(images.device, precision):
         loss = criterion(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
+    # zeroed in place: under DDP with gradient_as_bucket_view the gradients stay views of the all-reduce buckets
+    # (set to None, each backward would allocate them anew and DDP copy them into the buckets)
+    optimizer.zero_grad(set_to_none=False)
     scaler.scale(loss).backward()
+    norm = None
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # the true gradients, for their norm (and clipping)
     if clip_grad_norm:
-        scaler.unscale_(optimizer)  # the true gradients' norm (fp16); the scaler's step skips non-finite ones
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    elif scaler.is_enabled():
+        norm = grad_norm(model.parameters())
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    skipped = ~torch.isfinite(norm) if scaler.is_enabled() else None
+    return StepResult(loss.detach(), norm, skipped)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
                     world_size: int, on_log: Callable[[dict], None],
-                    on_step: Callable[[int, torch.Tensor], bool],
+                    on_step: Callable[[int, torch.Tensor, torch.Tensor | None], bool],
                     progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
-    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step, loss)``
-    runs after every step (checkpoints, stop signals, a finite loss) and returns True to stop. ``mixer(images,
+    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps (with ``grad_norm``, the mean of the
+    applied steps', where the step computes it); ``on_step(global_step, loss, skipped)`` runs after every step
+    (checkpoints, stop signals, a finite loss, fp16 steps skipped) and returns True to stop. ``mixer(images,
     labels)`` gives the batch to train on and its (soft) targets.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros(2, device=device)  # the gradients' norms of the applied steps, and how many
     window_images, window_steps, data_wait = 0, 0, 0.0
     window_start = time.perf_counter()
     batches = iter(loader)
@@ -155,9 +185,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         images, targets = _to_device(images, labels, device, train_cfg.channels_last)
         if mixer is not None:
             images, targets = mixer(images, targets)
-        loss = train_step(model, images, targets, criterion, optimizer, scaler, train_cfg.precision, clip_grad_norm)
+        step = train_step(model, images, targets, criterion, optimizer, scaler, train_cfg.precision, clip_grad_norm)
         scheduler.step()
-        loss_sum += loss
+        loss_sum += step.loss
+        if step.grad_norm is not None:
+            applied = torch.isfinite(step.grad_norm)
+            norm_sum += torch.stack([torch.where(applied, step.grad_norm, 0.0), applied.float()])
         global_step += 1
         window_steps += 1
         window_images += images.shape[0]
@@ -166,15 +199,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         if global_step % train_cfg.log_every_steps == 0:
             mean_loss = loss_sum.item() / window_steps  # the one host sync, every log_every_steps steps
             elapsed = time.perf_counter() - window_start
+            norms, applied = norm_sum.tolist()  # the device is idle by now: no wait
             on_log({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": window_images * world_size / elapsed, "data_wait": data_wait / elapsed,
-                    "global_step": global_step})
+                    "global_step": global_step, **({"grad_norm": norms / applied} if applied else {})})
             if progress is not None:
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()
+            norm_sum.zero_()
             window_images, window_steps, data_wait = 0, 0, 0.0
             window_start = time.perf_counter()
-        if on_step(global_step, loss):
+        if on_step(global_step, step.loss, step.skipped):
             return global_step, True
 
 

@@ -20,6 +20,7 @@ from torch import nn
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
 LARS_ABOVE = 8192  # global batch above which plain SGD with linear scaling is known to lose accuracy
+FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.SGD(fused=True) has a kernel (CUDA since torch 2.2, CPU 2.4)
 
 
 def parameter_groups(model: nn.Module, optim_cfg) -> list[tuple[list[str], float]]:
@@ -77,14 +78,51 @@ class Lars(torch.optim.SGD):
 
 
 def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.SGD:
-    """SGD (or LARS) with the learning rate scaled linearly from 256 images to the global batch."""
+    """SGD (or LARS) with the learning rate scaled linearly from 256 images to the global batch.
+
+    SGD is PyTorch's fused kernel on CUDA and CPU (torch >= 2.4 has both): one kernel for all parameters, and
+    the fp16 grad scaler hands it its verdict on the device, so a step is skipped without a host sync. LARS
+    steps parameter by parameter; under fp16 the scaler reads its verdict on the host first (a sync per step).
+    """
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in names], "weight_decay": decay}
               for names, decay in parameter_groups(model, optim_cfg)]
     sgd = dict(lr=optim_cfg.lr * global_batch / 256, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
     if optim_cfg.name == "lars":
         return Lars(groups, trust_coefficient=optim_cfg.lars_trust_coefficient, **sgd)
-    return torch.optim.SGD(groups, **sgd)
+    device = next(iter(params.values())).device.type
+    if device not in FUSED_DEVICES:
+        return torch.optim.SGD(groups, **sgd)
+    return prime_momentum(torch.optim.SGD(groups, **sgd, fused=True))
+
+
+def prime_momentum(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Give every parameter without one a momentum buffer of zeros (where there is momentum): the same first step
+    (``0 * momentum + g`` is ``g``), and a first step the fp16 scaler skips keeps them zero. Unprimed, fused SGD
+    makes its buffers with ``torch.empty_like`` before its kernel sees the skip, and the next step adds whatever
+    that memory held."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                if "momentum_buffer" not in optimizer.state[p]:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state`` into ``optimizer``, keeping the kernel this build chose (a saved group's ``fused`` and
+    ``foreach`` would replace it) and each momentum buffer in its parameter's memory layout (the fused kernel
+    needs them alike; a checkpoint of another train.channels_last has the other)."""
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(chosen)
+    for p, p_state in optimizer.state.items():
+        buffer = p_state.get("momentum_buffer")
+        if buffer is not None and buffer.stride() != p.stride():
+            p_state["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
+    if any(group.get("fused") for group in optimizer.param_groups):
+        prime_momentum(optimizer)  # a checkpoint saved before any step was applied has no buffers
 
 
 def regroup_state(state: dict, model: nn.Module, saved_cfg, optim_cfg) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from torch import nn
 
 from pipeline.engine import build_scaler, train_step, tune_backends
 from pipeline.models import build_model
+from pipeline.optim import build_optimizer
 
 
 class PeakRSS(threading.Thread):
@@ -347,16 +349,16 @@ def measure_bare_loop(spec: dict) -> dict:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.memory_efficient, cfg.model.drop_rate,
                         cfg.model.depth, cfg.model.growth_rate).to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batch = global_batch(cfg.train, 1)  # one process: the global batch (or the per-GPU one) is its batch
+    optimizer = build_optimizer(model, cfg.optim, batch)  # the training's optimizer (fused SGD)
     scaler = build_scaler(device, cfg.train.precision)
     criterion = nn.CrossEntropyLoss()
-    batch = global_batch(cfg.train, 1)  # one process: the global batch (or the per-GPU one) is its batch
     images, labels = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes, device, memory_format)
     window, rates = cfg.train.log_every_steps, []
     for _ in range(spec["windows"] + 1):
         began = time.perf_counter()
         for _ in range(window):
-            loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision)
+            loss = train_step(model, images, labels, criterion, optimizer, scaler, cfg.train.precision).loss
         loss.item()
         rates.append(window * batch / (time.perf_counter() - began))
     return {**spec, "images_per_s": statistics.median(rates[1:]),
@@ -376,6 +378,8 @@ def measure_train_loop(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rates = logged_images_per_s(spec["config"], spec["overrides"], Path(tmp) / "run")
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+        if spec.get("profile_to"):  # the run's profile outlives its run dir
+            shutil.copytree(Path(tmp) / "run" / "profile", spec["profile_to"], dirs_exist_ok=True)
     return {**spec, "images_per_s": statistics.median(rates[1:] or rates), "windows": len(rates),
             "measured": {"pid": os.getpid(), "steps": summary["global_step"], "images": summary["images_seen"]}}
 

@@ -152,6 +152,15 @@ class Picture:
 PICTURE_TRIES = 3  # failed uploads while the server answers, before a picture is dropped
 
 
+@dataclass
+class Upload:
+    """A file for the run's artifacts, under the artifact folder ``folder``."""
+
+    path: Path
+    folder: str
+    tries: int = 0
+
+
 class _Sender(threading.Thread):
     """Sends queued metrics in batches, then pictures; holds both through an outage and retries.
 
@@ -165,6 +174,7 @@ class _Sender(threading.Thread):
         self.queue: queue.Queue = queue.Queue()
         self.pending: list = []
         self.pictures: list[Picture] = []
+        self.uploads: list[Upload] = []
         self.down_since: float | None = None
         self._closing = threading.Event()
         self._deadline = 0.0
@@ -175,18 +185,23 @@ class _Sender(threading.Thread):
             sent = self._send() if self.pending else True
             if sent and self.pictures:
                 sent = self._send_pictures()
+            if sent and self.uploads:
+                sent = self._send_uploads()
             if not sent:
                 if self._closing.is_set() and time.monotonic() > self._deadline:
                     return  # the server is still away: close() reports what is left
                 time.sleep(self.retry_s)
-            elif self._closing.is_set() and self.queue.empty() and not self.pending and not self.pictures:
+            elif (self._closing.is_set() and self.queue.empty() and not self.pending and not self.pictures
+                  and not self.uploads):
                 return
 
     def _drain(self, timeout: float) -> None:
         try:
             item = self.queue.get(timeout=timeout)
             while True:
-                (self.pictures if isinstance(item, Picture) else self.pending).append(item)
+                held = self.pictures if isinstance(item, Picture) else self.uploads if isinstance(item, Upload) \
+                    else self.pending
+                held.append(item)
                 item = self.queue.get_nowait()
         except queue.Empty:
             pass
@@ -237,6 +252,26 @@ class _Sender(threading.Thread):
                     del self.pictures[0]
                 return True
             del self.pictures[0]
+        return self._up()
+
+    def _send_uploads(self) -> bool:
+        """Upload the held files; False while the server is away (they are kept)."""
+        while self.uploads:
+            upload = self.uploads[0]
+            try:
+                self.client.log_artifact(self.run_id, str(upload.path), artifact_path=upload.folder)
+            except Exception as err:
+                try:
+                    self.client.get_run(self.run_id)  # does the server answer at all?
+                except Exception:
+                    return self._down(err)
+                upload.tries += 1
+                if upload.tries >= PICTURE_TRIES:
+                    log.warning("Could not store %s in the MLflow run after %d tries (%s); it stays in the run "
+                                "dir.", upload.path, upload.tries, str(err).splitlines()[0][:200])
+                    del self.uploads[0]
+                return True
+            del self.uploads[0]
         return self._up()
 
     def close(self, timeout: float) -> list:
@@ -362,6 +397,11 @@ class Tracker:
         """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
         self.sender.queue.put(Picture(key, Path(path).read_bytes(), step))
 
+    def log_artifacts(self, paths: list[Path], folder: str) -> None:
+        """Queue the files ``paths`` for the run's artifact folder ``folder``; sent in the background."""
+        for path in paths:
+            self.sender.queue.put(Upload(Path(path), folder))
+
     def _register(self, name: str) -> None:
         """Register the uploaded ``model_final.pt`` as a new version of the model ``name``."""
         from mlflow.exceptions import MlflowException
@@ -389,6 +429,9 @@ class Tracker:
         if self.sender.pictures:
             log.warning("%d images could not be sent to %s; run dir %s/insights holds the latest ones.",
                         len(self.sender.pictures), redact(self.uri), self.run_dir)
+        if self.sender.uploads:
+            log.warning("%d files could not be sent to %s; they stay in run dir %s.", len(self.sender.uploads),
+                        redact(self.uri), self.run_dir)
         if unsent:
             path = self.run_dir / "unsent_metrics.jsonl"
             atomic_write_bytes(path, "".join(json.dumps({"key": m.key, "value": m.value, "step": m.step,

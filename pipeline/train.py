@@ -80,7 +80,8 @@ from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked,
 from pipeline.log import add_log_file, setup_logging
 from pipeline.mix import BatchMixer, mixing_enabled
 from pipeline.models import build_model
-from pipeline.optim import LARS_ABOVE, build_optimizer, parameter_groups, regroup_state
+from pipeline.optim import LARS_ABOVE, build_optimizer, load_optimizer_state, parameter_groups, regroup_state
+from pipeline.profiling import StepProfiler
 from pipeline.signals import StopRequested, StopSignals
 from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
 
@@ -149,6 +150,9 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
                     "and decays normalisation layers and biases too, which You et al. (2017) and timm leave out. Set "
                     "optim.norm_weight_decay=0 optim.bias_weight_decay=0.", cfg.optim.norm_weight_decay,
                     cfg.optim.bias_weight_decay)
+    if cfg.optim.name == "lars" and cfg.train.precision == "fp16":
+        log.info("optim.name=lars with train.precision=fp16: the grad scaler reads on the host whether to skip each "
+                 "step before LARS steps (one device sync per step; fused SGD or bf16 have none).")
     if batch > LARS_ABOVE and cfg.optim.name != "lars":
         log.warning("A global batch of %d with optim.name=%s: above %d, SGD with the linear scaling rule is known to "
                     "lose accuracy (Goyal et al. 2017 reached 8k). Set optim.name=lars (layer-wise trust ratios, "
@@ -468,7 +472,7 @@ class Run:
         if resume:
             self.model.load_state_dict(resume["model"])
             saved_optim = OmegaConf.create(resume["config"]).optim
-            self.optimizer.load_state_dict(regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
+            load_optimizer_state(self.optimizer, regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
             self.scheduler.load_state_dict(resume["scheduler"])
             saved = flatten(resume["config"])
             if saved.get("train.precision", cfg.train.precision) == cfg.train.precision:
@@ -511,7 +515,12 @@ class Run:
                                                       self.global_batch, cfg.data.aug_repeats))
         net: nn.Module = model
         if dist.world_size > 1:
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # the gradients are views of the all-reduce buckets: no copy into them, no second copy in memory.
+            # static_graph stays off: every parameter is used at every step and the checkpointed layers are
+            # non-reentrant, which DDP handles without it; with torch.compile it is known to clash with dynamo's
+            # DDPOptimizer (pytorch#109261)
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
         if cfg.train.compile:
             net = compile_model(net, sizes_change=cfg.data.progressive.enabled)
         self.net = net
@@ -531,7 +540,7 @@ class Run:
         self.flops = step_flops(cfg.model, self.batch_size, cfg.data.image_size) if dist.is_main else 0.0
         self.attempt_start, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         self.compile_pending = cfg.train.compile and dist.is_main
-        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, dist.rank, self.device)
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.attempt_start
@@ -544,6 +553,7 @@ class Run:
         if cfg.data.record_ids and hasattr(self.train_loader, "last_ids"):
             (self.run_dir / "sample_ids").mkdir(exist_ok=True)
             self.ids_file = closing.enter_context(open(self.run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
+        closing.callback(self.profiler.finish)  # a window cut short by a stop or an error is written too
         last_size = 0  # the training image size of the epoch before (none yet)
         while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
@@ -558,12 +568,14 @@ class Run:
             last_size = size
             if progress.step_in_epoch < self.steps_per_epoch:
                 show_bar = dist.is_main and sys.stderr.isatty()
+                self.profiler.before_step(progress.global_step + 1)
                 with tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}",
                           disable=not show_bar, leave=False) as bar:
                     _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
                                                  bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm)
+                self.profiled(self.profiler.finish())  # a window ends with the epoch
                 if stopped:
                     raise StopRequested(self.stop_signal)
             self.validate(epoch, time.perf_counter() - epoch_start)
@@ -575,14 +587,16 @@ class Run:
         """The batch of the step in progress, mixed (train.mix), and its soft targets."""
         return self.mixer(images, labels, self.progress.epoch, self.progress.step_in_epoch)
 
-    def on_step(self, global_step: int, loss: torch.Tensor) -> bool:
-        """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop."""
+    def on_step(self, global_step: int, loss: torch.Tensor, skipped: torch.Tensor | None = None) -> bool:
+        """The step boundary: record the step, then checkpoint or stop as every rank decides. True: stop.
+        ``skipped``: (fp16) whether the grad scaler skipped the step, on the device."""
         progress = self.progress
         if self.compile_pending:  # the first step compiled the forward and backward
             self.compile_pending = False
             log.info("%s; first step done %.1fs after start", compile_report(),
                      time.perf_counter() - self.attempt_start)
         progress.global_step = global_step
+        self.profiled(self.profiler.after_step(global_step))
         self.hang.beat(global_step)
         if self.ema:
             self.ema.update(self.model, global_step)
@@ -592,14 +606,10 @@ class Run:
                                 f"{' '.join(map(str, ids.tolist()))}\n")
             self.ids_file.flush()
         progress.step_in_epoch += 1
+        if progress.step_in_epoch < self.steps_per_epoch:  # the window records the steps and their boundaries
+            self.profiler.before_step(global_step + 1)
         if self.insights:
             self.insights.on_step(global_step)  # the gradients of this step are still there
-        skipped = None
-        if self.last_scale is not None:
-            # the scaler lowers its scale exactly when it skipped the step; its step() already waited for the
-            # device (it reads found_inf), so reading the scale costs only the update's few kernels
-            scale = self.scaler.get_scale()
-            skipped, self.last_scale = scale < self.last_scale, scale
         decision = self.boundary.after_step(global_step, loss, skipped,
                                             last_in_epoch=progress.step_in_epoch == self.steps_per_epoch)
         if decision.stop or decision.save:
@@ -607,6 +617,11 @@ class Run:
             return self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
                              stopping=decision.stop)
         return False
+
+    def profiled(self, files: list[Path]) -> None:
+        """After a profile window: rank 0 queues the whole files of run.dir/profile it sees for the MLflow run."""
+        if files and self.tracker:
+            self.tracker.log_artifacts(sorted(p for p in files[0].parent.glob("rank-*") if p.is_file()), "profile")
 
     def save(self, reason: str, stopping: bool = False) -> bool:
         """A checkpoint of this step (every rank calls it), unless the loss or weights are not finite (then every
@@ -656,6 +671,8 @@ class Run:
         per_gpu = record["images_per_s"] / self.dist.world_size
         flops = self.flops * (train_image_size(self.cfg.data, progress.epoch) / self.cfg.data.image_size) ** 2
         record = {**record, "images_per_s_per_gpu": per_gpu, "tflops_per_gpu": flops * per_gpu / self.batch_size / 1e12}
+        if self.scaler.is_enabled():  # read here only: the log line waits for the device anyway
+            record["loss_scale"] = self.scaler.get_scale()
         log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%",
                  progress.epoch + 1, progress.step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
                  record["images_per_s"], per_gpu, "GPU" if self.device.type == "cuda" else "rank",
@@ -664,7 +681,8 @@ class Run:
             self.metrics.log("train", epoch=progress.epoch, **record)
         if self.tracker:
             self.tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait",
-                                                                       "images_per_s_per_gpu", "tflops_per_gpu")},
+                                                                       "images_per_s_per_gpu", "tflops_per_gpu",
+                                                                       "grad_norm", "loss_scale") if k in record},
                                      record["global_step"])
 
     def validate(self, epoch: int, train_seconds: float) -> None:

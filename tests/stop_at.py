@@ -33,10 +33,10 @@ def main(argv: list[str]) -> int:
     if kind == "step":
         on_step = train.Run.on_step
 
-        def on_step_then(self, global_step, loss):
+        def on_step_then(self, global_step, *step):
             if global_step == at:
                 send()
-            return on_step(self, global_step, loss)
+            return on_step(self, global_step, *step)
 
         train.Run.on_step = on_step_then
     else:

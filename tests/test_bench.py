@@ -66,9 +66,9 @@ def test_index_measures_an_imagenet_sized_index_shared_by_ranks(tmp_path):
     assert "uss_MB_per_rank" in stdout and result["uss_MB_per_rank"] < result["index_MB"] / 2
 
 
-def test_train_compares_the_training_loop_with_a_bare_loop(tmp_path):
+def test_train_compares_the_training_loop_with_a_bare_loop_and_profiles_it_on_demand(tmp_path):
     stdout, result = bench("train", "--steps", "6", "--epochs", "1", "--window", "2", "--repeat", "1",
-                           tmp_path=tmp_path)
+                           "--profile", str(tmp_path / "profile"), "--profile-steps", "2", tmp_path=tmp_path)
     [train], [bare] = result["runs"]["train_loop"], result["runs"]["bare_loop"]
     assert train["measured"]["pid"] != bare["measured"]["pid"]
     # python -m pipeline.train ran its 6 steps; the bare loop its windows of 2 steps
@@ -76,6 +76,8 @@ def test_train_compares_the_training_loop_with_a_bare_loop(tmp_path):
     assert bare["measured"]["steps"] == 2 * (6 // 2 - 1 + 1)
     assert result["ratio"] == pytest.approx(result["train_loop_images_per_s"] / result["bare_loop_images_per_s"])
     assert "ratio train/bare" in stdout
+    assert result["profile"] == [str(tmp_path / "profile" / name) for name in ("rank-0.ops.txt", "rank-0.trace.json")]
+    assert "profile of steps 3-4" in stdout
 
 
 def test_boundary_measures_both_designs_at_each_world_size(tmp_path):

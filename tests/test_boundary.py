@@ -90,11 +90,20 @@ def test_no_checkpoint_is_written_after_a_non_finite_loss_or_with_non_finite_wei
 def test_too_many_skipped_fp16_steps_in_a_row_stop_the_run():
     b = boundary(max_skipped=3)
     for step, skipped in enumerate([True, True, True, False, True, True, True], start=1):
-        b.after_step(step, FINITE, skipped)  # a step that was not skipped starts the count again
-    b.after_step(8, FINITE, True)  # the 4th in a row
+        b.after_step(step, FINITE, torch.tensor(skipped))  # a step that was not skipped starts the count again
+    b.after_step(8, FINITE, torch.tensor(True))  # the 4th in a row: read with its loss at step 9, agreed during 10
+    b.after_step(9, FINITE, torch.tensor(False))
     with pytest.raises(NonFiniteLoss, match=r"skipped 4 steps in a row up to step 8 \(more than "
                                             r"train.max_skipped_steps=3\)"):
-        b.after_step(9, FINITE, False)
+        b.after_step(10, FINITE, torch.tensor(False))
+
+
+def test_steps_skipped_up_to_a_checkpoint_are_counted_before_it_is_written():
+    b = boundary(max_skipped=1)
+    b.after_step(1, FINITE, torch.tensor(True))
+    b.after_step(2, FINITE, torch.tensor(True))  # the 2nd in a row, not read yet
+    with pytest.raises(NonFiniteLoss, match="skipped 2 steps in a row up to step 2"):
+        b.before_save(2, lambda: True)
 
 
 def _ranks(rank: int, world: int, port: int, out, case: str) -> None:

@@ -77,7 +77,7 @@ def test_a_training_step_runs_and_updates_the_weights(precision):
     before = [p.detach().clone() for p in model.parameters()]
     images = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     loss = train_step(model, images, torch.tensor([0, 1, 2, 0]), nn.CrossEntropyLoss(), optimizer, scaler,
-                      precision)
+                      precision).loss
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with autocast(CPU, precision):
@@ -144,3 +144,37 @@ def test_a_compiled_model_compiles_once_per_size_when_sizes_change():
         compiled(torch.randn(2, 3, size, size)).sum().backward()
     assert counters["stats"]["unique_graphs"] == 3
     torch._dynamo.reset()
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_said_so_and_the_others_match_unfused_sgd():
+    """The fused SGD takes the grad scaler's verdict on the device (no host sync): a step with an overflowing
+    gradient leaves the weights and momentum as they were and reports itself skipped; the steps after it match
+    PyTorch's unfused SGD under the same scaler (the scaler's own host-side skip) up to float rounding."""
+    torch.manual_seed(0)
+    fused = densenet_bc(10, 4, num_classes=3).to(memory_format=torch.channels_last)
+    plain = densenet_bc(10, 4, num_classes=3).to(memory_format=torch.channels_last)
+    plain.load_state_dict(fused.state_dict())
+    cfg = load_config(None).optim
+    optimizers = [build_optimizer(fused, cfg, 256),
+                  torch.optim.SGD(plain.parameters(), lr=0.1, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                  weight_decay=cfg.weight_decay)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    # a scale of 2^21: the first backward overflows fp16; the scaler halves the scale after each skip
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**21, growth_interval=1000) for _ in range(2)]
+    images = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in fused.parameters()]
+    first = train_step(fused, images, labels, nn.CrossEntropyLoss(), optimizers[0], scalers[0], "fp16")
+    assert bool(first.skipped) and not math.isfinite(first.grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, fused.parameters(), strict=True))
+    assert all(not s["momentum_buffer"].any() for s in optimizers[0].state.values())  # zeros, as primed
+    train_step(plain, images, labels, nn.CrossEntropyLoss(), optimizers[1], scalers[1], "fp16")
+    skipped = []
+    for _ in range(8):  # until the scale fits, then a few steps applied
+        step = train_step(fused, images, labels, nn.CrossEntropyLoss(), optimizers[0], scalers[0], "fp16")
+        train_step(plain, images, labels, nn.CrossEntropyLoss(), optimizers[1], scalers[1], "fp16")
+        skipped.append(bool(step.skipped))
+        assert bool(step.skipped) == (not math.isfinite(step.grad_norm))
+    assert skipped[-4:] == [False] * 4 and scalers[0].get_scale() == scalers[1].get_scale()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name

@@ -35,7 +35,7 @@ def test_amp_step_on_cuda(precision):
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device="cuda")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    losses = [float(train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, precision))
+    losses = [float(train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, precision).loss)
               for _ in range(3)]
     assert all(math.isfinite(v) for v in losses), losses
     still = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
@@ -160,7 +160,7 @@ def test_mixing_the_ema_and_clipping_add_no_host_sync_to_the_step():
 
     def step(k):
         images, targets = mixer(x, y, 0, k)
-        loss = train_step(model, images, targets, criterion, optimizer, scaler, "bf16", clip_grad_norm=1.0)
+        loss = train_step(model, images, targets, criterion, optimizer, scaler, "bf16", clip_grad_norm=1.0).loss
         ema.update(model, k)
         return loss
 
@@ -172,3 +172,73 @@ def test_mixing_the_ema_and_clipping_add_no_host_sync_to_the_step():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(math.isfinite(float(v)) for v in losses)
+
+
+@pytest.mark.parametrize("precision,clip", [("fp16", 0.0), ("fp16", 1.0), ("bf16", 0.0)])
+def test_training_steps_and_the_step_boundary_make_no_host_sync(precision, clip):
+    """20 steps through train_step, the schedule and the step boundary under sync-debug 'error': with fp16 the
+    fused SGD takes the grad scaler's verdict on the device, and whether it skipped travels with the loss."""
+    from pipeline.boundary import StepBoundary
+    from pipeline.config import load_config
+    from pipeline.engine import build_scheduler
+    from pipeline.optim import build_optimizer
+
+    class Signals:
+        received, name = None, ""
+
+    cfg = load_config(None, ["optim.norm_weight_decay=0"])
+    model = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    optimizer, scaler = build_optimizer(model, cfg.optim, 16), build_scaler(torch.device("cuda"), precision)
+    assert optimizer.defaults["fused"]
+    scheduler = build_scheduler(optimizer, cfg.schedule, epochs=2, steps_per_epoch=20)
+    boundary = StepBoundary(Signals(), torch.device("cuda"), max_skipped=cfg.train.max_skipped_steps)
+    x = torch.randn(16, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device="cuda")
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(k):
+        result = train_step(model, x, y, criterion, optimizer, scaler, precision, clip_grad_norm=clip)
+        scheduler.step()
+        boundary.after_step(k, result.loss, result.skipped)
+        return result
+
+    step(1)  # the first step chooses its kernels and allocates
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step(k) for k in range(2, 22)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(math.isfinite(float(r.loss)) for r in results)
+    assert (results[-1].skipped is None) == (precision == "bf16")
+    if precision == "fp16":
+        skips = [bool(r.skipped) for r in results]
+        assert skips[-5:] == [False] * 5, skips  # the scale settled: the last steps were applied
+        assert all(s == (not math.isfinite(float(r.grad_norm))) for s, r in zip(skips, results, strict=True))
+    boundary.before_save(21, lambda: True)  # every loss and skip read: none stops the run
+
+
+def test_a_profile_window_on_cuda_writes_a_memory_snapshot_for_memory_viz(tmp_path):
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from pipeline.profiling import StepProfiler
+
+    model = build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).cuda()
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1, fused=True), build_scaler(torch.device("cuda"),
+                                                                                              "bf16")
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    profiler = StepProfiler(OmegaConf.create({"start_step": 2, "steps": 2}), tmp_path, 0, torch.device("cuda"))
+    for step in range(1, 5):
+        profiler.before_step(step)
+        train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, scaler, "bf16")
+        profiler.after_step(step)
+    names = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert names == ["rank-0.memory.pickle", "rank-0.ops.txt", "rank-0.trace.json"]
+    snapshot = pickle.loads((tmp_path / "profile/rank-0.memory.pickle").read_bytes())
+    assert snapshot["segments"] and any(trace for trace in snapshot["device_traces"])  # what memory_viz draws
+    assert "Self CUDA" in (tmp_path / "profile/rank-0.ops.txt").read_text()
+    trace = json.loads((tmp_path / "profile/rank-0.trace.json").read_text())
+    assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])  # the GPU's own kernels

@@ -1,5 +1,6 @@
 """Weight decay by parameter kind, gradient clipping, LARS, and the optimizer's state across a change of groups."""
 
+import copy
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ from pipeline.config import flatten, load_config
 from pipeline.distributed import DistInfo
 from pipeline.engine import build_scaler, build_scheduler, train_step
 from pipeline.models.densenet import densenet_bc
-from pipeline.optim import Lars, build_optimizer, parameter_groups, regroup_state
+from pipeline.optim import Lars, build_optimizer, load_optimizer_state, parameter_groups, regroup_state
 from pipeline.train import apply_changed_settings, check_batch_settings
 
 
@@ -74,6 +75,23 @@ def test_a_resume_with_other_groups_keeps_each_parameters_momentum():
     for name, p in net.named_parameters():
         assert torch.equal(regrouped.state[p]["momentum_buffer"], momentum[name]), name
     assert regroup_state(optimizer.state_dict(), net, saved_cfg, saved_cfg) == optimizer.state_dict()
+
+
+def test_a_checkpoint_of_the_unfused_sgd_resumes_on_the_fused_one_in_another_memory_layout():
+    """A checkpoint of an earlier version (unfused SGD, its groups say so) of a run without channels-last, resumed
+    with channels-last: the fused kernel stays, each momentum follows its parameter's layout, the step matches."""
+    saved_net, net = model(), model().to(memory_format=torch.channels_last)
+    old = torch.optim.SGD(saved_net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    step(saved_net, old)
+    optimizer = build_optimizer(net, optim(), 256)
+    net.load_state_dict(saved_net.state_dict())
+    load_optimizer_state(optimizer, copy.deepcopy(old.state_dict()))  # a copy, as from a file
+    assert optimizer.param_groups[0]["fused"] and old.state_dict()["param_groups"][0]["fused"] is None
+    assert all(optimizer.state[p]["momentum_buffer"].stride() == p.stride() for p in net.parameters())
+    step(saved_net, old, seed=1)
+    step(net, optimizer, seed=1)
+    for a, b in zip(net.parameters(), saved_net.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -66,6 +66,11 @@ def test_synthetic_backend_trains_with_amp_and_memory_efficient_layers(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 8 and summary["images_seen"] == 8 * 8
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [e for e in logged if e["event"] == "train"]
+    if precision == "fp16":  # the unscaled gradients' norm (computed to tell a skipped step) and the scale
+        assert all(e["grad_norm"] > 0 and e["loss_scale"] >= 1 for e in logged), logged
+    assert not (run_dir / "profile").exists()  # profile.start_step=0: no profile
 
 
 @pytest.mark.parametrize("words,needle", [
