@@ -133,17 +133,21 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
                     world_size: int, on_log: Callable[[dict], None],
                     on_step: Callable[[int, torch.Tensor], bool],
-                    progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0) -> tuple[int, bool]:
+                    progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0,
+                    forward_time: Callable[[], float] | None = None) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
     ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps; ``on_step(global_step, loss)``
     runs after every step (checkpoints, stop signals, a finite loss) and returns True to stop. ``mixer(images,
-    labels)`` gives the batch to train on and its (soft) targets.
+    labels)`` gives the batch to train on and its (soft) targets. ``forward_time()``: the seconds of forwards
+    since its last call (read after the log line's sync); with the data wait, this rank's own time per step.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     window_images, window_steps, data_wait = 0, 0, 0.0
     window_start = time.perf_counter()
+    if forward_time is not None:
+        forward_time()  # a window starts here (the forwards before it are complete: validation synced)
     batches = iter(loader)
     while True:
         fetch_start = time.perf_counter()
@@ -166,9 +170,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         if global_step % train_cfg.log_every_steps == 0:
             mean_loss = loss_sum.item() / window_steps  # the one host sync, every log_every_steps steps
             elapsed = time.perf_counter() - window_start
+            forward = forward_time() if forward_time is not None else 0.0
             on_log({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": window_images * world_size / elapsed, "data_wait": data_wait / elapsed,
-                    "global_step": global_step})
+                    "global_step": global_step, "own_ms": 1e3 * (data_wait + forward) / window_steps,
+                    "data_wait_ms": 1e3 * data_wait / window_steps})
             if progress is not None:
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()
