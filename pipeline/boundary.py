@@ -25,7 +25,7 @@ more than ``max_skipped`` steps in a row skipped by the grad scaler, stops every
 At a log step the reduction carries more: a slot pair per rank, which each rank fills at its own index with its
 own time and data wait per step (int32 microseconds; the other slots 0, so MAX gathers them all). The same
 steps are log steps on every rank, so every rank sends a buffer of the same length; other steps send the three
-flags alone. Every rank then holds every rank's figures (:attr:`StepBoundary.figures`) when it reads that
+flags alone. Every rank then holds every rank's figures (:meth:`StepBoundary.take_figures`) when it reads that
 reduction, one step later.
 """
 
@@ -121,7 +121,7 @@ class StepBoundary:
         self._long = [np.zeros(3 + 2 * self.world_size, dtype=np.int32) for _ in range(2)]
         self._tensors = {id(b): torch.from_numpy(b) for b in (*self._buffers, *self._long)}
         self._turn = 0
-        self.figures: RankFigures | None = None  # every rank's, from the last log step's reduction read
+        self.figures: list[RankFigures] = []  # every rank's, of each log step whose reduction was read, in order
         self.waited = 0.0  # seconds the last step boundary waited for the ranks' decision
 
     # ---------------------------------------------------------------- the flags of one rank
@@ -167,12 +167,12 @@ class StepBoundary:
             work.wait()
         if len(buffer) > 3:
             per_rank = buffer[3:].reshape(self.world_size, 2) / 1e3
-            self.figures = RankFigures(own_ms=per_rank[:, 0], wait_ms=per_rank[:, 1])
+            self.figures.append(RankFigures(own_ms=per_rank[:, 0], wait_ms=per_rank[:, 1]))
         return buffer[:3].tolist()
 
-    def take_figures(self) -> RankFigures | None:
-        """Every rank's figures of the last log window, once they have arrived (then None until the next)."""
-        figures, self.figures = self.figures, None
+    def take_figures(self) -> list[RankFigures]:
+        """Every rank's figures of each log step whose reduction was read since the last call, in step order."""
+        figures, self.figures = self.figures, []
         return figures
 
     def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: bool | None = None,

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -553,7 +554,7 @@ class Run:
         self.forward_timer = ForwardTimer(net, self.device) if not (cfg.model.sync_bn and dist.world_size > 1) \
             else None
         self.stragglers = StragglerWatch(dist.world_size, cfg.train.straggler_above, cfg.train.straggler_intervals)
-        self.window: dict | None = None  # the log window whose line waits for every rank's figures
+        self.windows: deque[dict] = deque()  # the log windows whose lines wait for every rank's figures (<= 2)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
         places = collective.gather_to_main((socket.gethostname(), dist.local_rank))  # once, not per step
@@ -644,30 +645,34 @@ class Run:
             scale = self.scaler.get_scale()
             skipped, self.last_scale = scale < self.last_scale, scale
         figures = None
-        if self.window is not None and "own_ms" in self.window:  # a log step: this rank's figures go out with it
-            figures = (self.window.pop("own_ms") / 1e3, self.window.pop("data_wait_ms") / 1e3)
+        if self.windows and "own_ms" in self.windows[-1]:  # a log step: this rank's figures go out with it
+            window = self.windows[-1]
+            figures = (window.pop("own_ms") / 1e3, window.pop("data_wait_ms") / 1e3)
         try:
             decision = self.boundary.after_step(global_step, loss, skipped,
                                                 last_in_epoch=progress.step_in_epoch == self.steps_per_epoch,
                                                 figures=figures)
-            stop = False
-            if decision.stop or decision.save:
-                every = self.cfg.checkpoint.every_steps
-                stop = self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
-                                 stopping=decision.stop)
-        except BaseException:
-            self.log_window(self.boundary.take_figures(), ending=True)
+        except BaseException:  # a divergence: the lines of the windows before it go out first
+            self.log_windows(self.boundary.take_figures(), ending=True)
             raise
-        self.log_window(self.boundary.take_figures())
-        return stop
+        self.log_windows(self.boundary.take_figures())
+        if decision.stop or decision.save:
+            every = self.cfg.checkpoint.every_steps
+            return self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
+                             stopping=decision.stop)
+        return False
 
     def save(self, reason: str, stopping: bool = False) -> bool:
         """A checkpoint of this step (every rank calls it), unless the loss or weights are not finite (then every
         rank raises NonFiniteLoss). Returns whether it is a stop's checkpoint (``stopping``, or a stop signal
         reached some rank meanwhile): the caller stops after it. One checkpoint per step, whatever asked."""
         dist, progress, signals = self.dist, self.progress, self.signals
-        stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
-        self.log_window(self.boundary.take_figures())  # this step's window, if any, is in the checkpoint's lines
+        try:
+            stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
+        except BaseException:  # a divergence: the lines of the windows before it go out first
+            self.log_windows(self.boundary.take_figures(), ending=True)
+            raise
+        self.log_windows(self.boundary.take_figures())  # this step's window, if any, is in the checkpoint's lines
         if stopping:  # which signal, wherever it arrived (the group is free: before_save read what was in flight)
             names = collective.gather_to_main(signals.name)
             self.stop_signal = next((n for n in names if n), "") if names else signals.name
@@ -707,18 +712,20 @@ class Run:
     def on_log(self, record: dict) -> None:
         """A logged window: on one rank, its line now; on several, once every rank's figures have arrived with
         the step boundary's reduction (at the next step, or at once at an epoch's end)."""
-        self.window = {**record, "epoch": self.progress.epoch, "step_in_epoch": self.progress.step_in_epoch}
+        self.windows.append({**record, "epoch": self.progress.epoch, "step_in_epoch": self.progress.step_in_epoch})
         if self.dist.world_size == 1:
-            self.log_window(None)
+            self.log_windows([], ending=True)
 
-    def log_window(self, figures: RankFigures | None, ending: bool = False) -> None:
-        """The log window's line, metrics and MLflow values: the loss, the rate of the job and of each GPU (or CPU
+    def log_windows(self, arrived: list[RankFigures], ending: bool = False) -> None:
+        """The lines of the waiting log windows whose figures have ``arrived`` (they arrive in the windows'
+        order); with ``ending`` (one rank; an error), every waiting line now, with what has arrived."""
+        while self.windows and (arrived or ending):
+            self.log_window(self.windows.popleft(), arrived.pop(0) if arrived else None)
+
+    def log_window(self, record: dict, figures: RankFigures | None) -> None:
+        """A log window's line, metrics and MLflow values: the loss, the rate of the job and of each GPU (or CPU
         rank), its TFLOP/s and, on several ranks, the slowest rank's own time and data wait per step against the
-        median. ``figures`` None: not yet arrived (the line waits for them), unless ``ending``."""
-        record = self.window
-        if record is None or (figures is None and self.dist.world_size > 1 and not ending):
-            return
-        self.window = None
+        median."""
         record.pop("own_ms", None), record.pop("data_wait_ms", None)
         epoch, step_in_epoch = record.pop("epoch"), record.pop("step_in_epoch")
         per_gpu = record["images_per_s"] / self.dist.world_size
