@@ -219,8 +219,9 @@ def bench_train(args: argparse.Namespace) -> dict:
     return result
 
 
-def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, steps: int) -> None:
-    """One rank of ``bench boundary``: both designs in turn, the same steps, the same process group."""
+def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, steps: int, figures_every: int) -> None:
+    """One rank of ``bench boundary``: the designs in turn, the same steps, the same process group; ``figures``:
+    the async design with every rank's figures in the reduction of every ``figures_every``-th step (log steps)."""
     from pipeline import collective
     from pipeline.boundary import StepBoundary
     from pipeline.distributed import init_distributed, shutdown
@@ -231,22 +232,26 @@ def _boundary_rank(rank: int, world: int, port: int, results, step_ms: float, st
     dist_info = init_distributed(timeout_s=300)
     loss = torch.tensor(2.3)
     figures: dict = {"pids": collective.gather_to_main(os.getpid()), "blocking_flags": {}}  # what each rank says it is
-    for design, blocking in (("blocking", True), ("async", False)):
+    for design, blocking in (("blocking", True), ("async", False), ("figures", False)):
         boundary = StepBoundary(StopSignals(), dist_info.device, every_minutes=30.0, blocking=blocking)
-        waited, spent = [], []
+        waited, spent, reading = [], [], []
         for step in range(1, steps + 11):
             time.sleep(step_ms / 1000)  # the step's compute
             began = time.perf_counter()
-            boundary.after_step(step, loss, last_in_epoch=False)
+            logged = design == "figures" and step % figures_every == 0
+            boundary.after_step(step, loss, last_in_epoch=False,
+                                figures=(step_ms / 1000, rank / 1e6) if logged else None)
             if step > 10:  # after a warm-up
                 spent.append(1000 * (time.perf_counter() - began))
                 waited.append(1000 * boundary.waited)
+                if step % figures_every == 1:  # this step read a log step's reduction (with figures, in that design)
+                    reading.append(1000 * boundary.waited)
         boundary.before_save(steps + 10, lambda: True)  # nothing left in flight
-        everyone = collective.gather_to_main((waited, spent))
+        everyone = collective.gather_to_main((waited, spent, reading))
         flags = collective.gather_to_main(boundary.blocking)
         if rank == 0:
             figures["blocking_flags"][design] = flags
-            figures[design] = [statistics.median(w for ranks in everyone for w in ranks[i]) for i in (0, 1)]
+            figures[design] = [statistics.median(w for ranks in everyone for w in ranks[i]) for i in (0, 1, 2)]
     if rank == 0:
         results.put(figures)
     shutdown(True)
@@ -257,12 +262,16 @@ def bench_boundary(args: argparse.Namespace) -> dict:
 
     runs = []
     for world in args.world_size:
-        [figures] = run_local_ranks(_boundary_rank, world, args.step_ms, args.steps)
-        (before, before_all), (after, after_all) = figures["blocking"], figures["async"]
+        [figures] = run_local_ranks(_boundary_rank, world, args.step_ms, args.steps, args.figures_every)
+        (before, before_all, _), (after, after_all, plain_read) = figures["blocking"], figures["async"]
+        with_figures, with_figures_all, figures_read = figures["figures"]
         runs.append({"world_size": world, "step_ms": args.step_ms, "steps": args.steps, "pids": figures["pids"],
                      "blocking_by_rank": figures["blocking_flags"],
                      "blocked_ms_per_step_blocking": before, "blocked_ms_per_step": after, "ratio": after / before,
-                     "boundary_ms_per_step_blocking": before_all, "boundary_ms_per_step": after_all})
+                     "boundary_ms_per_step_blocking": before_all, "boundary_ms_per_step": after_all,
+                     "figures_every": args.figures_every, "blocked_ms_per_step_with_figures": with_figures,
+                     "boundary_ms_per_step_with_figures": with_figures_all,
+                     "blocked_ms_reading_figures": figures_read, "blocked_ms_same_steps_without": plain_read})
     return {"runs": runs, "cpus": usable_cpus()}
 
 
@@ -325,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     bound.add_argument("--world-size", type=int, nargs="+", default=[2, 4, 8, 16], help="gloo ranks on this machine")
     bound.add_argument("--step-ms", type=float, default=20.0, help="the emulated step (a sleep)")
     bound.add_argument("--steps", type=int, default=200, help="timed steps per design")
+    bound.add_argument("--figures-every", type=int, default=10, help="the log steps of the design with the ranks' "
+                       "figures in the reduction (train.log_every_steps)")
     bound.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     track = sub.add_parser("tracking", help="mini config images/s with tracking off and on")
     track.add_argument("--epochs", type=int, default=4)
@@ -391,10 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                                       ("blocked_ms_per_step", "async ms", ".3f"),
                                       ("ratio", "async/blocking", ".3f"),
                                       ("boundary_ms_per_step_blocking", "all, blocking", ".3f"),
-                                      ("boundary_ms_per_step", "all, async", ".3f")]))
+                                      ("boundary_ms_per_step", "all, async", ".3f"),
+                                      ("blocked_ms_per_step_with_figures", "figures ms", ".3f"),
+                                      ("blocked_ms_same_steps_without", "log+1 plain", ".3f"),
+                                      ("blocked_ms_reading_figures", "log+1 figures", ".3f")]))
         print(f"(blocked_ms_per_step: the median time a step waits for the ranks' decision, over ranks and "
               f"{args.steps} steps of {args.step_ms:g} ms each; 'all': the whole step boundary, with this rank's "
-              f"flags and the start of the next reduction; {result['cpus']} CPUs shared by the ranks)")
+              f"flags and the start of the next reduction; 'figures': the async design with every rank's figures in "
+              f"the reduction of every {args.figures_every}th step; 'log+1': the steps that read such a step's "
+              f"reduction, without and with the figures; {result['cpus']} CPUs shared by the ranks)")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
         return 0

@@ -24,6 +24,12 @@ at the latest. A non-finite loss, or (fp16)
 more than ``max_skipped`` steps in a row skipped by the grad scaler, stops every rank with
 :class:`NonFiniteLoss`; before any checkpoint the loss of the current step and the weights are checked
 (blocking, once per checkpoint), so no checkpoint of a step after the bad one is ever written.
+
+At a log step the reduction carries more: a slot pair per rank, which each rank fills at its own index with its
+own time and data wait per step (int32 microseconds; the other slots 0, so MAX gathers them all). The same
+steps are log steps on every rank, so every rank sends a buffer of the same length; other steps send the three
+flags alone. Every rank then holds every rank's figures (:meth:`StepBoundary.take_figures`) when it reads that
+reduction, one step later.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import collective
+from pipeline.stragglers import RankFigures
 
 NONFINITE_EXIT_CODE = 3  # neither 0 (done) nor 75 (stopped to resume): the run diverged, do not restart it
 
@@ -115,10 +122,14 @@ class StepBoundary:
         self.skipped_in_a_row = 0
         self.problem: str | None = None  # this rank's reason to stop for divergence, once it has one
         self._pending: tuple[object, np.ndarray] | None = None
-        # two flag buffers in turn (one may be in flight), written through numpy: no tensor made per step
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # two flag buffers in turn (one may be in flight), written through numpy: no tensor made per step; the
+        # longer ones carry every rank's figures at log steps
         self._buffers = [np.zeros(3, dtype=np.int32) for _ in range(2)]
-        self._tensors = [torch.from_numpy(b) for b in self._buffers]
+        self._long = [np.zeros(3 + 2 * self.world_size, dtype=np.int32) for _ in range(2)]
+        self._tensors = {id(b): torch.from_numpy(b) for b in (*self._buffers, *self._long)}
         self._turn = 0
+        self.figures: list[RankFigures] = []  # every rank's, of each log step whose reduction was read, in order
         self.waited = 0.0  # seconds the last step boundary waited for the ranks' decision
 
     # ---------------------------------------------------------------- the flags of one rank
@@ -146,12 +157,16 @@ class StepBoundary:
 
     # ---------------------------------------------------------------- agreeing
 
-    def _start(self, flags: list[int]) -> None:
-        buffer, tensor = self._buffers[self._turn], self._tensors[self._turn]
+    def _start(self, flags: list[int], figures: tuple[float, float] | None = None) -> None:
+        buffer = (self._buffers if figures is None else self._long)[self._turn]
         self._turn = 1 - self._turn
-        buffer[:] = flags
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=collective.control_group(), async_op=True) \
-            if dist.is_initialized() else None
+        buffer[:3] = flags
+        if figures is not None:
+            buffer[3:] = 0
+            buffer[3 + 2 * self.rank:5 + 2 * self.rank] = np.clip(np.round(np.multiply(figures, 1e6)), 0,
+                                                                  np.iinfo(np.int32).max)
+        work = dist.all_reduce(self._tensors[id(buffer)], op=dist.ReduceOp.MAX, group=collective.control_group(),
+                               async_op=True) if dist.is_initialized() else None
         self._pending = (work, buffer)
 
     def _read(self) -> list[int]:
@@ -161,24 +176,33 @@ class StepBoundary:
         self._pending = None
         if work is not None:
             work.wait()
-        return buffer.tolist()
+        if len(buffer) > 3:
+            per_rank = buffer[3:].reshape(self.world_size, 2) / 1e3
+            self.figures.append(RankFigures(own_ms=per_rank[:, 0], wait_ms=per_rank[:, 1]))
+        return buffer[:3].tolist()
+
+    def take_figures(self) -> list[RankFigures]:
+        """Every rank's figures of each log step whose reduction was read since the last call, in step order."""
+        figures, self.figures = self.figures, []
+        return figures
 
     def after_step(self, step: int, loss: torch.Tensor | None = None, skipped: torch.Tensor | None = None,
-                   last_in_epoch: bool = False) -> Decision:
+                   last_in_epoch: bool = False, figures: tuple[float, float] | None = None) -> Decision:
         """The decision at the boundary after step ``step`` (``skipped``: fp16, whether the grad scaler skipped
-        it, a device flag read with the loss)."""
+        it, a device flag read with the loss). ``figures``: this rank's own time and data wait per step (seconds)
+        over the log window that ends at this step; given at log steps only, the same steps on every rank."""
         now = self.blocking or last_in_epoch
         flags = self._flags(step, loss, skipped, now)
         began = time.perf_counter()
         if now:  # the one in flight and this step's, agreed within the step: a round trip waited for
             earlier = self._read()
-            self._start([max(a, b) for a, b in zip(earlier, flags, strict=True)])
+            self._start([max(a, b) for a, b in zip(earlier, flags, strict=True)], figures)
             stop, timed, diverged = self._read()
             self.waited = time.perf_counter() - began
         else:  # the previous step's, started a step ago (only its end is waited for); this step's goes out
             stop, timed, diverged = self._read()
             self.waited = time.perf_counter() - began
-            self._start(flags)
+            self._start(flags, figures)
         if diverged:
             self.stop_diverged()
         every = bool(self.every_steps) and step % self.every_steps == 0

@@ -134,6 +134,9 @@ class TrainConfig:
     log_every_steps: int = 50
     # fp16: stop when the grad scaler skipped more steps than this in a row (every gradient overflows); 0: never
     max_skipped_steps: int = 20
+    # warn of a rank whose own time per step (data wait + forward) is this fraction above the ranks' median ...
+    straggler_above: float = 0.2
+    straggler_intervals: int = 3  # ... for this many log intervals in a row (again each time that doubles); 0: off
     ema: EmaConfig = field(default_factory=EmaConfig)
     mix: MixConfig = field(default_factory=MixConfig)
 
@@ -265,7 +268,7 @@ POSITIVE = (
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
     "data.aug_repeats", "data.progressive.min_size", "data.progressive.step", "data.ra_num_ops",
-    "profile.steps",
+    "profile.steps", "train.straggler_above",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
                 "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
@@ -273,7 +276,7 @@ NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
                 "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs",
                 "train.mix.mixup_alpha", "train.mix.cutmix_alpha",
-                "optim.clip_grad_norm", "profile.start_step")
+                "optim.clip_grad_norm", "profile.start_step", "train.straggler_intervals")
 
 
 class ConfigError(ValueError):

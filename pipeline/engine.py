@@ -161,19 +161,23 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     scheduler, scaler: torch.amp.GradScaler, train_cfg, device: torch.device, global_step: int,
                     world_size: int, on_log: Callable[[dict], None],
                     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], bool],
-                    progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0) -> tuple[int, bool]:
+                    progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0,
+                    forward_time: Callable[[], float] | None = None) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
     ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps (with ``grad_norm``, the mean of the
     applied steps', where the step computes it); ``on_step(global_step, loss, skipped)`` runs after every step
     (checkpoints, stop signals, a finite loss, fp16 steps skipped) and returns True to stop. ``mixer(images,
-    labels)`` gives the batch to train on and its (soft) targets.
+    labels)`` gives the batch to train on and its (soft) targets. ``forward_time()``: the seconds of forwards
+    since its last call (read after the log line's sync); with the data wait, this rank's own time per step.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros(2, device=device)  # the gradients' norms of the applied steps, and how many
     window_images, window_steps, data_wait = 0, 0, 0.0
     window_start = time.perf_counter()
+    if forward_time is not None:
+        forward_time()  # a window starts here (the forwards before it are complete: validation synced)
     batches = iter(loader)
     while True:
         fetch_start = time.perf_counter()
@@ -200,9 +204,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             mean_loss = loss_sum.item() / window_steps  # the one host sync, every log_every_steps steps
             elapsed = time.perf_counter() - window_start
             norms, applied = norm_sum.tolist()  # the device is idle by now: no wait
+            forward = forward_time() if forward_time is not None else 0.0
             on_log({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": window_images * world_size / elapsed, "data_wait": data_wait / elapsed,
-                    "global_step": global_step, **({"grad_norm": norms / applied} if applied else {})})
+                    "global_step": global_step, "own_ms": 1e3 * (data_wait + forward) / window_steps,
+                    "data_wait_ms": 1e3 * data_wait / window_steps,
+                    **({"grad_norm": norms / applied} if applied else {})})
             if progress is not None:
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()

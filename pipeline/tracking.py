@@ -284,14 +284,18 @@ class _Sender(threading.Thread):
         return list(self.pending)
 
 
-def connect(uri: str):
-    """An MlflowClient for ``uri`` that has answered once (raises if the server cannot be reached)."""
-    from mlflow import MlflowClient
-
+def _short_requests() -> None:
     # one failed request must not hold the caller for minutes: the sender retries by itself
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the URL may hold credentials
+
+
+def connect(uri: str):
+    """An MlflowClient for ``uri`` that has answered once (raises if the server cannot be reached)."""
+    from mlflow import MlflowClient
+
+    _short_requests()
     client = MlflowClient(uri)
     client.search_experiments(max_results=1)
     return client
@@ -350,8 +354,10 @@ def run_link(uri: str, run_dir: Path) -> str:
 class Tracker:
     """Rank 0's MLflow run: params once, tags per attempt, metrics in the background, artifacts at the end."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str]):
+    def __init__(self, cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str],
+                 nodes: list[str | None] | None = None):
         import mlflow
+        from mlflow.system_metrics import set_system_metrics_node_id
 
         self.cfg, self.run_dir = cfg.tracking, run_dir
         self.uri = tracking_uri(cfg)
@@ -359,9 +365,14 @@ class Tracker:
         self.run_id, resumed = open_run(self.client, cfg, run_dir, self.uri)
         self.skip_until = self._logged_steps() if resumed else {}
         mlflow.set_tracking_uri(self.uri)
+        if nodes and nodes[0]:  # on several nodes: system/node0/..., system/node1/...
+            set_system_metrics_node_id(nodes[0])
         mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.system_metrics)
         logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # outages are reported once, below
-        for key, value in attempt_tags(world_size, hosts).items():
+        tags = attempt_tags(world_size, hosts)
+        if nodes and nodes[0]:  # which host each node's system/<node>/ metrics describe
+            tags["system_metrics_nodes"] = ", ".join(f"{node}={hosts[rank]}" for rank, node in enumerate(nodes) if node)
+        for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         self.sender = _Sender(self.client, self.run_id, self.uri)
         self.sender.start()
@@ -459,17 +470,40 @@ class Tracker:
             log.warning("Could not mark the MLflow run %s as %s: %s", self.run_id, status, err)
 
 
-def open_tracker(cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str]) -> Tracker | None:
-    """The MLflow tracker (rank 0, ``tracking.backend=mlflow``), or None; an unreachable server is explained."""
+def open_tracker(cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str],
+                 nodes: list[str | None] | None = None) -> Tracker | None:
+    """The MLflow tracker (rank 0, ``tracking.backend=mlflow``), or None; an unreachable server is explained.
+    ``nodes``: each rank's node name for system metrics (:func:`pipeline.train.node_ids`)."""
     if cfg.tracking.backend != "mlflow":
         return None
     try:
-        return Tracker(cfg, run_dir, world_size, hosts)
+        return Tracker(cfg, run_dir, world_size, hosts, nodes)
     except Exception as err:
         message = unreachable(tracking_uri(cfg), err)
         if cfg.tracking.required:
             raise TrackingError(message + ".") from None
         log.warning("%s. Training goes on WITHOUT tracking (tracking.required=false).", message)
+        return None
+
+
+def start_node_metrics(cfg: DictConfig, run_id: str, node_id: str):
+    """This node's system metrics (CPU, memory, GPU where NVML is there) as ``system/<node_id>/...`` of rank 0's
+    run ``run_id``, from a background thread: the run is neither reopened nor ended from this node, and a server
+    that goes away costs these metrics (the thread stops), never a step. Returns the monitor to ``finish()``, or
+    None (off, or it could not start: a warning)."""
+    if cfg.tracking.backend != "mlflow" or not cfg.tracking.system_metrics:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        _short_requests()
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, node_id=node_id, tracking_uri=tracking_uri(cfg))
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001 - a node's system metrics are not worth a run
+        log.warning("Could not log this node's system metrics (%s) into MLflow run %s: %s", node_id, run_id,
+                    redact(str(err))[:300])
         return None
 
 

@@ -10,6 +10,7 @@ next step boundary and exits with status 75: "start me again to resume".
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -83,7 +85,8 @@ from pipeline.models import build_model
 from pipeline.optim import LARS_ABOVE, build_optimizer, load_optimizer_state, parameter_groups, regroup_state
 from pipeline.profiling import StepProfiler
 from pipeline.signals import StopRequested, StopSignals
-from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker
+from pipeline.stragglers import ForwardTimer, RankFigures, StragglerWatch
+from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_tracker, start_node_metrics
 
 log = logging.getLogger("pipeline.train")
 
@@ -173,6 +176,20 @@ def build_net(model_cfg: DictConfig, device: torch.device, channels_last: bool, 
     if model_cfg.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` under DDP, without DDP's broadcast of rank 0's buffers at every forward: the forward then holds
+    no collective, so its time is the rank's own (:mod:`pipeline.stragglers`). BatchNorm in training uses the
+    batch's statistics, never the running ones, so no step changes; rank 0's running statistics, the ones saved,
+    are its own either way, and reach the other ranks before evaluating (``collective.broadcast_buffers``)."""
+    # the gradients are views of the all-reduce buckets: no copy into them, no second copy in memory. static_graph
+    # stays off: every parameter is used at every step and the checkpointed layers are non-reentrant, which DDP
+    # handles without it; with torch.compile it is known to clash with dynamo's DDPOptimizer (pytorch#109261)
+    common = dict(device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # newer PyTorch
+        return DistributedDataParallel(model, forward_sync_buffers=False, **common)
+    return DistributedDataParallel(model, broadcast_buffers=False, **common)
 
 
 def generate_data(cfg: DictConfig, dist: DistInfo) -> None:
@@ -286,19 +303,40 @@ def prepare_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
     return run_dir
 
 
-def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path):
-    """Rank 0's MLflow tracker (or None); a required server that cannot be reached stops every rank."""
-    hosts = collective.gather_to_main(socket.gethostname())
-    tracker, error = None, None
+def node_ids(local_ranks: list[int]) -> list[str | None]:
+    """Each rank's node as system metrics name it (``node0``, ``node1``, ... in rank order), on the first rank of
+    each node (local rank 0), None elsewhere; None everywhere on one node (its metrics keep their plain names)."""
+    leaders = [rank for rank, local in enumerate(local_ranks) if local == 0]
+    names: list[str | None] = [None] * len(local_ranks)
+    if len(leaders) > 1:
+        for node, rank in enumerate(leaders):
+            names[rank] = f"node{node}"
+    return names
+
+
+def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path, hosts: list[str] | None,
+                   local_ranks: list[int] | None, held: ExitStack):
+    """Rank 0's MLflow tracker (or None); a required server that cannot be reached stops every rank. On several
+    nodes, the first rank of every other node logs its node's system metrics into the same run (``hosts`` and
+    ``local_ranks``: every rank's, on rank 0)."""
+    tracker, error, nodes = None, None, [None] * dist.world_size
     if dist.is_main:
         if dist.world_size > 1:
             log.info("%s; rendezvous %s:%s", placement(hosts), os.environ.get("MASTER_ADDR", "?"),
                      os.environ.get("MASTER_PORT", "?"))
+        nodes = node_ids(local_ranks)
         try:
-            tracker = open_tracker(cfg, run_dir, dist.world_size, hosts)
+            tracker = open_tracker(cfg, run_dir, dist.world_size, hosts, nodes)
         except TrackingError as err:
             error = str(err)
-    collective.main_decides(error, TrackingError)
+    run_id, error, node = collective.broadcast_from_main((tracker.run_id if tracker else None, error, nodes)) \
+        if dist.world_size > 1 else (None, error, nodes)
+    if error:
+        raise collective.on_every_rank(TrackingError(error))
+    if run_id and node[dist.rank] and not dist.is_main:
+        monitor = start_node_metrics(cfg, run_id, node[dist.rank])
+        if monitor:
+            held.callback(monitor.finish)
     return tracker
 
 
@@ -429,7 +467,7 @@ class Run:
     def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack,
                  lock: RunDirLock | None = None):
         """Data, model, optimizer, schedule and grad scaler, before any resume. ``lock``: rank 0's on run.dir."""
-        self.cfg, self.dist, self.signals, self.lock = cfg, dist, signals, lock
+        self.cfg, self.dist, self.signals, self.lock, self.held = cfg, dist, signals, lock, held
         self.global_batch = global_batch(cfg.train, dist.world_size)
         self.batch_size = per_rank_batch(self.global_batch, dist.world_size)
         self.warmup = warmup_epochs(cfg.schedule, self.global_batch)
@@ -515,18 +553,21 @@ class Run:
                                                       self.global_batch, cfg.data.aug_repeats))
         net: nn.Module = model
         if dist.world_size > 1:
-            # the gradients are views of the all-reduce buckets: no copy into them, no second copy in memory.
-            # static_graph stays off: every parameter is used at every step and the checkpointed layers are
-            # non-reentrant, which DDP handles without it; with torch.compile it is known to clash with dynamo's
-            # DDPOptimizer (pytorch#109261)
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True)
+            net = wrap_ddp(net, self.device)
         if cfg.train.compile:
             net = compile_model(net, sizes_change=cfg.data.progressive.enabled)
         self.net = net
+        # own time = data wait + forward; with SyncBatchNorm the forward waits for every rank: the data wait alone
+        self.forward_timer = ForwardTimer(net, self.device) if not (cfg.model.sync_bn and dist.world_size > 1) \
+            else None
+        self.stragglers = StragglerWatch(dist.world_size, cfg.train.straggler_above, cfg.train.straggler_intervals)
+        self.windows: deque[dict] = deque()  # the log windows whose lines wait for every rank's figures (<= 2)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", keep=self.metrics_lines) if dist.is_main else None
-        self.tracker = start_tracking(cfg, dist, self.run_dir)
+        places = collective.gather_to_main((socket.gethostname(), dist.local_rank))  # once, not per step
+        self.hosts = [host for host, _ in places] if places else None
+        self.tracker = start_tracking(cfg, dist, self.run_dir, self.hosts, [local for _, local in places or []],
+                                      self.held)
         if self.tracker and self.changed:  # MLflow's params are the first attempt's: a change is a tag
             self.tracker.set_tag(f"changed_at_step_{self.progress.global_step}", self.changed)
         self.insights = start_insights(cfg.insights, model, self.run_dir, self.metrics, self.tracker,
@@ -574,7 +615,8 @@ class Run:
                     _, stopped = train_one_epoch(self.net, self.train_loader, self.criterion, self.optimizer,
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
-                                                 bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm)
+                                                 bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm,
+                                                 self.forward_timer.take if self.forward_timer else None)
                 self.profiled(self.profiler.finish())  # a window ends with the epoch
                 if stopped:
                     raise StopRequested(self.stop_signal)
@@ -610,8 +652,18 @@ class Run:
             self.profiler.before_step(global_step + 1)
         if self.insights:
             self.insights.on_step(global_step)  # the gradients of this step are still there
-        decision = self.boundary.after_step(global_step, loss, skipped,
-                                            last_in_epoch=progress.step_in_epoch == self.steps_per_epoch)
+        figures = None
+        if self.windows and "own_ms" in self.windows[-1]:  # a log step: this rank's figures go out with it
+            window = self.windows[-1]
+            figures = (window.pop("own_ms") / 1e3, window.pop("data_wait_ms") / 1e3)
+        try:
+            decision = self.boundary.after_step(global_step, loss, skipped,
+                                                last_in_epoch=progress.step_in_epoch == self.steps_per_epoch,
+                                                figures=figures)
+        except BaseException:  # a divergence: the lines of the windows before it go out first
+            self.log_windows(self.boundary.take_figures(), ending=True)
+            raise
+        self.log_windows(self.boundary.take_figures())
         if decision.stop or decision.save:
             every = self.cfg.checkpoint.every_steps
             return self.save("every_steps" if every and global_step % every == 0 else "every_minutes",
@@ -628,7 +680,12 @@ class Run:
         rank raises NonFiniteLoss). Returns whether it is a stop's checkpoint (``stopping``, or a stop signal
         reached some rank meanwhile): the caller stops after it. One checkpoint per step, whatever asked."""
         dist, progress, signals = self.dist, self.progress, self.signals
-        stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
+        try:
+            stopping = self.boundary.before_save(progress.global_step, lambda: weights_finite(self.model)) or stopping
+        except BaseException:  # a divergence: the lines of the windows before it go out first
+            self.log_windows(self.boundary.take_figures(), ending=True)
+            raise
+        self.log_windows(self.boundary.take_figures())  # this step's window, if any, is in the checkpoint's lines
         if stopping:  # which signal, wherever it arrived (the group is free: before_save read what was in flight)
             names = collective.gather_to_main(signals.name)
             self.stop_signal = next((n for n in names if n), "") if names else signals.name
@@ -666,23 +723,47 @@ class Run:
         return stopping
 
     def on_log(self, record: dict) -> None:
-        """A logged window: the loss, the rate of the job and of each GPU (or CPU rank), and its TFLOP/s."""
-        progress = self.progress
+        """A logged window: on one rank, its line now; on several, once every rank's figures have arrived with
+        the step boundary's reduction (at the next step, or at once at an epoch's end)."""
+        if self.scaler.is_enabled():  # read here only: the log step has just waited for the device
+            record = {**record, "loss_scale": self.scaler.get_scale()}
+        self.windows.append({**record, "epoch": self.progress.epoch, "step_in_epoch": self.progress.step_in_epoch})
+        if self.dist.world_size == 1:
+            self.log_windows([], ending=True)
+
+    def log_windows(self, arrived: list[RankFigures], ending: bool = False) -> None:
+        """The lines of the waiting log windows whose figures have ``arrived`` (they arrive in the windows'
+        order); with ``ending`` (one rank; an error), every waiting line now, with what has arrived."""
+        while self.windows and (arrived or ending):
+            self.log_window(self.windows.popleft(), arrived.pop(0) if arrived else None)
+
+    def log_window(self, record: dict, figures: RankFigures | None) -> None:
+        """A log window's line, metrics and MLflow values: the loss, the rate of the job and of each GPU (or CPU
+        rank), its TFLOP/s and, on several ranks, the slowest rank's own time and data wait per step against the
+        median."""
+        record.pop("own_ms", None), record.pop("data_wait_ms", None)
+        epoch, step_in_epoch = record.pop("epoch"), record.pop("step_in_epoch")
         per_gpu = record["images_per_s"] / self.dist.world_size
-        flops = self.flops * (train_image_size(self.cfg.data, progress.epoch) / self.cfg.data.image_size) ** 2
+        flops = self.flops * (train_image_size(self.cfg.data, epoch) / self.cfg.data.image_size) ** 2
         record = {**record, "images_per_s_per_gpu": per_gpu, "tflops_per_gpu": flops * per_gpu / self.batch_size / 1e12}
-        if self.scaler.is_enabled():  # read here only: the log line waits for the device anyway
-            record["loss_scale"] = self.scaler.get_scale()
-        log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%",
-                 progress.epoch + 1, progress.step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
+        slowest = ""
+        if figures is not None:
+            record.update(figures.metrics())
+            rank = figures.slowest
+            slowest = (f"  slowest rank {rank} ({self.hosts[rank] if self.hosts else '?'}) "
+                       f"{figures.own_ms[rank]:.1f} ms/step own, data-wait {figures.wait_ms[rank]:.1f} ms "
+                       f"(median {figures.own_median:.1f}, {figures.wait_median:.1f} ms)")
+        log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s (%.0f per %s, %.3g TFLOP/s)  data-wait %.0f%%%s",
+                 epoch + 1, step_in_epoch + 1, self.steps_per_epoch, record["loss"], record["lr"],
                  record["images_per_s"], per_gpu, "GPU" if self.device.type == "cuda" else "rank",
-                 record["tflops_per_gpu"], 100 * record["data_wait"])
+                 record["tflops_per_gpu"], 100 * record["data_wait"], slowest)
+        if figures is not None and self.dist.is_main:
+            for warning in self.stragglers.update(figures, self.hosts):
+                log.warning(warning)
         if self.metrics:
-            self.metrics.log("train", epoch=progress.epoch, **record)
+            self.metrics.log("train", epoch=epoch, **record)
         if self.tracker:
-            self.tracker.log_metrics({f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "data_wait",
-                                                                       "images_per_s_per_gpu", "tflops_per_gpu",
-                                                                       "grad_norm", "loss_scale") if k in record},
+            self.tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "global_step"},
                                      record["global_step"])
 
     def validate(self, epoch: int, train_seconds: float) -> None:

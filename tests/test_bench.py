@@ -87,7 +87,9 @@ def test_boundary_measures_both_designs_at_each_world_size(tmp_path):
     for run in result["runs"]:
         assert len(set(run["pids"])) == run["world_size"]  # a process per rank
         assert run["blocking_by_rank"] == {"blocking": [True] * run["world_size"],
-                                           "async": [False] * run["world_size"]}
+                                           "async": [False] * run["world_size"],
+                                           "figures": [False] * run["world_size"]}
+        assert run["blocked_ms_per_step_with_figures"] < 0.5 * run["blocked_ms_per_step_blocking"]
         # the blocking design waits a whole round trip per step; the asynchronous one only reads a finished one
         assert run["blocked_ms_per_step"] < 0.5 * run["blocked_ms_per_step_blocking"]
         assert run["boundary_ms_per_step"] >= run["blocked_ms_per_step"]

@@ -133,3 +133,39 @@ def _ranks(rank: int, world: int, port: int, out, case: str) -> None:
 def test_every_rank_takes_the_decision_of_one_at_the_same_step(case, expected):
     results = sorted(run_local_ranks(_ranks, 2, case, timeout_s=120))
     assert results == [(0, *expected), (1, *expected)]
+
+
+def test_a_log_steps_figures_arrive_with_the_next_steps_decision_or_at_once_at_an_epochs_end():
+    b = boundary()
+    b.after_step(1, FINITE, figures=(0.0125, 0.002))  # a log step: 12.5 ms own, 2 ms waiting for data
+    assert b.take_figures() is None  # in flight during step 2
+    b.after_step(2, FINITE)
+    got = b.take_figures()
+    assert got.own_ms.tolist() == [12.5] and got.wait_ms.tolist() == [2.0] and b.take_figures() is None
+    b.after_step(3, FINITE)
+    assert b.take_figures() is None  # not a log step
+    b.after_step(4, FINITE, last_in_epoch=True, figures=(0.001, 0.0))
+    assert b.take_figures().own_ms.tolist() == [1.0]
+
+
+def _figure_ranks(rank: int, world: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = boundary()
+        seen = []
+        for step in range(1, 8):
+            b.after_step(step, FINITE, figures=((rank + 1) / 1e3, rank / 1e4) if step % 3 == 0 else None)
+            got = b.take_figures()
+            if got is not None:
+                seen.append((step, got.own_ms.tolist(), got.wait_ms.tolist()))
+        out.put((rank, seen))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_gets_every_ranks_figures_at_the_step_after_a_log_step():
+    results = sorted(run_local_ranks(_figure_ranks, 3, timeout_s=120))
+    expected = [(step, [1.0, 2.0, 3.0], [0.0, 0.1, 0.2]) for step in (4, 7)]
+    assert results == [(rank, expected) for rank in range(3)]

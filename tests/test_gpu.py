@@ -242,3 +242,29 @@ def test_a_profile_window_on_cuda_writes_a_memory_snapshot_for_memory_viz(tmp_pa
     assert "Self CUDA" in (tmp_path / "profile/rank-0.ops.txt").read_text()
     trace = json.loads((tmp_path / "profile/rank-0.trace.json").read_text())
     assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])  # the GPU's own kernels
+
+
+def test_the_forward_timer_adds_no_host_sync_and_reads_the_forwards_after_the_log_lines_sync():
+    from pipeline.stragglers import ForwardTimer
+
+    model = build_model("densenet_bc", num_classes=10, depth=40, growth_rate=12).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler, criterion = build_scaler(torch.device("cuda"), "bf16"), torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    timer = ForwardTimer(model, torch.device("cuda"))
+    train_step(model, x, y, criterion, optimizer, scaler, "bf16")  # kernels chosen, memory allocated
+    torch.cuda.synchronize()
+    timer.take()
+    began = torch.cuda.Event(enable_timing=True)
+    began.record()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_sum = sum(train_step(model, x, y, criterion, optimizer, scaler, "bf16") for _ in range(10))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ended = torch.cuda.Event(enable_timing=True)
+    ended.record()
+    assert math.isfinite(loss_sum.item())  # the log line's one sync: every event of the window is complete
+    forward_ms, window_ms = 1e3 * timer.take(), began.elapsed_time(ended)
+    assert 0 < forward_ms < window_ms  # the forwards are a part of the steps (the backward is the larger)
+    assert timer.take() == 0.0

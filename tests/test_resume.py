@@ -166,7 +166,9 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_at_the_next_step_a
     assert "is killed by signal" not in text, text[-3000:]
     assert status == RESUME_EXIT_CODE, text[-3000:]
     pointer = json.loads((run_dir / "checkpoints" / "latest").read_text())
-    assert at_step <= pointer["global_step"] <= at_step + 2  # the next step boundary, not the next every_steps
+    # the next step boundary, not the next every_steps; on several ranks the line of a step is written once the
+    # next step's boundary has every rank's figures for it, so the signal comes a step later
+    assert at_step <= pointer["global_step"] <= at_step + (2 if ranks == 1 else 3)
     assert "Checkpoint on disk" in text and f"after {name}" in text
     time.sleep(0.5)
     assert [p for pgid in groups for p in group_members(pgid)] == []  # the workers ended with their rank

@@ -235,3 +235,31 @@ def test_a_sweep_on_one_sqlite_store_over_a_network_filesystem_is_refused_with_t
     assert shared_sqlite_problem("sqlite:////local disk/mlflow.db", 16, MOUNTS) is None
     assert shared_sqlite_problem("http://login:5000", 16, MOUNTS) is None
     assert filesystem_type("/tmp") != ""  # this machine's own table is read
+
+
+def test_each_node_logs_its_system_metrics_into_the_one_run_under_its_own_name(tmp_path, server, mini_data):
+    # two nodes of one rank each, on this machine: torchrun gives each its own LOCAL_RANK 0, as two hosts would
+    port, run_dir = free_port(), tmp_path / "run"
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "launch.local", MINI, "--nnodes", "2", "--node-rank", str(node),
+                               "--nproc-per-node", "1", "--master-port", str(port),
+                               *words(run_dir, mini_data, server.uri, "two-nodes", "insights.enabled=false")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    client, [run] = runs_of(server.uri, "two-nodes")
+    assert run.info.status == "FINISHED"  # the second node neither reopened nor ended it
+    keys = set(run.data.metrics)
+    for node in ("node0", "node1"):
+        assert {f"system/{node}/cpu_utilization_percentage", f"system/{node}/system_memory_usage_megabytes"} <= keys
+    assert not any(re.match(r"system/[a-z_]+$", key) for key in keys)  # none without a node's name
+    host = socket.gethostname()
+    assert run.data.tags["system_metrics_nodes"] == f"node0={host}, node1={host}"
+
+
+def test_nodes_are_named_in_rank_order_by_their_first_rank_and_one_node_keeps_plain_names():
+    from pipeline.train import node_ids
+
+    assert node_ids([0, 1, 0, 1, 0, 1]) == ["node0", None, "node1", None, "node2", None]
+    assert node_ids([0, 1, 2, 3]) == [None] * 4
