@@ -85,7 +85,7 @@ class BatchFeed:
             self._ahead.popleft().cancel()  # one already running finishes, and nobody reads it
 
     def __call__(self) -> tuple:
-        if self._batches is None or self.error is not None:
+        if self._batches is None:
             raise StopIteration
         try:
             if self.depth:
@@ -95,7 +95,7 @@ class BatchFeed:
             else:
                 batch = self._batches(self._next)
         except Exception as err:  # a read failed: the batches before it are still delivered
-            self.error = err
+            self.error, self._batches = err, None
             self._give_up()
             raise StopIteration from None
         if batch is None:
@@ -104,6 +104,11 @@ class BatchFeed:
         self._next += 1
         self._on_fed(batch)
         return batch
+
+    def failure(self) -> BaseException | None:
+        """The error that ended the pass, if one did, handed over once (the pass is over)."""
+        error, self.error, self._batches = self.error, None, None
+        return error
 
     @property
     def threads(self) -> list[threading.Thread]:

@@ -160,3 +160,19 @@ def test_no_thread_of_the_loader_outlives_close(tree):
     while feed_threads("sample-read") and time.monotonic() < deadline:  # the reader's idle threads, told to end
         time.sleep(0.01)
     assert feed_threads("sample-read") == []
+
+
+def test_a_loader_dropped_unclosed_is_freed_at_once_not_by_a_later_garbage_collection(tree):
+    # a collection in a forked DataLoader worker would free the DALI pipeline there, and hang on its threads
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        train, _ = build_loaders(config(tree), ONE, BATCH)
+        next(iter(train))
+        gone = weakref.ref(train._it)
+        del train
+        assert gone() is None
+    finally:
+        gc.enable()
