@@ -101,8 +101,10 @@ class DaliLoader:
         self._it: DALIGenericIterator | None = None
         self._size = 0  # the image size the pipeline was built for
         self._ended = False  # the pipeline ran its last pass to the end: reset, it serves the next
-        self._fed: deque = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
-        self._feed = BatchFeed(read_ahead, lambda batch: self._fed.append(batch[-1]), name)
+        self._fed = fed = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
+        # no reference back to the loader: its pipeline must be freed when the loader is, never by a garbage
+        # collection, which may run in a forked DataLoader worker and hang there freeing DALI's threads
+        self._feed = BatchFeed(read_ahead, lambda batch: fed.append(batch[-1]), name)
         self.last_ids: np.ndarray | None = None
         self.builds = 0
 
@@ -162,8 +164,9 @@ class DaliLoader:
                 try:
                     batch = next(it)
                 except StopIteration:
-                    if self._feed.error is not None:  # a read failed: here, after the batches before it
-                        raise self._feed.error from None
+                    error = self._feed.failure()
+                    if error is not None:  # a read failed: here, after the batches before it
+                        raise error from None
                     self._ended = True
                     return
                 except RuntimeError as err:
