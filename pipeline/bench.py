@@ -2,6 +2,9 @@
 
     model        forward + backward + optimizer step on synthetic tensors already on the device: images/s,
                  step time, peak memory; --compare torchvision (same settings) or memory_efficient (off vs on)
+    feed         the real train loader, each read waiting L ms (a network filesystem), consumed by a fake step of
+                 S ms (a sleep: the GPU's time): the share of the time the step waits for data, with the feed
+                 reading ahead (data.read_ahead) and without (0: the old loader), with the latency and without
     loader       the train pipeline over a JPEG tree and its packed copy, both backends, against torchvision's
                  stock ImageFolder recipe and the bare DALI decode+resize rate, on the same files and cores;
                  --augment: both backends with RandAugment and random erasing on too
@@ -182,6 +185,33 @@ def bench_loader(args: argparse.Namespace) -> dict:
             "dali_of_decode_only": rate["dali"] / rate["decode_only"]}
 
 
+def bench_feed(args: argparse.Namespace) -> dict:
+    from pipeline.data.imagenet import pack, verify
+    from pipeline.perf import run_isolated, write_jpegs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp) / "jpegs", args.images)
+        verify(root, workers=args.workers)
+        if args.packed:
+            pack(root, Path(tmp) / "packed")
+            root = Path(tmp) / "packed"
+        spec = {"root": str(root), "backend": args.backend, "workers": args.workers, "image_size": args.image_size,
+                "batch": args.batch, "classes": len([d for d in (Path(tmp) / "jpegs" / "train").iterdir()]),
+                "step_ms": args.step_ms, "steps": args.steps, "warmup": args.warmup}
+        runs = [run_isolated("feed", {**spec, "read_ahead": ahead, "latency_ms": latency})
+                for ahead in (args.read_ahead, 0) for latency in (args.read_latency_ms, 0.0)]
+
+    def figures(ahead: int) -> dict:
+        slow, fast = (next(r for r in runs if r["read_ahead"] == ahead and r["latency_ms"] == latency)
+                      for latency in (args.read_latency_ms, 0.0))
+        return {"data_wait_share": slow["data_wait_share"], "images_per_s": slow["images_per_s"],
+                "data_wait_share_no_latency": fast["data_wait_share"], "images_per_s_no_latency": fast["images_per_s"]}
+
+    return {"backend": args.backend, "packed": args.packed, "batch": args.batch, "step_ms": args.step_ms,
+            "read_latency_ms": args.read_latency_ms, "read_ahead": args.read_ahead, **figures(args.read_ahead),
+            "today": {"read_ahead": 0, **figures(0)}, "runs": runs, "cpus": usable_cpus()}
+
+
 def bench_index(args: argparse.Namespace) -> dict:
     from pipeline.perf import run_isolated
 
@@ -304,6 +334,22 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--repeat", type=int, default=3, help="alternated runs of each; the median is shown")
     loader.add_argument("--augment", action="store_true", help="also both backends with RandAugment (2 ops, "
                         "magnitude 9) and random erasing (p 0.25) on")
+    feed = sub.add_parser("feed", help="the share of a fake step's time spent waiting for data, reads delayed by L ms")
+    feed.add_argument("--read-latency-ms", type=float, default=20.0, help="L: each file read (or each batch's "
+                      "shard pages) waits this long first, as on a busy network filesystem")
+    feed.add_argument("--step-ms", type=float, default=150.0, help="S: the fake step (a sleep), the GPU's time for "
+                      "the per-GPU batch")
+    feed.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
+    feed.add_argument("--packed", action="store_true", help="read the packed copy (shards) instead of the files")
+    feed.add_argument("--batch", type=int, default=32)
+    feed.add_argument("--read-ahead", type=int, default=Config().data.read_ahead,
+                      help="data.read_ahead of the feed, compared with 0 (the old loader)")
+    feed.add_argument("--images", type=int, default=640, help="generated 500x375 JPEGs")
+    feed.add_argument("--image-size", type=int, default=224)
+    feed.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                      help="DALI threads or DataLoader processes (default: the cores)")
+    feed.add_argument("--steps", type=int, default=30, help="timed steps, after the warm-up")
+    feed.add_argument("--warmup", type=int, default=3, help="steps before the timing starts")
     index = sub.add_parser("index", help="a synthetic ImageNet-sized index: build/save/load time, epoch order, "
                            "memory per rank and per loader worker")
     index.add_argument("--samples", type=int, default=1_281_167)
@@ -322,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                        "folder: a trace and the top operators per rank (see the README's profiling section)")
     train.add_argument("--profile-steps", type=int, default=5, help="steps the profile records, after the first window")
     train.add_argument("overrides", nargs="*", help="key=value words for the mini config")
-    for p in (model, loader, index, train):
+    for p in (model, loader, feed, index, train):
         p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     ckpt = sub.add_parser("checkpoint", help="save/load time and size of a training checkpoint")
     ckpt.add_argument("--model", default="densenet121")
@@ -371,6 +417,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.augment:
             print(f"with {' '.join(AUGMENT)}: dali x{result['dali_augment_over_dali']:.3f}, torchvision "
                   f"x{result['torchvision_augment_over_torchvision']:.3f} of its images/s without")
+    elif args.command == "feed":
+        result = bench_feed(args)
+        rows = [{"ahead": r["read_ahead"], "latency": r["latency_ms"], "wait": r["data_wait_share"],
+                 "rate": r["images_per_s"], "ms": r["wait_ms_per_step"]} for r in result["runs"]]
+        print(f"{args.backend}{' packed' if args.packed else ''}, batch {args.batch}, {args.image_size} px, step "
+              f"{args.step_ms:g} ms (a sleep), {args.workers} workers, {result['cpus']} CPUs")
+        print(_table(rows, [("ahead", "read_ahead", ""), ("latency", "read ms", "g"),
+                            ("wait", "data_wait_share", ".3f"), ("ms", "wait ms/step", ".1f"),
+                            ("rate", "images/s", ".1f")]))
+        print(f"data_wait_share at L={args.read_latency_ms:g} ms: {result['data_wait_share']:.3f} reading "
+              f"{args.read_ahead} ahead, {result['today']['data_wait_share']:.3f} without (read_ahead=0); "
+              f"{args.steps} timed steps each, each in its own process")
     elif args.command == "index":
         result = bench_index(args)
         keys = ("build_s", "save_s", "load_s", "order_s", "order_s_all_ranks_at_once", "index_MB", "uss_MB_per_rank",
@@ -391,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             steps = f"{args.window + 1}-{args.window + args.profile_steps}"
             print(f"profile of steps {steps}: {', '.join(result['profile'])}")
-    if args.command in ("model", "loader", "index", "train"):
+    if args.command in ("model", "loader", "feed", "index", "train"):
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
         return 0

@@ -77,6 +77,9 @@ class DataConfig:
     val_batch_size: int = 0  # per rank; 0 = the per-rank training batch
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes, per rank
     prefetch: int = 2  # DALI prefetch queue depth, or batches each DataLoader worker prepares ahead
+    # DALI: batches whose inputs (file reads, crop windows, augmentation arguments) threads of the loader prepare
+    # ahead of DALI's requests; 0: prepared on the training thread when DALI asks (the old way)
+    read_ahead: int = 2
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     synthetic_steps: int = 100  # steps per epoch with backend=synthetic
@@ -271,7 +274,8 @@ POSITIVE = (
     "profile.steps", "train.straggler_above",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
-                "data.val_batch_size", "model.drop_rate", "checkpoint.every_steps", "checkpoint.every_minutes",
+                "data.val_batch_size", "data.read_ahead", "model.drop_rate", "checkpoint.every_steps",
+                "checkpoint.every_minutes",
                 "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.mem_gb", "slurm.signal_delay_s",
                 "slurm.max_requeues", "train.max_skipped_steps", "run.hang_timeout_s",
                 "slurm.max_failures", "train.ema.half_life_images", "train.ema.warmup_epochs",

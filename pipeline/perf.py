@@ -1,4 +1,4 @@
-"""Speed and memory measurements behind ``python -m pipeline.bench model|loader|train``.
+"""Speed and memory measurements behind ``python -m pipeline.bench model|loader|feed|train``.
 
 Each measured configuration runs in a fresh Python process (``python -m pipeline.perf JSON``), so one
 configuration's allocator caches, compiled graphs or threads never flatter or burden another, and a
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.data.samples import SampleBytes
 from pipeline.engine import build_scaler, train_step, tune_backends
 from pipeline.models import build_model
 from pipeline.optim import build_optimizer
@@ -181,6 +182,73 @@ def measure_loader(spec: dict) -> dict:
     # what this process itself read: its loader's class and whether its reader maps shards
     return {**spec, "images_per_s": counts / elapsed, "pid": os.getpid(), "loader_class": type(train).__name__,
             "read_from": "shards" if index.packed else "files"}
+
+
+class DelayedReads(SampleBytes):
+    """A sample reader whose every read first waits ``latency_s``: a network filesystem's latency under load.
+
+    Reads on several threads wait at once, as requests in flight on NFS do. From shards, a batch's reads
+    (``read_many``) wait one latency together: the real reader asks for every sample's pages at once
+    (``MADV_WILLNEED``), so their waits overlap; a single ``read`` (the torchvision workers') waits its own.
+    """
+
+    def __init__(self, root, index, split: str, latency_s: float = 0.0):
+        super().__init__(root, index, split)
+        self.latency_s = latency_s
+
+    def read(self, i: int) -> np.ndarray:
+        time.sleep(self.latency_s)
+        return super().read(i)
+
+    def read_many(self, ids: np.ndarray) -> list[np.ndarray]:
+        if self.split.shard is None:
+            return super().read_many(ids)  # self.read on the reader's threads: the waits overlap
+        time.sleep(self.latency_s)
+        return [SampleBytes.read(self, i) for i in ids.tolist()]
+
+
+def measure_feed(spec: dict) -> dict:
+    """The real train loader consumed by a fake step (a sleep of ``step_ms``: the GPU's time), each read waiting
+    ``latency_ms``: the share of the time the step waited for data, and images/s, after ``warmup`` steps."""
+    import functools
+
+    from pipeline.config import load_config
+    from pipeline.data.loaders import build_loaders, dataset_index
+    from pipeline.distributed import DistInfo
+
+    cfg = load_config(None, [f"data.root={spec['root']}", f"data.backend={spec['backend']}",
+                             f"data.workers={spec['workers']}", f"data.image_size={spec['image_size']}",
+                             f"data.read_ahead={spec['read_ahead']}", f"model.num_classes={spec['classes']}",
+                             f"train.batch_size={spec['batch']}"])
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    index = dataset_index(cfg, dist)
+    reader = functools.partial(DelayedReads, latency_s=spec["latency_ms"] / 1000)
+    train, _ = build_loaders(cfg, dist, spec["batch"], index, reader=reader)
+    waited, images, steps, began = 0.0, 0, 0, None
+    epoch = 0
+    try:
+        while steps < spec["warmup"] + spec["steps"]:
+            train.set_epoch(epoch)
+            batches = iter(train)
+            while steps < spec["warmup"] + spec["steps"]:
+                if steps == spec["warmup"]:  # the pipeline built, the workers started, the first batches read
+                    waited, images, began = 0.0, 0, time.perf_counter()
+                fetch = time.perf_counter()
+                try:
+                    _, labels = next(batches)
+                except StopIteration:
+                    break
+                waited += time.perf_counter() - fetch
+                images += labels.numel()
+                steps += 1
+                time.sleep(spec["step_ms"] / 1000)
+            epoch += 1
+        elapsed = time.perf_counter() - began
+    finally:
+        train.close()
+    return {**spec, "data_wait_share": waited / elapsed, "images_per_s": images / elapsed,
+            "wait_ms_per_step": 1000 * waited / spec["steps"], "pid": os.getpid(),
+            "loader_class": type(train).__name__, "read_from": "shards" if index.packed else "files"}
 
 
 def measure_stock_torchvision(spec: dict) -> dict:
@@ -386,6 +454,7 @@ def measure_train_loop(spec: dict) -> dict:
 
 MEASURES = {"model": measure_model, "decode": measure_decode, "loader": measure_loader,
             "stock_torchvision": measure_stock_torchvision, "dali_limit": measure_dali_limit, "index": measure_index,
+            "feed": measure_feed,
             "bare_loop": measure_bare_loop, "train_loop": measure_train_loop}
 
 

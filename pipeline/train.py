@@ -342,7 +342,8 @@ def start_tracking(cfg: DictConfig, dist: DistInfo, run_dir: Path, hosts: list[s
 
 # keys that may differ between ranks: where each node finds its copy of the data and how it reads it, and
 # rank 0's choice of the checkpoint (every rank loads the one rank 0 names)
-PER_NODE_KEYS = ("data.root", "data.workers", "data.prefetch", "data.check_shards", "run.resume")
+PER_NODE_KEYS = ("data.root", "data.workers", "data.prefetch", "data.read_ahead", "data.check_shards",
+                 "run.resume")
 
 
 def run_fingerprint(cfg: DictConfig) -> dict:
@@ -371,8 +372,8 @@ def check_ranks_agree(dist: DistInfo, fingerprint: dict) -> None:
     collective.main_decides(
         f"The ranks do not run the same thing: {differ}. Every rank must train with the same config and the same "
         "software, or they read different samples and compute different steps: start every node with the same "
-        "command and overrides, in the same environment or container (data.root, data.workers, data.prefetch "
-        "and data.check_shards may differ between nodes)." if differ else None, ConfigError)
+        "command and overrides, in the same environment or container (data.root, data.workers, data.prefetch, "
+        "data.read_ahead and data.check_shards may differ between nodes)." if differ else None, ConfigError)
 
 
 def seed_everything(seed: int) -> None:

@@ -268,3 +268,46 @@ def test_the_forward_timer_adds_no_host_sync_and_reads_the_forwards_after_the_lo
     forward_ms, window_ms = 1e3 * timer.take(), began.elapsed_time(ended)
     assert 0 < forward_ms < window_ms  # the forwards are a part of the steps (the backward is the larger)
     assert timer.take() == 0.0
+
+def test_the_torchvision_batch_is_normalised_and_erased_on_the_gpu_as_on_the_cpu_without_a_sync():
+    from pipeline.data.folder import normalise
+
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (4, 24, 24, 3), dtype=torch.uint8, generator=generator).pin_memory()
+    boxes = torch.tensor([[0, 0, 0, 0], [2, 3, 5, 7], [0, 0, 24, 24], [10, 1, 3, 20]], dtype=torch.int32)
+    mean, std = torch.tensor([123.7, 116.3, 103.5]), torch.tensor([58.4, 57.1, 57.4])
+    on_cpu = normalise(raw, boxes, torch.device("cpu"), mean, std, channels_last=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = normalise(raw, boxes, torch.device("cuda"), mean.cuda(), std.cuda(), channels_last=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert on_gpu.is_cuda and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def test_the_gpu_dali_pipeline_is_built_once_and_gives_the_batches_of_pipelines_built_per_epoch(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data.imagenet import verify
+    from pipeline.data.loaders import build_loaders
+    from pipeline.data.synthetic import write_synthetic_imagenet
+    from pipeline.distributed import DistInfo
+
+    root = write_synthetic_imagenet(tmp_path / "tree", 4, 10, 3, 20, 60)
+    verify(root, workers=2)
+    cfg = load_config(None, [f"data.root={root}", "data.backend=dali", "data.image_size=24", "data.workers=2",
+                             "model.num_classes=4", "data.random_erase=0.5"])
+    dist = DistInfo(0, 1, 0, torch.device("cuda", 0))
+    train, _ = build_loaders(cfg, dist, 4)
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        once = [(x.clone(), y.clone()) for x, y in train]
+        fresh, _ = build_loaders(cfg, dist, 4)
+        fresh.set_epoch(epoch)
+        rebuilt = [(x.clone(), y.clone()) for x, y in fresh]
+        fresh.close()
+        assert len(once) == len(rebuilt) > 0 and once[0][0].is_cuda
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(once, rebuilt, strict=True))
+    assert train.builds == 1
+    train.close()

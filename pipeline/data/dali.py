@@ -4,7 +4,9 @@ Train: the encoded bytes of this rank's share of each global batch, with each sa
 and flip computed outside DALI (:mod:`pipeline.data.order`), enter through ``external_source``; DALI
 decodes exactly that window (ROI decode), resizes it to ``image_size``, flips and normalises. With
 augmentation on, each sample's ops and erase box (:mod:`pipeline.data.augment`) enter the same way: DALI
-flips, applies the ops to the uint8 image, normalises, then erases.
+flips, applies the ops to the uint8 image, normalises, then erases. Those inputs are prepared
+``data.read_ahead`` batches ahead on threads of the loader (:mod:`pipeline.data.feed`), not on the training
+thread when DALI asks. Each pipeline is built once and reset for every pass.
 Val: decode, resize the shorter side to ``val_resize``, centre crop. Both emit HWC, which a
 ``permute`` turns into a channels-last NCHW view without a copy.
 """
@@ -21,6 +23,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.data import dali_augment
 from pipeline.data.augment import dali_params
+from pipeline.data.feed import BatchFeed
 from pipeline.data.layout import DatasetError, decode_error, short_reason
 from pipeline.data.order import TrainPlan, val_sizes
 from pipeline.data.samples import SampleBytes
@@ -77,69 +80,80 @@ def val_pipeline(source, image_size: int, resize: int, mean: list[float], std: l
     return images, labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded)
 
 
-class _Feed:
-    """The batches DALI pulls, as ``external_source`` wants them; remembers the ids it has handed out."""
-
-    def __init__(self, batches: Callable[[int], tuple | None], fed: deque):
-        self._batches, self._fed, self._next = batches, fed, 0
-
-    def __iter__(self) -> _Feed:
-        self._next = 0
-        return self
-
-    def __next__(self) -> tuple:
-        batch = self._batches(self._next)
-        if batch is None:
-            raise StopIteration
-        self._next += 1
-        self._fed.append(batch[-1])
-        return batch
-
-
 class DaliLoader:
     """Iterates ``(images, labels)``: images a float NCHW tensor (channels-last unless told otherwise).
 
     ``batches(epoch, start)`` gives ``k -> (outputs..., ids)`` for the k-th batch from step ``start``, or
-    None past the end. ``make_pipeline(feed, epoch)`` builds the pipeline of an epoch (its image size may
-    follow the epoch). The train pipeline is built for each epoch (or resumed step) and released when
-    the epoch ends, so it never decodes a pass nobody reads. State: the epoch and the steps consumed.
-    ``last_ids`` are the sample ids of the batch last yielded, as DALI returned them with it.
+    None past the end; a :class:`BatchFeed` prepares them ``read_ahead`` batches ahead of DALI, off the training
+    thread. ``make_pipeline(feed, epoch)`` builds the pipeline of an epoch, whose image size is
+    ``size_of(epoch)``. The pipeline is built once and reset for each pass, and built again only when the size
+    changes, when a pass was left unfinished (its prefetched batches are stale) or after an error (a failed
+    pipeline is never reused). State: the epoch and the steps consumed. ``last_ids`` are the sample ids of the
+    batch last yielded, as DALI returned them with it; ``builds`` counts the pipelines built.
     """
 
-    def __init__(self, make_pipeline: Callable[[_Feed, int], object], batches: Callable[[int, int], Callable],
-                 steps: Callable[[], int], reader: SampleBytes, channels_last: bool, root: str, prefetch: int):
-        self._make_pipeline, self._batches, self._steps = make_pipeline, batches, steps
+    def __init__(self, make_pipeline: Callable[[BatchFeed, int], object], size_of: Callable[[int], int],
+                 batches: Callable[[int, int], Callable], steps: Callable[[], int], reader: SampleBytes,
+                 channels_last: bool, root: str, prefetch: int, read_ahead: int, name: str = "feed"):
+        self._make_pipeline, self._size_of, self._batches, self._steps = make_pipeline, size_of, batches, steps
         self.reader, self.channels_last, self.root = reader, channels_last, root
         self.epoch, self.start, self._consumed = 0, 0, 0
-        self._it = None
-        self._fed: deque = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
+        self._it: DALIGenericIterator | None = None
+        self._size = 0  # the image size the pipeline was built for
+        self._ended = False  # the pipeline ran its last pass to the end: reset, it serves the next
+        self._fed = fed = deque(maxlen=prefetch + 2)  # the batches DALI may hold when one fails
+        # no reference back to the loader: its pipeline must be freed when the loader is, never by a garbage
+        # collection, which may run in a forked DataLoader worker and hang there freeing DALI's threads
+        self._feed = BatchFeed(read_ahead, lambda batch: fed.append(batch[-1]), name)
         self.last_ids: np.ndarray | None = None
+        self.builds = 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch or self.start or self._consumed:
-            self._it = None
+            self._leave_pass()
         self.epoch, self.start, self._consumed = epoch, 0, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.start + self._consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.start, self._consumed, self._it = state["epoch"], state["step"], 0, None
+        self._leave_pass()
+        self.epoch, self.start, self._consumed = state["epoch"], state["step"], 0
 
     def __len__(self) -> int:
         return self._steps() - self.start
 
     def close(self) -> None:
-        """Releases the pipeline (its threads and buffers)."""
-        self._it = None
+        """Releases the pipeline (its threads and buffers) and ends the feed's and the reader's threads."""
+        self._it, self._ended = None, False
+        self._feed.close()
+        self.reader.close()
+
+    def _leave_pass(self) -> None:
+        """A pass left unfinished: DALI holds batches prefetched for it, so its pipeline serves no other."""
+        if not self._ended:
+            self._it = None
 
     def _iterator(self) -> DALIGenericIterator:
+        if self._ended:  # the pass before ran to its end: this one starts from the start
+            self._consumed, self._ended = 0, False
+            if self._size == self._size_of(self.epoch):
+                self._begin()
+                self._it.reset()  # DALI schedules this pass's first batches now
+                return self._it
+            self._it = None  # another image size: another pipeline
         if self._it is None:
-            self._fed.clear()
-            pipe = self._make_pipeline(_Feed(self._batches(self.epoch, self.start), self._fed), self.epoch)
+            self._begin()
+            self._size = self._size_of(self.epoch)
+            pipe = self._make_pipeline(self._feed, self.epoch)
             pipe.build()
+            self.builds += 1
             self._it = DALIGenericIterator(pipe, ["data", "label", "id", "shape"], prepare_first_batch=False)
         return self._it
+
+    def _begin(self) -> None:
+        self._fed.clear()
+        self._feed.begin(self._batches(self.epoch, self.start))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if len(self) <= 0:
@@ -150,7 +164,10 @@ class DaliLoader:
                 try:
                     batch = next(it)
                 except StopIteration:
-                    self._it = None  # the next pass builds a pipeline from its own start
+                    error = self._feed.failure()
+                    if error is not None:  # a read failed: here, after the batches before it
+                        raise error from None
+                    self._ended = True
                     return
                 except RuntimeError as err:
                     raise self._failure(str(err)) from None
@@ -170,6 +187,7 @@ class DaliLoader:
             # a pipeline that failed is rebuilt, never reused; nor may the error's frames keep it (and its threads)
             # alive: a process forked later (verify's decoders) would hang freeing it
             it = self._it = None  # noqa: F841
+            self._ended = False
             raise
 
     def _failure(self, message: str) -> Exception:
@@ -238,7 +256,8 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
             lambda feed, epoch: train_pipeline(source=feed, batch_size=plan.per_rank_batch,
                                                image_size=plan.image_size(epoch), slots=slots, erase=erase,
                                                enable_conditionals=slots > 0, **common),
-            train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch)
+            plan.image_size, train_batches, lambda: plan.steps, train, channels_last, root, data_cfg.prefetch,
+            data_cfg.read_ahead, "train-feed")
 
     val_steps = -(-len(val_ids) // val_batch_size)
 
@@ -253,5 +272,6 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
     val_loader = DaliLoader(
         lambda feed, epoch: val_pipeline(source=feed, batch_size=val_batch_size, image_size=val_size, resize=resize,
                                          **common),
-        val_batches, lambda: val_steps, val, channels_last, root, data_cfg.prefetch)
+        lambda epoch: val_size, val_batches, lambda: val_steps, val, channels_last, root, data_cfg.prefetch,
+        data_cfg.read_ahead, "val-feed")
     return train_loader, val_loader

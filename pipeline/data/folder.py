@@ -1,4 +1,7 @@
-"""The torchvision backend: Pillow decoding in DataLoader workers, the same samples and crop windows as DALI."""
+"""The torchvision backend: Pillow decoding in DataLoader workers, the same samples and crop windows as DALI.
+
+The workers send uint8 images; they are normalised (and erased) where the batch lands, on the device.
+"""
 
 from __future__ import annotations
 
@@ -67,17 +70,25 @@ class IndexedImages(Dataset):
         return torch.from_numpy(np.array(image)), label, index, aug.box[0]
 
 
-def stack(samples: list[tuple[torch.Tensor, int, int, np.ndarray]], mean: torch.Tensor, std: torch.Tensor,
-          channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacks HWC uint8 samples and normalises them in the worker, then erases each sample's box: NHWC floats,
-    returned as the channels-last NCHW view (no copy), or made contiguous NCHW when ``channels_last`` is off."""
-    images = torch.stack([image for image, _, _, _ in samples]).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
-    for image, (_, _, _, box) in zip(images, samples, strict=True):
-        erase(image, box)
+def stack(samples: list[tuple[torch.Tensor, int, int, np.ndarray]]) -> tuple[torch.Tensor, ...]:
+    """Stacks a batch in the worker as it was decoded: HWC uint8 images (a quarter of float32's bytes through
+    shared memory and to the device), labels, ids and erase boxes; :func:`normalise` finishes it where it lands."""
+    return (torch.stack([image for image, _, _, _ in samples]), torch.tensor([label for _, label, _, _ in samples]),
+            torch.tensor([i for _, _, i, _ in samples]), torch.from_numpy(np.stack([box for *_, box in samples])))
+
+
+def normalise(images: torch.Tensor, boxes: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+              channels_last: bool) -> torch.Tensor:
+    """A batch of NHWC uint8 images on ``device``, normalised, then each sample's box erased (as torchvision's
+    recipe: erasing comes after normalising): NHWC floats, returned as the channels-last NCHW view (no copy), or
+    made contiguous NCHW when ``channels_last`` is off. ``mean`` and ``std`` are on ``device``."""
+    images = images.to(device, non_blocking=True).float().sub_(mean).div_(std).permute(0, 3, 1, 2)
+    boxes = boxes.numpy()  # host numbers: no sync with the device
+    for k in np.flatnonzero(boxes[:, 2]):
+        erase(images[k], boxes[k])
     if not channels_last:
         images = images.contiguous()
-    return (images, torch.tensor([label for _, label, _, _ in samples]),
-            torch.tensor([i for _, _, i, _ in samples]))
+    return images
 
 
 class StepSampler(Sampler[tuple[int, int, int]]):
@@ -104,8 +115,8 @@ class FolderLoader:
     that is all a restored loader needs to yield exactly the batches the interrupted one would have.
     """
 
-    def __init__(self, loader: DataLoader, sampler: StepSampler, root: str):
-        self.loader, self.sampler, self.root = loader, sampler, root
+    def __init__(self, loader: DataLoader, sampler: StepSampler, root: str, finish: Callable):
+        self.loader, self.sampler, self.root, self._finish = loader, sampler, root, finish
         self._consumed = 0
         self.last_ids: np.ndarray | None = None  # the sample ids of the batch last yielded, from the workers
 
@@ -131,10 +142,10 @@ class FolderLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._consumed = 0
         try:
-            for images, labels, ids in self.loader:
+            for images, labels, ids, boxes in self.loader:
                 self._consumed += 1
                 self.last_ids = ids.numpy()
-                yield images, labels
+                yield self._finish(images, boxes), labels
         except DecodeError as err:
             found = re.search(re.escape(_MARK) + r"(.+)\n(.*)", str(err))
             raise decode_error([found.group(1)] if found else [], self.root,
@@ -152,9 +163,9 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
                          channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
     val_size, resize = val_sizes(data_cfg)
-    mean, std = (255 * torch.tensor(list(v), dtype=torch.float32) for v in (data_cfg.mean, data_cfg.std))
-    common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda",
-                  collate_fn=functools.partial(stack, mean=mean, std=std, channels_last=channels_last),
+    mean, std = (255 * torch.tensor(list(v), dtype=torch.float32, device=device) for v in (data_cfg.mean, data_cfg.std))
+    finish = functools.partial(normalise, device=device, mean=mean, std=std, channels_last=channels_last)
+    common = dict(num_workers=data_cfg.workers, pin_memory=device.type == "cuda", collate_fn=stack,
                   persistent_workers=data_cfg.workers > 0, worker_init_fn=ignore_stop_signals,
                   prefetch_factor=data_cfg.prefetch if data_cfg.workers > 0 else None)
     if data_cfg.workers:
@@ -165,10 +176,10 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
         sampler = StepSampler(plan.ids, lambda: plan.steps, plan.keys)
         loader = DataLoader(IndexedImages(train, plan), sampler=sampler,
                             batch_size=plan.per_rank_batch, **common)
-        train_loader = FolderLoader(loader, sampler, root)
+        train_loader = FolderLoader(loader, sampler, root, finish)
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
     val_loader = DataLoader(IndexedImages(val, transform=val_transform(val_size, resize)),
                             sampler=val_sampler, batch_size=val_batch_size, **common)
-    return train_loader, FolderLoader(val_loader, val_sampler, root)
+    return train_loader, FolderLoader(val_loader, val_sampler, root, finish)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -115,10 +116,12 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
 
 
 def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: DatasetIndex | None = None, *,
-                  train: bool = True):
+                  train: bool = True, reader: Callable[..., SampleBytes] = SampleBytes):
     """This rank's (train, val) loaders; ``batch_size`` is the per-rank batch. ``train=False``: train is None.
 
-    ``index`` defaults to :func:`dataset_index`; the synthetic backend needs none.
+    ``index`` defaults to :func:`dataset_index`; the synthetic backend needs none. ``reader``: what reads the
+    samples' bytes, called as ``reader(root, index, split)`` (``bench feed`` gives one whose reads wait like a
+    network filesystem's).
     """
     backend = resolve_backend(cfg.data.backend)
     if cfg.data.backend == "dali":  # a node without DALI must not decode differently from the rest
@@ -148,7 +151,7 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
                 f"(train.batch_size={global_batch}). Lower train.batch_size."))
         plan = TrainPlan(train_split.width, train_split.height, cfg.run.seed, dist.rank, dist.world_size, batch_size,
                          augment_spec(cfg.data), cfg.data.aug_repeats, functools.partial(train_image_size, cfg.data))
-    readers = SampleBytes(root, index, "train"), SampleBytes(root, index, "val")
+    readers = reader(root, index, "train"), reader(root, index, "val")
     val_ids = val_range(len(val_split), dist.rank, dist.world_size)
     if backend == "dali":
         from pipeline.data.dali import build_dali_loaders

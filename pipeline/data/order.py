@@ -189,9 +189,11 @@ class TrainPlan:
         return train_steps(len(self.widths), self.global_batch)
 
     def order(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, epoch_order(len(self.widths), epoch, self.seed, self.global_batch, self.repeats))
-        return self._cached[1]
+        cached = self._cached  # one read: batches of two epochs may be prepared on two threads at once
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, epoch_order(len(self.widths), epoch, self.seed, self.global_batch, self.repeats))
+            self._cached = cached
+        return cached[1]
 
     def image_size(self, epoch: int) -> int:
         """The side of the training images in ``epoch`` (without ``image_size``: the augmentation's)."""

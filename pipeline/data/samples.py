@@ -84,9 +84,18 @@ class SampleBytes:
                 if start < len(data):  # past the end, read() names the truncated shard
                     data.madvise(mmap.MADV_WILLNEED, start, min(len(data), offset + int(self.split.nbytes[i])) - start)
             return [self.read(i) for i in ids.tolist()]
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = ThreadPoolExecutor(READ_THREADS), os.getpid()
-        return list(self._pool.map(self.read, ids.tolist()))
+        with self._lock:  # batches may be prepared on several threads
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool, self._pool_pid = ThreadPoolExecutor(READ_THREADS, "sample-read"), os.getpid()
+            pool = self._pool
+        return list(pool.map(self.read, ids.tolist()))
+
+    def close(self) -> None:
+        """Ends the read threads (a later read starts new ones); reads in progress finish."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def changed(self, what: str) -> str:
         """The message for a sample that is not what was indexed: ``what``, and the fix."""

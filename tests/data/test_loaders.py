@@ -146,3 +146,17 @@ def test_dali_and_torchvision_validation_crops_agree(tree):
     _, folder = build_loaders(config(tree, "torchvision"), rank(0, 1), 4, train=False)
     a, b = next(iter(dali))[0], next(iter(folder))[0]
     assert (a - b).abs().mean().item() < 0.05
+
+
+def test_torchvision_workers_send_uint8_and_the_batch_is_normalised_and_erased_where_it_lands(tree):
+    cfg = config(tree, "torchvision", **{"data.random_erase": 1.0})
+    train, _ = build_loaders(cfg, rank(0, 1), 8)
+    train.set_epoch(0)
+    raw, _, _, boxes = next(iter(train.loader))  # what the workers send
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 24, 24, 3) and (boxes[:, 2] > 0).all()
+    images, _ = next(iter(train))
+    mean, std = (255 * torch.tensor(v) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    expected = ((raw.float() - mean) / std).permute(0, 3, 1, 2).clone()
+    for image, (top, left, height, width) in zip(expected, boxes.tolist(), strict=True):
+        image[:, top:top + height, left:left + width] = 0  # torchvision's RandomErasing(value=0), after normalising
+    assert images.is_contiguous(memory_format=torch.channels_last) and torch.equal(images, expected)
