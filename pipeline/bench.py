@@ -197,7 +197,7 @@ def bench_feed(args: argparse.Namespace) -> dict:
             root = Path(tmp) / "packed"
         spec = {"root": str(root), "backend": args.backend, "workers": args.workers, "image_size": args.image_size,
                 "batch": args.batch, "classes": len([d for d in (Path(tmp) / "jpegs" / "train").iterdir()]),
-                "step_ms": args.step_ms, "steps": args.steps, "warmup": args.warmup}
+                "step_ms": args.step_ms, "steps": args.steps, "warmup": args.warmup, "device": args.device}
         runs = [run_isolated("feed", {**spec, "read_ahead": ahead, "latency_ms": latency})
                 for ahead in (args.read_ahead, 0) for latency in (args.read_latency_ms, 0.0)]
 
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     feed.add_argument("--step-ms", type=float, default=150.0, help="S: the fake step (a sleep), the GPU's time for "
                       "the per-GPU batch")
     feed.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
+    feed.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the batches land (cuda: "
+                      "DALI decodes with its mixed decoder, the torchvision backend normalises on the GPU)")
     feed.add_argument("--packed", action="store_true", help="read the packed copy (shards) instead of the files")
     feed.add_argument("--batch", type=int, default=32)
     feed.add_argument("--read-ahead", type=int, default=Config().data.read_ahead,

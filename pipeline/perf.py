@@ -220,7 +220,7 @@ def measure_feed(spec: dict) -> dict:
                              f"data.workers={spec['workers']}", f"data.image_size={spec['image_size']}",
                              f"data.read_ahead={spec['read_ahead']}", f"model.num_classes={spec['classes']}",
                              f"train.batch_size={spec['batch']}"])
-    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    dist = DistInfo(0, 1, 0, torch.device(spec.get("device", "cpu"), 0 if spec.get("device") == "cuda" else None))
     index = dataset_index(cfg, dist)
     reader = functools.partial(DelayedReads, latency_s=spec["latency_ms"] / 1000)
     train, _ = build_loaders(cfg, dist, spec["batch"], index, reader=reader)

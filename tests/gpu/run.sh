@@ -32,8 +32,19 @@ fi
 works and carry .whl here" >&2; exit 2; }
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py tests/models/test_densenet.py -p no:cacheprovider \
+# the gpu-marked tests: among them 20 steps of fp16 and of bf16 under torch.cuda.set_sync_debug_mode("error"),
+# and (with DALI) two steps of the mini config with the mixed decoder
+"$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/models/test_densenet.py -p no:cacheprovider \
+    2>&1 | tee "$OUT/pytest.txt" || true
+grep -Eq "[0-9]+ passed" "$OUT/pytest.txt" && ! grep -Eq "[0-9]+ (failed|error)" "$OUT/pytest.txt" \
     || echo "GPU TESTS FAILED"
+
+# the train loader under reads delayed by 20 ms and a 150 ms step, on this machine's cores (and DALI's mixed
+# decoder when DALI is there), against the loader without its feed ahead
+FEED_BACKEND=torchvision
+"$PYTHON" -c "import nvidia.dali" 2>/dev/null && FEED_BACKEND=dali
+"$PYTHON" -m pipeline.bench feed --backend "$FEED_BACKEND" --read-latency-ms 20 --step-ms 150 --batch 32 \
+    --device cuda --json "$OUT/feed.json" || echo "BENCH FEED FAILED"
 
 bench() { "$PYTHON" -m pipeline.bench model --model densenet121 --batch "$BATCH" --image-size "$SIZE" \
           --precision bf16 --channels-last --steps "$STEPS" --warmup 5 "$@"; }
@@ -55,4 +66,12 @@ for name, run in (("torchvision eager", tv), ("ours eager", eager["runs"]["ours"
 best = max(eager["runs"]["ours"]["images_per_s"], compiled["runs"]["ours"]["images_per_s"])
 print(f"ours best / torchvision eager: {best / tv['images_per_s']:.2f}x; memory_efficient: step memory "
       f"x{memory['ratio']:.2f}, step time x{memory['time_ratio']:.2f}")
+if (out / "feed.json").exists():
+    feed = json.loads((out / "feed.json").read_text())
+    print(f"bench feed ({feed['backend']}, batch {feed['batch']}, L={feed['read_latency_ms']:g} ms, "
+          f"S={feed['step_ms']:g} ms): data-wait share {feed['data_wait_share']:.3f} with read_ahead="
+          f"{feed['read_ahead']}, {feed['today']['data_wait_share']:.3f} without; "
+          f"{feed['images_per_s']:.0f} against {feed['today']['images_per_s']:.0f} images/s")
+tests = (out / "pytest.txt").read_text().strip().splitlines()
+print(f"gpu tests: {tests[-1] if tests else 'no output'}")
 PY
