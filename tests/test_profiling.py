@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -33,6 +34,7 @@ def test_the_profiler_exists_only_over_its_window_and_a_resume_past_its_start_re
     assert resumed.finish() == [] and not (tmp_path / "resumed").exists()
 
 
+@pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes
 def test_a_profile_window_writes_a_trace_and_the_top_operators_and_reaches_mlflow(tmp_path):
     from mlflow import MlflowClient
 

@@ -57,6 +57,7 @@ def test_model_final_is_a_torchvision_state_dict(tmp_path):
     torchvision.models.densenet121(num_classes=10).load_state_dict(state, strict=True)
 
 
+@pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_synthetic_backend_trains_with_amp_and_memory_efficient_layers(tmp_path, precision):
     run_dir = tmp_path / "run"
@@ -181,6 +182,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_value_and_keeps_the_last_
     assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: Stopped: the ")
 
 
+@pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes
 def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(tmp_path):
     from omegaconf import OmegaConf
 

@@ -124,6 +124,7 @@ def train(*words, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 def test_a_damaged_file_stops_training_by_name_until_verify_lists_it(damaged_tree, tmp_path, backend):
     root, planted = damaged_tree
@@ -146,6 +147,7 @@ def test_a_damaged_file_stops_training_by_name_until_verify_lists_it(damaged_tre
     assert summary["epochs_completed"] == 2 and summary["images_seen"] == 2 * 40
 
 
+@pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes
 def test_verify_under_the_training_stop_handlers_always_returns(tmp_path):
     """verify runs inside training, where SIGTERM only takes a note: its pool must still shut down every time."""
     script = (
