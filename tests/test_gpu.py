@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
 
 
+def steps_without_a_host_sync(step, count: int = 20) -> list:
+    """``step(k)`` for k = 2 .. count + 1 under ``torch.cuda.set_sync_debug_mode("error")``, after a first step
+    (k = 1) that chooses its kernels and allocates: any host sync in them raises."""
+    step(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return [step(k) for k in range(2, count + 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_channels_last_survives_every_block_on_cuda():
     model = build_model("densenet121", num_classes=10).cuda().to(memory_format=torch.channels_last).eval()
     outputs = {}
@@ -164,13 +176,7 @@ def test_mixing_the_ema_and_clipping_add_no_host_sync_to_the_step():
         ema.update(model, k)
         return loss
 
-    step(1)  # the first step chooses its kernels and allocates
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        losses = [step(k) for k in range(2, 22)]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    losses = steps_without_a_host_sync(step)
     assert all(math.isfinite(float(v)) for v in losses)
 
 
@@ -203,13 +209,7 @@ def test_training_steps_and_the_step_boundary_make_no_host_sync(precision, clip)
         boundary.after_step(k, result.loss, result.skipped)
         return result
 
-    step(1)  # the first step chooses its kernels and allocates
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        results = [step(k) for k in range(2, 22)]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    results = steps_without_a_host_sync(step)
     assert all(math.isfinite(float(r.loss)) for r in results)
     assert (results[-1].skipped is None) == (precision == "bf16")
     if precision == "fp16":
@@ -259,7 +259,7 @@ def test_the_forward_timer_adds_no_host_sync_and_reads_the_forwards_after_the_lo
     began.record()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss_sum = sum(train_step(model, x, y, criterion, optimizer, scaler, "bf16") for _ in range(10))
+        loss_sum = sum(train_step(model, x, y, criterion, optimizer, scaler, "bf16").loss for _ in range(10))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     ended = torch.cuda.Event(enable_timing=True)
@@ -268,6 +268,7 @@ def test_the_forward_timer_adds_no_host_sync_and_reads_the_forwards_after_the_lo
     forward_ms, window_ms = 1e3 * timer.take(), began.elapsed_time(ended)
     assert 0 < forward_ms < window_ms  # the forwards are a part of the steps (the backward is the larger)
     assert timer.take() == 0.0
+
 
 def test_the_torchvision_batch_is_normalised_and_erased_on_the_gpu_as_on_the_cpu_without_a_sync():
     from pipeline.data.folder import normalise
