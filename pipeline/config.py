@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.models.densenet import MODEL_NAMES
 
+MAX_READ_AHEAD = 16  # data.read_ahead
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -439,6 +440,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.name == "densenet_bc" and (cfg.model.depth < 10 or (cfg.model.depth - 4) % 6):
         raise ConfigError(f"'model.depth' is {cfg.model.depth}; a DenseNet-BC depth is 6n + 4 with n >= 1 "
                           "(e.g. 40, 100, 190).")
+    if cfg.data.read_ahead > MAX_READ_AHEAD:  # a thread and a batch of encoded bytes each
+        raise ConfigError(f"'data.read_ahead' is {cfg.data.read_ahead}: at most {MAX_READ_AHEAD} batches are prepared "
+                          "ahead (each holds a thread and a batch of encoded bytes in memory); 2 to 4 hide a network "
+                          "filesystem's latency (see `python -m pipeline.bench feed`).")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         raise ConfigError("'data.mean' and 'data.std' must each hold 3 numbers (RGB, 0-1 scale), std > 0.")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_file():

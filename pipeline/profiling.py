@@ -53,10 +53,10 @@ class StepProfiler:
         if self._profiler is None:
             return []
         profiler, self._profiler = self._profiler, None
-        profiler.stop()
         cuda = self.device.type == "cuda"
         written: list[Path] = []
-        try:
+        try:  # also while a stop or an error unwinds: nothing here may replace that exception
+            profiler.stop()
             self.folder.mkdir(parents=True, exist_ok=True)
             name = f"rank-{self.rank}"
             trace = self.folder / f"{name}.trace.json"
@@ -76,7 +76,10 @@ class StepProfiler:
                         self.first, self._until, self.folder, err)
         finally:
             if cuda:
-                torch.cuda.memory._record_memory_history(enabled=None)
+                try:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                except Exception as err:  # noqa: BLE001 - the history only costs memory if it stays on
+                    log.warning("Could not stop recording the CUDA memory history (%s).", err)
         return written
 
     def _start(self) -> None:

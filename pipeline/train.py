@@ -639,8 +639,11 @@ class Run:
             log.info("%s; first step done %.1fs after start", compile_report(),
                      time.perf_counter() - self.attempt_start)
         progress.global_step = global_step
-        self.profiled(self.profiler.after_step(global_step))
         self.hang.beat(global_step)
+        files = self.profiler.after_step(global_step)
+        if files:  # writing a profile is not a hang
+            self.hang.beat(global_step)
+            self.profiled(files)
         if self.ema:
             self.ema.update(self.model, global_step)
         if self.ids_file:

@@ -93,6 +93,12 @@ def test_nesterov_without_momentum_is_refused_by_name():
     assert load_config(None, ["optim.momentum=0", "optim.nesterov=false"]).optim.momentum == 0
 
 
+def test_reading_too_many_batches_ahead_is_refused_naming_the_limit():
+    with pytest.raises(ConfigError, match=r"'data.read_ahead' is 1000: at most 16 batches"):
+        load_config(None, ["data.read_ahead=1000"])
+    assert load_config(None, ["data.read_ahead=16"]).data.read_ahead == 16
+
+
 def test_densenet_bc_depth_must_be_6n_plus_4():
     with pytest.raises(ConfigError, match="model.depth"):
         load_config(None, ["model.name=densenet_bc", "model.depth=41"])

@@ -110,11 +110,6 @@ class BatchFeed:
         error, self.error, self._batches = self.error, None, None
         return error
 
-    @property
-    def threads(self) -> list[threading.Thread]:
-        """The threads preparing batches (none before the first pass, and after :meth:`close`)."""
-        return list(self._threads)
-
     def close(self) -> None:
         """Gives up the pass and ends the threads (waiting up to ``JOIN_TIMEOUT_S`` for a read in progress; they
         are daemons, so a read that hangs longer never blocks the process's exit). A later pass starts new ones."""

@@ -32,7 +32,7 @@ class IndexedImages(Dataset):
     included), as ``(HWC uint8 tensor, label, id, erase box)``. ``plan`` given (train): the sample's crop
     window and flip of that epoch (drawn by its key), resized to the epoch's image size, then its augmentation
     ops; its erase box (top, left, height, width; zeros for none) is applied after normalising, by
-    :func:`stack`. Without (val): ``transform``.
+    :func:`normalise`. Without (val): ``transform``.
     """
 
     def __init__(self, reader: SampleBytes, plan: TrainPlan | None = None, transform: Callable | None = None):

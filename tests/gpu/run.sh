@@ -68,10 +68,11 @@ print(f"ours best / torchvision eager: {best / tv['images_per_s']:.2f}x; memory_
       f"x{memory['ratio']:.2f}, step time x{memory['time_ratio']:.2f}")
 if (out / "feed.json").exists():
     feed = json.loads((out / "feed.json").read_text())
+    today = feed["today"]  # the loader without its feed ahead (DALI only)
     print(f"bench feed ({feed['backend']}, batch {feed['batch']}, L={feed['read_latency_ms']:g} ms, "
-          f"S={feed['step_ms']:g} ms): data-wait share {feed['data_wait_share']:.3f} with read_ahead="
-          f"{feed['read_ahead']}, {feed['today']['data_wait_share']:.3f} without; "
-          f"{feed['images_per_s']:.0f} against {feed['today']['images_per_s']:.0f} images/s")
+          f"S={feed['step_ms']:g} ms): data-wait share {feed['data_wait_share']:.3f}, "
+          f"{feed['images_per_s']:.0f} images/s" + (f" with read_ahead={feed['read_ahead']}; without: "
+          f"{today['data_wait_share']:.3f}, {today['images_per_s']:.0f} images/s" if today else ""))
 tests = (out / "pytest.txt").read_text().strip().splitlines()
 print(f"gpu tests: {tests[-1] if tests else 'no output'}")
 PY
