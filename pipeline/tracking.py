@@ -234,44 +234,41 @@ class _Sender(threading.Thread):
         """Send the held pictures; False while the server is away (they are kept)."""
         from PIL import Image
 
-        while self.pictures:
-            picture = self.pictures[0]
-            try:
-                with Image.open(io.BytesIO(picture.png)) as image:
-                    self.client.log_image(self.run_id, image, key=picture.key, step=picture.step)
-            except Exception as err:
-                try:
-                    self.client.get_run(self.run_id)  # does the server answer at all?
-                except Exception:
-                    return self._down(err)
-                picture.tries += 1
-                if picture.tries >= PICTURE_TRIES:
-                    log.warning("Could not store image %s (step %d) in the MLflow run after %d tries (%s); it is "
-                                "dropped, and run.dir/insights holds the latest pictures.", picture.key,
-                                picture.step, picture.tries, str(err).splitlines()[0][:200])
-                    del self.pictures[0]
-                return True
-            del self.pictures[0]
-        return self._up()
+        def send(picture: Picture) -> None:
+            with Image.open(io.BytesIO(picture.png)) as image:
+                self.client.log_image(self.run_id, image, key=picture.key, step=picture.step)
+
+        return self._send_each(self.pictures, send, lambda picture, tries, err: (
+            f"Could not store image {picture.key} (step {picture.step}) in the MLflow run after {tries} tries "
+            f"({err}); it is dropped, and run.dir/insights holds the latest pictures."))
 
     def _send_uploads(self) -> bool:
         """Upload the held files; False while the server is away (they are kept)."""
-        while self.uploads:
-            upload = self.uploads[0]
+        return self._send_each(
+            self.uploads, lambda upload: self.client.log_artifact(self.run_id, str(upload.path),
+                                                                  artifact_path=upload.folder),
+            lambda upload, tries, err: f"Could not store {upload.path} in the MLflow run after {tries} tries "
+                                       f"({err}); it stays in the run dir.")
+
+    def _send_each(self, held: list, send, dropped) -> bool:
+        """``send`` each of ``held`` in turn, removing it once sent; False while the server is away (they are
+        kept). One that fails while the server answers is tried again later, and dropped after ``PICTURE_TRIES``
+        tries with the warning ``dropped(item, tries, reason)``."""
+        while held:
+            item = held[0]
             try:
-                self.client.log_artifact(self.run_id, str(upload.path), artifact_path=upload.folder)
+                send(item)
             except Exception as err:
                 try:
                     self.client.get_run(self.run_id)  # does the server answer at all?
                 except Exception:
                     return self._down(err)
-                upload.tries += 1
-                if upload.tries >= PICTURE_TRIES:
-                    log.warning("Could not store %s in the MLflow run after %d tries (%s); it stays in the run "
-                                "dir.", upload.path, upload.tries, str(err).splitlines()[0][:200])
-                    del self.uploads[0]
+                item.tries += 1
+                if item.tries >= PICTURE_TRIES:
+                    log.warning(dropped(item, item.tries, str(err).splitlines()[0][:200]))
+                    del held[0]
                 return True
-            del self.uploads[0]
+            del held[0]
         return self._up()
 
     def close(self, timeout: float) -> list:
