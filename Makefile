@@ -10,9 +10,12 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 venv: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml
+	@echo "Setting up $(VENV) (once): $(TORCH), then DALI, MLflow and the rest."
+	@echo "PyTorch's default Linux build brings NVIDIA's CUDA libraries: about 7 GB on disk in all. On a machine"
+	@echo "without a GPU the CPU build is enough: make TORCH=\"torch torchvision --index-url https://download.pytorch.org/whl/cpu\""
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar on $(TORCH)
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 smoke: venv
