@@ -15,6 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	@echo "without a GPU the CPU build is enough: make TORCH=\"torch torchvision --index-url https://download.pytorch.org/whl/cpu\""
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar on $(TORCH)
+	@$(BIN)/python -c "import torchvision" 2>/dev/null || { echo "error: torchvision does not load with the torch installed by TORCH=\"$(TORCH)\": take both from one build (one index), then rm -rf $(VENV) and run make again."; exit 1; }
 	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@
 
