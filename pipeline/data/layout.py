@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # the extensions DALI's decoders and torchvision's ImageFolder both take
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val")
+RAW_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")  # ImageNet's val images as the archive holds them
 
 
 class DatasetError(ValueError):
@@ -23,6 +25,13 @@ def list_classes(split_dir: Path) -> list[str]:
     """The sorted class folders of one split; each must hold at least one image."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
+        with os.scandir(split_dir) as entries:
+            raw_val = any(RAW_VAL_NAME.fullmatch(e.name) for e in entries)
+        if raw_val:
+            raise DatasetError(
+                f"'{split_dir}' holds ImageNet's raw validation images (ILSVRC2012_val_*.JPEG) in one flat folder, "
+                "not in class folders. Sort them into class folders with the devkit's labels: python -m "
+                f"pipeline.data.imagenet prepare --devkit ILSVRC2012_devkit_t12.tar.gz --val-flat {split_dir}")
         raise DatasetError(f"'{split_dir}' has no class folders. Expected {split_dir}/<class>/<image>.JPEG, "
                            "one folder per class.")
     for name in classes:
