@@ -46,8 +46,16 @@ def test_small_per_gpu_batches_and_no_warm_up_at_a_large_batch_are_warned_about(
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2
     assert said[0].startswith("16 images per rank: BatchNorm's statistics over fewer than 32 images are noisy")
-    assert "model.sync_bn=true" in said[0] and "schedule.warmup_epochs=auto" in said[0]
+    assert "schedule.warmup_epochs=auto" in said[0]
+    assert "fewer CPU ranks" in said[0] and "model.sync_bn=true" not in said[0]  # refused on CPU ranks
     assert said[1].startswith("schedule.warmup_epochs=0 at a global batch of 2048: the learning rate starts at 6.4")
+
+
+def test_the_small_batch_warning_on_gpus_suggests_sync_bn(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        check_batch_settings(load_config(MINI), DistInfo(0, 8, 0, torch.device("cuda", 0)), 128, 16, 0.0)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("16 images per GPU") and "model.sync_bn=true" in said and "CPU" not in said
 
 
 def test_an_auto_warm_up_as_long_as_the_run_is_refused_by_name():
