@@ -114,6 +114,7 @@ def _parse_archive(parse, archive: Path, key: str, root: Path) -> None:
         parse(str(root), str(archive.absolute()))
     except RuntimeError as err:  # torchvision says "not present ... or corrupted" for both
         name, expected = ARCHIVE_META[key]
+        log.info("%s does not match the official checksum; reading it again to report its own", archive)
         found = calculate_md5(archive) if archive.is_file() else None
         if found is not None and found != expected:
             raise DatasetError(f"'{archive}' has the MD5 checksum {found}, but the official {name} has {expected}: "

@@ -128,11 +128,12 @@ def test_a_flat_val_folder_is_named_by_verify_and_sorted_by_prepare_val_flat(tmp
     with tarfile.open(src / "val.tar") as val:
         val.extractall(root / "val", filter="data")
 
-    assert cli(["verify", str(root)]) == 2
-    said = capsys.readouterr().err
-    assert "raw validation images" in said
-    command = said[said.index("python -m pipeline.data.imagenet prepare"):].split()
-    assert command[-2:] == ["--val-flat", str(root / "val")]
+    for dataset in (root, root / "val"):  # the dataset, or its val folder given as the dataset
+        assert cli(["verify", str(dataset)]) == 2
+        said = capsys.readouterr().err
+        assert "raw validation images" in said
+        command = said[said.index("python -m pipeline.data.imagenet prepare"):].split()
+        assert command[-2:] == ["--val-flat", str(root / "val")]
 
     assert cli(["prepare", "--devkit", str(src / "devkit.tar.gz"), "--val-flat", str(root / "val")]) == 0
     assert f"verify {root}" in capsys.readouterr().out
