@@ -146,14 +146,15 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
         return
     if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
         if dist.device.type == "cuda":
-            fix = "or set model.sync_bn=true to normalise over all ranks' images"
-        else:  # SyncBatchNorm runs on GPUs only
-            fix = (f"or run fewer CPU ranks: the same global batch of {batch} on fewer ranks gives each more images "
+            fix = ", or set model.sync_bn=true to normalise over all ranks' images"
+        elif dist.world_size > 1:  # SyncBatchNorm runs on GPUs only
+            fix = (f", or run fewer CPU ranks: the same global batch of {batch} on fewer ranks gives each more images "
                    "(model.sync_bn needs CUDA)")
+        else:
+            fix = ""
         log.warning("%d images per %s: BatchNorm's statistics over fewer than 32 images are noisy and hurt "
                     "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
-                    "schedule.warmup_epochs=auto), %s.", per_rank, "GPU" if dist.device.type == "cuda" else "rank",
-                    fix)
+                    "schedule.warmup_epochs=auto)%s.", per_rank, "GPU" if dist.device.type == "cuda" else "rank", fix)
     if cfg.optim.name == "lars" and (cfg.optim.norm_weight_decay is None or cfg.optim.bias_weight_decay is None):
         log.warning("optim.name=lars with optim.norm_weight_decay=%s and optim.bias_weight_decay=%s: LARS then adapts "
                     "and decays normalisation layers and biases too, which You et al. (2017) and timm leave out. Set "

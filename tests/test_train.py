@@ -226,7 +226,7 @@ def test_a_short_run_says_so_at_its_start_logs_its_last_step_and_insights_name_e
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["global_step"] for e in events if e["event"] == "train"] == [3]
     small_batch = next(line for line in log.splitlines() if "images per rank" in line)
-    assert "fewer CPU ranks" in small_batch and "model.sync_bn=true" not in small_batch  # refused on CPU
+    assert "Raise the global batch" in small_batch and "model.sync_bn" not in small_batch  # refused on CPU
 
     insights = subprocess.run([sys.executable, "-m", "pipeline.insights", str(run_dir / "model_final.pt")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
