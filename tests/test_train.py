@@ -215,7 +215,9 @@ SHORT_RUN = ["data.backend=synthetic", "data.synthetic_steps=3", "train.batch_si
              "train.log_every_steps=50", "insights.every_steps=50"]
 
 
-def test_a_short_run_says_so_at_its_start_logs_its_last_step_and_insights_name_every_steps(tmp_path):
+def test_a_short_run_says_so_at_its_start_logs_its_last_step_and_insights_name_every_steps(tmp_path, capsys):
+    from pipeline.insights import main as insights
+
     run_dir = tmp_path / "run"
     result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,11 +230,10 @@ def test_a_short_run_says_so_at_its_start_logs_its_last_step_and_insights_name_e
     small_batch = next(line for line in log.splitlines() if "images per rank" in line)
     assert "Raise the global batch" in small_batch and "model.sync_bn" not in small_batch  # refused on CPU
 
-    insights = subprocess.run([sys.executable, "-m", "pipeline.insights", str(run_dir / "model_final.pt")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert insights.returncode == 0, insights.stderr[-3000:]
-    assert "insights were enabled, but insights.every_steps=50 is more than the 3 steps" in insights.stdout
-    assert "insights.every_steps=3 or less" in insights.stdout
+    assert insights([str(run_dir / "model_final.pt")]) == 0  # python -m pipeline.insights, in this process
+    said = capsys.readouterr().out
+    assert "insights were enabled, but insights.every_steps=50 is more than the 3 steps" in said
+    assert "insights.every_steps=3 or less" in said
 
 
 @pytest.mark.slow  # two training runs
