@@ -13,6 +13,8 @@ process group would not reach them. When every rank stopped to be resumed (exit 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import sys
 
@@ -78,10 +80,12 @@ def run_torchrun(argv: list[str]) -> int:
             if hung:
                 print(f"rank(s) {', '.join(map(str, hung))} hung and were killed, the others stopped after "
                       "run.hang_timeout_s with their stacks in the log; run the same command again to resume from "
-                      f"the last checkpoint (exit {RESUME_EXIT_CODE})", file=sys.stderr)
+                      f"the last checkpoint (exit {RESUME_EXIT_CODE}), from {os.getcwd()}:\n  "
+                      f"{shlex.join(sys.orig_argv)}", file=sys.stderr)
             else:
                 print(f"every rank checkpointed and stopped; run the same command again to resume "
-                      f"(exit {RESUME_EXIT_CODE})", file=sys.stderr)
+                      f"(exit {RESUME_EXIT_CODE}), from {os.getcwd()}:\n  {shlex.join(sys.orig_argv)}",
+                      file=sys.stderr)
             return RESUME_EXIT_CODE
         rank, first = err.get_first_failure()
         if first.exitcode in (USAGE_EXIT_CODE, NONFINITE_EXIT_CODE):  # a refusal, or the run diverged: said above

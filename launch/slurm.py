@@ -392,6 +392,9 @@ class Training(submitit.helpers.Checkpointable):
                     print(f"Not requeued: scontrol is not on PATH in this task. The checkpoint is in {run_dir}: "
                           "submit the same command again to resume.", flush=True)
                     sys.exit(RESUME_EXIT_CODE)
+                print(f"Checkpointed after {stop.signal}; requeueing the job: SLURM starts it again and it resumes "
+                      f"from {run_dir} by itself (nothing to run; python -m launch.slurm status {run_dir}).",
+                      flush=True)
                 # submitit's own handler (back in place since main returned) calls checkpoint(), requeues and exits
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())
             return {}

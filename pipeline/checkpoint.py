@@ -18,7 +18,9 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,12 @@ POINTER = "latest"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 # a run stopped by a signal after checkpointing exits with this status: "start me again to resume"
 RESUME_EXIT_CODE = 75
+
+
+def resume_hint(run_dir: str | Path) -> str:
+    """What to run to resume a run that stopped to be resumed: this process's command line, from this folder."""
+    return (f"Stopped after checkpointing (exit {RESUME_EXIT_CODE}). To resume the run in {Path(run_dir).absolute()} "
+            f"from its checkpoint, run the same command again from {os.getcwd()}:\n  {shlex.join(sys.orig_argv)}")
 
 
 class CheckpointError(ValueError):

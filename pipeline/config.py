@@ -135,7 +135,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     label_smoothing: float = 0.0
-    log_every_steps: int = 50
+    log_every_steps: int = 50  # a line of train metrics every this many global steps, and at the run's last
     # fp16: stop when the grad scaler skipped more steps than this in a row (every gradient overflows); 0: never
     max_skipped_steps: int = 20
     # warn of a rank whose own time per step (data wait + forward) is this fraction above the ranks' median ...

@@ -162,12 +162,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     world_size: int, on_log: Callable[[dict], None],
                     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], bool],
                     progress=None, mixer: Callable | None = None, clip_grad_norm: float = 0.0,
-                    forward_time: Callable[[], float] | None = None) -> tuple[int, bool]:
+                    forward_time: Callable[[], float] | None = None, last_step: int = 0) -> tuple[int, bool]:
     """Train over what ``loader`` yields; returns the new global step and whether ``on_step`` asked to stop.
 
-    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps (with ``grad_norm``, the mean of the
-    applied steps', where the step computes it); ``on_step(global_step, loss, skipped)`` runs after every step
-    (checkpoints, stop signals, a finite loss, fp16 steps skipped) and returns True to stop. ``mixer(images,
+    ``on_log`` gets a record every ``train_cfg.log_every_steps`` global steps and at global step ``last_step``
+    (the run's last; with ``grad_norm``, the mean of the applied steps', where the step computes it);
+    ``on_step(global_step, loss, skipped)`` runs after every step (checkpoints, stop signals, a finite loss, fp16
+    steps skipped) and returns True to stop. ``mixer(images,
     labels)`` gives the batch to train on and its (soft) targets. ``forward_time()``: the seconds of forwards
     since its last call (read after the log line's sync); with the data wait, this rank's own time per step.
     """
@@ -200,7 +201,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         window_images += images.shape[0]
         if progress is not None:
             progress.update(1)
-        if global_step % train_cfg.log_every_steps == 0:
+        if global_step % train_cfg.log_every_steps == 0 or global_step == last_step:
             mean_loss = loss_sum.item() / window_steps  # the one host sync, every log_every_steps steps
             elapsed = time.perf_counter() - window_start
             norms, applied = norm_sum.tolist()  # the device is idle by now: no wait

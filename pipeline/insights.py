@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.checkpoint import WeightsError, read_weights
@@ -265,6 +266,27 @@ def gradient_samples(metrics_file: Path) -> list[tuple[int, dict[str, float]]]:
     return samples
 
 
+def no_samples_reason(run_dir: Path) -> str:
+    """Why the run in ``run_dir`` has no gradient samples, from its config.yaml and the steps it trained."""
+    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not metrics.is_file():
+        return f"no {metrics}: gradient_flow.png needs the metrics.jsonl of a run trained with insights.enabled"
+    steps = 0
+    for line in metrics.read_text().splitlines():
+        try:
+            steps = max(steps, json.loads(line).get("global_step", 0))
+        except json.JSONDecodeError:  # the half-written last line of a run still going
+            continue
+    insights = OmegaConf.load(config).get("insights") if config.is_file() else None
+    if insights is not None and not insights.enabled:
+        return f"no gradient samples in {metrics}: the run was trained with insights.enabled=false"
+    if insights is not None and insights.every_steps > steps:
+        return (f"no gradient samples in {metrics}: insights were enabled, but insights.every_steps="
+                f"{insights.every_steps} is more than the {steps} steps the run trained, so no step was sampled. "
+                f"Train with insights.every_steps={max(steps, 1)} or less to sample this run's steps")
+    return f"no gradient samples in {metrics}: gradient_flow.png needs a run trained with insights.enabled"
+
+
 def write_insights(state: dict[str, torch.Tensor], out: Path, title: str = "",
                    samples: list[tuple[int, dict[str, float]]] | None = None) -> list[Path]:
     """``feature_reuse.png`` and ``.csv`` (and ``gradient_flow.png`` given samples) in ``out``."""
@@ -366,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(path)
     if not samples:
-        print(f"(no gradient samples in {metrics}: gradient_flow.png needs a run trained with insights.enabled)")
+        print(f"({no_samples_reason(run_dir)})")
     return 0
 
 

@@ -44,6 +44,7 @@ from pipeline.checkpoint import (
     find_and_load_latest,
     library_versions,
     load_checkpoint,
+    resume_hint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -144,10 +145,16 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
     if not dist.is_main:
         return
     if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
+        if dist.device.type == "cuda":
+            fix = ", or set model.sync_bn=true to normalise over all ranks' images"
+        elif dist.world_size > 1:  # SyncBatchNorm runs on GPUs only
+            fix = (f", or run fewer CPU ranks: the same global batch of {batch} on fewer ranks gives each more images "
+                   "(model.sync_bn needs CUDA)")
+        else:
+            fix = ""
         log.warning("%d images per %s: BatchNorm's statistics over fewer than 32 images are noisy and hurt "
                     "accuracy (Wu & He 2018). Raise the global batch (train.batch_per_gpu=64, with "
-                    "schedule.warmup_epochs=auto), or set model.sync_bn=true to normalise over all ranks' images.",
-                    per_rank, "GPU" if dist.device.type == "cuda" else "rank")
+                    "schedule.warmup_epochs=auto)%s.", per_rank, "GPU" if dist.device.type == "cuda" else "rank", fix)
     if cfg.optim.name == "lars" and (cfg.optim.norm_weight_decay is None or cfg.optim.bias_weight_decay is None):
         log.warning("optim.name=lars with optim.norm_weight_decay=%s and optim.bias_weight_decay=%s: LARS then adapts "
                     "and decays normalisation layers and biases too, which You et al. (2017) and timm leave out. Set "
@@ -165,6 +172,16 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
         log.warning("schedule.warmup_epochs=0 at a global batch of %d: the learning rate starts at %.3g on step 1, "
                     "where large batches diverge or lose accuracy without a warm-up (Goyal et al. 2017 warm up "
                     "for 5 epochs). Use schedule.warmup_epochs=auto.", batch, cfg.optim.lr * batch / 256)
+
+
+def first_step_cost(cfg: DictConfig, device: torch.device) -> str:
+    """Why the first training step takes longer than the others, in words for the log."""
+    causes = ["the loader starts its workers and fills its queue"]
+    if cfg.train.compile:
+        causes.append("torch.compile compiles the forward and backward")
+    if device.type == "cuda":
+        causes.append("CUDA and cuDNN initialise and choose their kernels")
+    return "; ".join(causes)
 
 
 def build_net(model_cfg: DictConfig, device: torch.device, channels_last: bool, world_size: int) -> nn.Module:
@@ -597,6 +614,11 @@ class Run:
             self.ids_file = closing.enter_context(open(self.run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a"))
         closing.callback(self.profiler.finish)  # a window cut short by a stop or an error is written too
         last_size = 0  # the training image size of the epoch before (none yet)
+        if dist.is_main and progress.epoch < cfg.train.epochs:  # the first line of metrics may be minutes away
+            log.info("Training from global step %d to %d; train metrics every %d steps (train.log_every_steps) and "
+                     "at the last. The first step may be slow (%s).", progress.global_step + 1,
+                     cfg.train.epochs * self.steps_per_epoch, cfg.train.log_every_steps,
+                     first_step_cost(cfg, self.device))
         while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
             epoch_start = time.perf_counter()
@@ -617,7 +639,8 @@ class Run:
                                                  self.scheduler, self.scaler, cfg.train, self.device,
                                                  progress.global_step, dist.world_size, self.on_log, self.on_step,
                                                  bar, self.mixed if self.mixer else None, cfg.optim.clip_grad_norm,
-                                                 self.forward_timer.take if self.forward_timer else None)
+                                                 self.forward_timer.take if self.forward_timer else None,
+                                                 cfg.train.epochs * self.steps_per_epoch)
                 self.profiled(self.profiler.finish())  # a window ends with the epoch
                 if stopped:
                     raise StopRequested(self.stop_signal)
@@ -896,6 +919,8 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun (launch.local) the launcher says it
+            print(resume_hint(cfg.run.dir), file=sys.stderr)
         return RESUME_EXIT_CODE
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)

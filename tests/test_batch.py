@@ -46,8 +46,18 @@ def test_small_per_gpu_batches_and_no_warm_up_at_a_large_batch_are_warned_about(
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2
     assert said[0].startswith("16 images per rank: BatchNorm's statistics over fewer than 32 images are noisy")
-    assert "model.sync_bn=true" in said[0] and "schedule.warmup_epochs=auto" in said[0]
+    assert "schedule.warmup_epochs=auto" in said[0] and "model.sync_bn" not in said[0]  # refused on CPU ranks
     assert said[1].startswith("schedule.warmup_epochs=0 at a global batch of 2048: the learning rate starts at 6.4")
+
+
+def test_the_small_batch_warning_suggests_sync_bn_on_gpus_and_fewer_ranks_on_cpus(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        check_batch_settings(load_config(MINI), DistInfo(0, 8, 0, torch.device("cuda", 0)), 128, 16, 0.0)
+        check_batch_settings(load_config(MINI), DistInfo(0, 4, 0, torch.device("cpu")), 64, 16, 0.0)
+    on_gpus, on_cpus = [r.getMessage() for r in caplog.records]
+    assert on_gpus.startswith("16 images per GPU") and "model.sync_bn=true" in on_gpus and "CPU" not in on_gpus
+    assert on_cpus.startswith("16 images per rank") and "run fewer CPU ranks" in on_cpus
+    assert "model.sync_bn=true" not in on_cpus  # refused on CPU ranks
 
 
 def test_an_auto_warm_up_as_long_as_the_run_is_refused_by_name():

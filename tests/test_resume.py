@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,7 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_at_the_next_step_a
     # next step's boundary has every rank's figures for it, so the signal comes a step later
     assert at_step <= pointer["global_step"] <= at_step + (2 if ranks == 1 else 3)
     assert "Checkpoint on disk" in text and f"after {name}" in text
+    assert "run the same command again" in text and f"{os.getcwd()}:\n  {shlex.join(cmd)}\n" in text
     time.sleep(0.5)
     assert [p for pgid in groups for p in group_members(pgid)] == []  # the workers ended with their rank
     assert run(cmd, log) == 0, log.read_text()[-3000:]

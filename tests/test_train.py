@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,45 @@ def test_a_resume_applies_a_changed_learning_rate_and_precision_and_names_them(t
     lrs = {e["global_step"]: e["lr"] for e in events if e["event"] == "train"}
     for step in (5, 6, 7):
         assert lrs[step] == pytest.approx(0.4 * 8 / 256 * lr_factor(step, 4, 2, schedule))
+
+
+SHORT_RUN = ["data.backend=synthetic", "data.synthetic_steps=3", "train.batch_size=2", "train.epochs=1",
+             "train.log_every_steps=50", "insights.every_steps=50"]
+
+
+def test_a_short_run_says_so_at_its_start_logs_its_last_step_and_insights_name_every_steps(tmp_path, capsys):
+    from pipeline.insights import main as insights
+
+    run_dir = tmp_path / "run"
+    result = train(str(ROOT / "configs/mini.yaml"), f"run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout
+    started = log.index("Training from global step 1 to 3; train metrics every 50 steps")
+    assert "The first step may be slow" in log[started:]
+    assert started < log.index("epoch 1 step 3/3  loss")  # the last step's line, though 3 is no multiple of 50
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["global_step"] for e in events if e["event"] == "train"] == [3]
+    small_batch = next(line for line in log.splitlines() if "images per rank" in line)
+    assert "Raise the global batch" in small_batch and "model.sync_bn" not in small_batch  # refused on CPU
+
+    assert insights([str(run_dir / "model_final.pt")]) == 0  # python -m pipeline.insights, in this process
+    said = capsys.readouterr().out
+    assert "insights were enabled, but insights.every_steps=50 is more than the 3 steps" in said
+    assert "insights.every_steps=3 or less" in said
+
+
+@pytest.mark.slow  # two training runs
+def test_a_stopped_run_names_the_command_that_resumes_it(tmp_path):
+    command = [sys.executable, str(ROOT / "tests" / "stop_at.py"), "step:1", str(ROOT / "configs/mini.yaml"),
+               "tracking.backend=none", "run.dir=run", *SHORT_RUN]
+    stopped = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    said = stopped.stderr.splitlines()
+    hint = next(i for i, line in enumerate(said) if "To resume the run in" in line)
+    assert f"{tmp_path / 'run'} from its checkpoint, run the same command again from {tmp_path}:" in said[hint]
+    printed = shlex.split(said[hint + 1])
+    assert printed == command
+    resumed = subprocess.run(printed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 3

@@ -2,6 +2,7 @@
 
     python -m pipeline.data.imagenet prepare --train-tar ILSVRC2012_img_train.tar \\
         --val-tar ILSVRC2012_img_val.tar --devkit ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet
+    python -m pipeline.data.imagenet prepare --devkit ILSVRC2012_devkit_t12.tar.gz --val-flat /data/imagenet/val
     python -m pipeline.data.imagenet verify /data/imagenet
     python -m pipeline.data.imagenet pack /data/imagenet --out /data/imagenet-packed [--shard-size 1GiB]
 
@@ -10,7 +11,8 @@ worker processes on all cores; a file that crashes the decoder kills only a work
 It writes the dataset index (``index/``, the undecodable files left out) and ``verify.json``: the
 counts per split and class, the undecodable files and why, and the PNG, CMYK and grayscale files
 named ``.JPEG`` (these decode to RGB and train normally). ``pack`` writes the indexed images into a
-few large shard files with the same index (the same hash) and a SHA-256 per shard.
+few large shard files with the same index (the same hash) and a SHA-256 per shard. ``prepare --val-flat``
+sorts a val folder extracted flat (ILSVRC2012_val_*.JPEG) into class folders by the devkit's labels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -53,7 +57,7 @@ from pipeline.data.index import (
     tree_classes,
     usable_cpus,
 )
-from pipeline.data.layout import SPLITS, DatasetError, short_reason
+from pipeline.data.layout import RAW_VAL_NAME, SPLITS, DatasetError, short_reason
 from pipeline.data.samples import SHARD_DIR
 from pipeline.signals import default_signal_handlers
 
@@ -62,12 +66,19 @@ DECODE_BATCH = 64
 log = logging.getLogger("pipeline.data.imagenet")
 
 
-def prepare(train_tar: str | Path, val_tar: str | Path, devkit: str | Path, out: str | Path) -> Path:
+def prepare(train_tar: str | Path | None, val_tar: str | Path | None, devkit: str | Path | None,
+            out: str | Path | None) -> Path:
     """Extract the official archives into ``out/train/<wnid>/`` and ``out/val/<wnid>/`` with torchvision's parsers,
-    then write the dataset index from the files' headers."""
+    then write the dataset index from the files' headers. On a failure, what it wrote into ``out`` is removed (and
+    ``out`` itself, if it made it)."""
     from torchvision.datasets.imagenet import parse_devkit_archive, parse_train_archive, parse_val_archive
 
-    archives = {"--train-tar": Path(train_tar), "--val-tar": Path(val_tar), "--devkit": Path(devkit)}
+    archives = {"--train-tar": train_tar, "--val-tar": val_tar, "--devkit": devkit, "--out": out}
+    for flag, path in archives.items():
+        if path is None:
+            raise DatasetError(f"prepare needs {flag}: --train-tar, --val-tar, --devkit and --out (or --devkit with "
+                               "--val-flat DIR alone, to sort an already extracted flat val folder).")
+    archives = {flag: Path(path) for flag, path in archives.items() if flag != "--out"}
     for flag, path in archives.items():
         if not path.is_file():
             raise DatasetError(f"{flag} '{path}' does not exist. Download it from image-net.org "
@@ -77,17 +88,96 @@ def prepare(train_tar: str | Path, val_tar: str | Path, devkit: str | Path, out:
         if (out / split).exists():
             raise DatasetError(f"'{out / split}' already exists: prepare writes a new tree. Remove it or choose "
                                "another --out.")
+    before = set(os.listdir(out)) if out.is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
-    steps = [(parse_devkit_archive, archives["--devkit"]), (parse_train_archive, archives["--train-tar"]),
-             (parse_val_archive, archives["--val-tar"])]
-    for parse, archive in steps:
-        log.info("Extracting %s", archive)
-        try:  # torchvision joins root and file; an absolute file path is used as is
-            parse(str(out), str(archive.absolute()))
-        except RuntimeError as err:
-            raise DatasetError(f"Could not use '{archive}': {err} Re-download it if it is damaged.") from None
-    save_index(index_tree(out), out)  # from the headers; verify replaces it after decoding every file
+    # the small archives first: a damaged one is found before hours of extracting the train archive
+    steps = [(parse_devkit_archive, archives["--devkit"], "devkit"), (parse_val_archive, archives["--val-tar"], "val"),
+             (parse_train_archive, archives["--train-tar"], "train")]
+    try:
+        for parse, archive, key in steps:
+            _parse_archive(parse, archive, key, out)
+        save_index(index_tree(out), out)  # from the headers; verify replaces it after decoding every file
+    except BaseException:
+        _remove_new(out, before)
+        raise
     return out
+
+
+def _parse_archive(parse, archive: Path, key: str, root: Path) -> None:
+    """torchvision's ``parse`` of ``archive`` into ``root``; an archive whose MD5 is not the official one is refused
+    with both sums."""
+    from torchvision.datasets.imagenet import ARCHIVE_META
+    from torchvision.datasets.utils import calculate_md5
+
+    log.info("Checking and extracting %s", archive)
+    try:  # torchvision joins root and file; an absolute file path is used as is
+        parse(str(root), str(archive.absolute()))
+    except RuntimeError as err:  # torchvision says "not present ... or corrupted" for both
+        name, expected = ARCHIVE_META[key]
+        log.info("%s does not match the official checksum; reading it again to report its own", archive)
+        found = calculate_md5(archive) if archive.is_file() else None
+        if found is not None and found != expected:
+            raise DatasetError(f"'{archive}' has the MD5 checksum {found}, but the official {name} has {expected}: "
+                               "the file is damaged, incomplete or another file. Download it again from "
+                               "image-net.org.") from None
+        raise DatasetError(f"Could not use '{archive}': {err} Re-download it if it is damaged.") from None
+
+
+def _remove_new(out: Path, before: set[str] | None) -> None:
+    """Remove ``out`` if it did not exist (``before`` None), else the entries that were not in it before."""
+    new = [out] if before is None else [out / name for name in set(os.listdir(out)) - before]
+    for path in new:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def sort_val_folder(devkit: str | Path, folder: str | Path) -> dict[str, int]:
+    """Move the flat ``folder`` of ImageNet's val images (ILSVRC2012_val_00000001.JPEG ...) into
+    ``folder/<wnid>/`` by the devkit's labels (torchvision's devkit parser); returns the images per class.
+
+    Files are moved in place, so a sort that was cut short is finished by running it again.
+    """
+    from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
+
+    devkit, folder = Path(devkit), Path(folder).absolute()
+    if not devkit.is_file():
+        raise DatasetError(f"--devkit '{devkit}' does not exist. Download ILSVRC2012_devkit_t12.tar.gz from "
+                           "image-net.org: it holds the val images' labels.")
+    if not folder.is_dir():
+        raise DatasetError(f"--val-flat '{folder}' is not a folder: give the folder that holds the extracted "
+                           "ILSVRC2012_val_*.JPEG files.")
+    images = sorted(e.name for e in os.scandir(folder) if e.is_file() and RAW_VAL_NAME.fullmatch(e.name))
+    if not images:
+        raise DatasetError(f"--val-flat '{folder}' holds no ILSVRC2012_val_*.JPEG files: give the folder that the "
+                           "val archive (ILSVRC2012_img_val.tar) was extracted into.")
+    with tempfile.TemporaryDirectory() as tmp:
+        _parse_archive(parse_devkit_archive, devkit, "devkit", Path(tmp))
+        wnids = load_meta_file(tmp)[1]  # the class of val image i + 1, from the devkit's ground truth
+    numbers = [int(RAW_VAL_NAME.fullmatch(name).group(1)) for name in images]
+    unknown = [name for name, n in zip(images, numbers, strict=True) if not 1 <= n <= len(wnids)]
+    if unknown:
+        raise DatasetError(f"The devkit labels {len(wnids)} val images, but '{folder}' holds {len(unknown)} with other "
+                           f"numbers ({', '.join(unknown[:3])}): is it ImageNet-1k's (2012) val folder?")
+    counts: Counter = Counter()
+    for name, n in zip(images, numbers, strict=True):
+        wnid = wnids[n - 1]
+        (folder / wnid).mkdir(exist_ok=True)
+        os.replace(folder / name, folder / wnid / name)
+        counts[wnid] += 1
+    if len(images) < len(wnids):
+        log.warning("'%s' held %d of the devkit's %d val images; verify counts what the dataset holds.", folder,
+                    len(images), len(wnids))
+    return dict(counts)
+
+
+def sorted_summary(folder: str | Path, counts: dict[str, int]) -> str:
+    """What ``prepare --val-flat`` did, and the next command."""
+    folder = Path(folder).absolute()
+    root = folder.parent if folder.name == "val" else "<the folder holding train/ and this folder as val/>"
+    return (f"Sorted {sum(counts.values())} val images in {folder} into {len(counts)} class folders with the "
+            f"devkit's labels. Next: python -m pipeline.data.imagenet verify {root}")
 
 
 _pipe = None  # a worker's DALI decode pipeline, built on its first batch
@@ -388,10 +478,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.data.imagenet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="extract the official archives into train/<wnid>/ and val/<wnid>/")
-    prep.add_argument("--train-tar", required=True)
-    prep.add_argument("--val-tar", required=True)
+    prep.add_argument("--train-tar")
+    prep.add_argument("--val-tar")
     prep.add_argument("--devkit", required=True)
-    prep.add_argument("--out", required=True)
+    prep.add_argument("--out")
+    prep.add_argument("--val-flat", metavar="DIR", help="instead: sort this extracted flat val folder in place")
     ver = sub.add_parser("verify", help="count and decode every image; write verify.json beside the dataset")
     ver.add_argument("root")
     ver.add_argument("--decoder", choices=("dali", "pillow"), default=None, help="default: dali when installed")
@@ -404,7 +495,9 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        if args.command == "prepare":
+        if args.command == "prepare" and args.val_flat:
+            print(sorted_summary(args.val_flat, sort_val_folder(args.devkit, args.val_flat)))
+        elif args.command == "prepare":
             out = prepare(args.train_tar, args.val_tar, args.devkit, args.out)
             print(f"Prepared {out} and its index. Next: python -m pipeline.data.imagenet verify {out}")
         elif args.command == "pack":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # the extensions DALI's decoders and torchvision's ImageFolder both take
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val")
+RAW_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")  # ImageNet's val images as the archive holds them
 
 
 class DatasetError(ValueError):
@@ -19,10 +21,22 @@ def _has_image(folder: Path) -> bool:
         return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
 
 
+def check_not_raw_val(folder: Path) -> None:
+    """Refuse, naming the command that sorts it, a folder that holds ImageNet's val images as the archive has them."""
+    with os.scandir(folder) as entries:
+        raw_val = any(RAW_VAL_NAME.fullmatch(e.name) for e in entries)
+    if raw_val:
+        raise DatasetError(
+            f"'{folder}' holds ImageNet's raw validation images (ILSVRC2012_val_*.JPEG) in one flat folder, not in "
+            "class folders. Sort them into class folders with the devkit's labels: python -m pipeline.data.imagenet "
+            f"prepare --devkit ILSVRC2012_devkit_t12.tar.gz --val-flat {folder}")
+
+
 def list_classes(split_dir: Path) -> list[str]:
     """The sorted class folders of one split; each must hold at least one image."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
+        check_not_raw_val(split_dir)
         raise DatasetError(f"'{split_dir}' has no class folders. Expected {split_dir}/<class>/<image>.JPEG, "
                            "one folder per class.")
     for name in classes:
@@ -45,6 +59,7 @@ def check_image_folder(root: str | Path, num_classes: int) -> list[str]:
     found = {}
     for split in SPLITS:
         if not (root / split).is_dir():
+            check_not_raw_val(root)  # the val folder itself given as the dataset
             raise DatasetError(f"Dataset folder '{root}' has no '{split}/' folder. {hint}")
         found[split] = list_classes(root / split)
     train, val = found["train"], found["val"]

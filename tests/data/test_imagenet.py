@@ -15,7 +15,7 @@ import torchvision.datasets.imagenet as tv_imagenet
 from bad_files import plant_bad_files
 from PIL import Image
 
-from pipeline.data.imagenet import prepare, verify
+from pipeline.data.imagenet import cli, prepare, verify
 from pipeline.data.index import load_index
 from pipeline.data.layout import DatasetError
 from pipeline.data.synthetic import write_synthetic_imagenet
@@ -88,11 +88,59 @@ def test_prepare_builds_the_class_folder_tree(tmp_path, archives):
     assert report["counts"] == {"train": 9, "val": 5, "classes": 3} and not report["undecodable"]
 
 
-def test_prepare_refuses_an_archive_with_the_wrong_checksum(tmp_path, archives, monkeypatch):
+def prepare_words(src: Path, out: Path) -> list[str]:
+    return ["prepare", "--train-tar", str(src / "train.tar"), "--val-tar", str(src / "val.tar"), "--devkit",
+            str(src / "devkit.tar.gz"), "--out", str(out)]
+
+
+@pytest.mark.parametrize("damaged", ["devkit", "val", "train"])
+def test_prepare_names_a_checksum_mismatch_with_both_sums_and_leaves_no_new_out(tmp_path, archives, monkeypatch,
+                                                                               capsys, damaged):
     src, _ = archives
-    monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "devkit", ("x", "0" * 32))
-    with pytest.raises(DatasetError, match="devkit.tar.gz"):
-        prepare(src / "train.tar", src / "val.tar", src / "devkit.tar.gz", tmp_path / "imagenet")
+    archive = src / {"devkit": "devkit.tar.gz", "val": "val.tar", "train": "train.tar"}[damaged]
+    expected = "0123456789abcdef" * 2
+    monkeypatch.setitem(tv_imagenet.ARCHIVE_META, damaged, (tv_imagenet.ARCHIVE_META[damaged][0], expected))
+    assert cli(prepare_words(src, tmp_path / "imagenet")) == 2
+    said = capsys.readouterr().err
+    assert str(archive) in said and md5(archive) in said and expected in said
+    assert "not present" not in said  # torchvision's words: the file was there
+    assert not (tmp_path / "imagenet").exists()
+
+
+def test_prepare_keeps_what_an_existing_out_held_when_it_fails(tmp_path, archives, monkeypatch):
+    src, _ = archives
+    out = tmp_path / "imagenet"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "train", (tv_imagenet.ARCHIVE_META["train"][0], "0" * 32))
+    with pytest.raises(DatasetError, match="MD5"):  # after the devkit and val were extracted
+        prepare(src / "train.tar", src / "val.tar", src / "devkit.tar.gz", out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_flat_val_folder_is_named_by_verify_and_sorted_by_prepare_val_flat(tmp_path, archives, capsys):
+    src, val_classes = archives
+    root = tmp_path / "imagenet"
+    for c, wnid in enumerate(WNIDS):  # train/<wnid>/ as extracted; val/ flat, as the val archive holds it
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(2):
+            (root / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_bytes(10 * c + i))
+    with tarfile.open(src / "val.tar") as val:
+        val.extractall(root / "val", filter="data")
+
+    for dataset in (root, root / "val"):  # the dataset, or its val folder given as the dataset
+        assert cli(["verify", str(dataset)]) == 2
+        said = capsys.readouterr().err
+        assert "raw validation images" in said
+        command = said[said.index("python -m pipeline.data.imagenet prepare"):].split()
+        assert command[-2:] == ["--val-flat", str(root / "val")]
+
+    assert cli(["prepare", "--devkit", str(src / "devkit.tar.gz"), "--val-flat", str(root / "val")]) == 0
+    assert f"verify {root}" in capsys.readouterr().out
+    for c, wnid in enumerate(WNIDS):
+        expected = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, v in enumerate(val_classes) if v == c]
+        assert sorted(p.name for p in (root / "val" / wnid).iterdir()) == expected
+    assert verify(root, decoder="pillow", workers=1)["counts"] == {"train": 6, "val": 5, "classes": 3}
 
 
 def test_prepare_names_a_missing_archive(tmp_path):

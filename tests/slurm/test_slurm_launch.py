@@ -171,6 +171,7 @@ def test_an_interrupted_job_requeues_resumes_and_ends_bitwise_identical(request,
     assert "(stop signal SIGUSR2)" in log and "Resuming from" in log and "epoch 1, step" in log
     out = (run_dir / f"slurm/{job_id}_0_log.out").read_text()
     assert f"job {job_id}, task 0 of 2, attempt 2" in out
+    assert f"requeueing the job: SLURM starts it again and it resumes from {run_dir} by itself" in out
     assert (run_dir / "model_final.pt").read_bytes() == (reference[0] / "model_final.pt").read_bytes()
     steps = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"event": "train"' in line]
