@@ -120,8 +120,21 @@ def test_a_bad_init_from_is_refused_at_start_before_any_data_or_run_dir(tmp_path
                   is_main=True)
 
 
-def test_freezing_keeps_the_frozen_weights_and_batchnorm_statistics_bitwise():
-    model = mini()
+def train_three_steps(model, optimizer, seed=0):
+    scheduler = build_scheduler(optimizer, load_config(MINI).schedule, 1, 3)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+               for _ in range(3)]
+    train_cfg = OmegaConf.create({"channels_last": False, "precision": "fp32", "log_every_steps": 100})
+    cpu = torch.device("cpu")
+    train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, scheduler, build_scaler(cpu, "fp32"),
+                    train_cfg, cpu, 0, 1, lambda record: None, lambda step, loss, skipped: False)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_freezing_keeps_the_frozen_weights_and_batchnorm_statistics_bitwise(memory_efficient):
+    torch.manual_seed(0)
+    model = build_model("densenet_bc", 10, memory_efficient, depth=16, growth_rate=12)
     line = freeze(model, ["features.conv0", "features.denseblock1"])
     assert "features.conv0, features.denseblock1 frozen" in line and "trainable parameters" in line
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("features.conv0.",
@@ -129,20 +142,83 @@ def test_freezing_keeps_the_frozen_weights_and_batchnorm_statistics_bitwise():
     others = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.transition1.")}
     optimizer = build_optimizer(model, load_config(MINI).optim, 8, ["features.conv0", "features.denseblock1"])
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
-    scheduler = build_scheduler(optimizer, load_config(MINI).schedule, 1, 3)
-    generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator))
-               for _ in range(3)]
-    train_cfg = OmegaConf.create({"channels_last": False, "precision": "fp32", "log_every_steps": 100})
-    cpu = torch.device("cpu")
-    train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, scheduler, build_scaler(cpu, "fp32"),
-                    train_cfg, cpu, 0, 1, lambda record: None, lambda step, loss, skipped: False)
+    train_three_steps(model, optimizer)
     after = model.state_dict()
     for key, value in frozen.items():
         assert torch.equal(after[key], value), key
     assert not model.features.denseblock1.training and model.features.denseblock2.training
     changed = [k for k, v in others.items() if not torch.equal(after[k], v)]  # the rest trains, statistics too
     assert "features.transition1.norm.running_mean" in changed and "features.transition1.conv.weight" in changed
+
+
+@pytest.mark.slow  # torch.compile on a CPU: a minute
+def test_a_compiled_model_keeps_its_frozen_part_and_statistics():
+    from pipeline.engine import compile_model
+
+    model = mini()
+    freeze(model, ["features.conv0", "features.denseblock1"])
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("features.conv0.",
+                                                                                    "features.denseblock1."))}
+    before = model.features.transition1.norm.running_mean.clone()
+    optimizer = build_optimizer(model, load_config(MINI).optim, 8, ["features.conv0", "features.denseblock1"])
+    train_three_steps(compile_model(model, sizes_change=False), optimizer)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    assert not torch.equal(model.features.transition1.norm.running_mean, before)
+
+
+def _start_rank(rank: int, world: int, port: int, out, path: str, run_dir: str, device: str) -> None:
+    """One rank of a job that starts from ``path`` (rank 0 reads it) with its own random weights first."""
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.collective import parameters_digest
+    from pipeline.finetune import train_mode
+    from pipeline.train import build_net, wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = load_config(MINI, [f"model.init_from={path}", f"run.dir={run_dir}", "model.num_classes=5",
+                             f"model.sync_bn={device != 'cpu'}", "train.freeze=[features.conv0,features.denseblock1]"])
+    torch.manual_seed(rank)  # the ranks' own weights differ until rank 0's arrive
+    model = build_net(cfg.model, torch.device(device), True, world)
+    load_init(model, read_init(cfg, rank == 0), rank == 0)
+    digest = parameters_digest(model)  # before DDP, which would send rank 0's weights anyway
+    freeze(model, cfg.train.freeze)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.denseblock1.")}
+    net = train_mode(wrap_ddp(model, torch.device(device)))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+    x = x.to(device, memory_format=torch.channels_last)
+    torch.nn.functional.cross_entropy(net(x), torch.arange(4).to(device) % 5).backward()
+    kept = all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    layout = model.features.conv0.weight.is_contiguous(memory_format=torch.channels_last)
+    sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    out.put((rank, digest, kept, layout, sync, model.features.transition1.norm.training))
+    dist.destroy_process_group()
+
+
+def two_ranks_start_from_rank_0s_file(tmp_path, device):
+    from pipeline.distributed import run_local_ranks
+
+    torch.save(mini().state_dict(), tmp_path / "mini.pt")
+    found = sorted(run_local_ranks(_start_rank, 2, str(tmp_path / "mini.pt"), str(tmp_path / "run"), device,
+                                   timeout_s=300))
+    assert found[0][1] == found[1][1]  # the same weights on both ranks
+    assert all(kept and layout and training for _, _, kept, layout, _, training in found)
+    return found
+
+
+@pytest.mark.slow  # two processes: 20 s on 2 busy cores
+def test_every_rank_starts_from_rank_0s_weights_in_channels_last_and_keeps_the_frozen_part(tmp_path):
+    two_ranks_start_from_rank_0s_file(tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_with_sync_batchnorm_on_cuda_every_rank_starts_from_rank_0s_weights_and_frozen_statistics_stay(tmp_path):
+    """Both ranks share one GPU over gloo, with SyncBatchNorm: the frozen ones normalise with their running
+    statistics (eval mode: no exchange), the others over both ranks' batches."""
+    found = two_ranks_start_from_rank_0s_file(tmp_path, "cuda:0")
+    assert all(sync for *_, sync, _ in found)
 
 
 def test_an_unknown_freeze_prefix_is_refused_naming_the_nearest_modules():
@@ -206,7 +282,7 @@ def test_fine_tuning_the_mini_models_weights_onto_five_classes(tmp_path):
     words = [f"run.dir={second}", f"data.root={root}", "model.num_classes=5", f"model.init_from={weights}",
              "train.freeze=[features.conv0,features.denseblock1]", "optim.backbone_lr_scale=0.1",
              "train.batch_size=8", "train.epochs=1", "data.backend=torchvision", "train.ema.enabled=true"]
-    result = train(*words, cwd=tmp_path)
+    result = train(*words, "tracking.backend=mlflow", cwd=tmp_path)  # a SQLite store beside the run dirs
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the classifier is replaced: the file's has 10 outputs, model.num_classes=5" in result.stdout
     assert "features.conv0, features.denseblock1 frozen" in result.stdout
@@ -220,6 +296,11 @@ def test_fine_tuning_the_mini_models_weights_onto_five_classes(tmp_path):
     checkpoint = torch.load(next((second / "checkpoints").glob("step-*.pt")), weights_only=True)
     assert checkpoint["init_from"] == {"path": str(weights), "sha256": sha}
     assert json.loads((second / "summary.json").read_text())["epochs_completed"] == 1
+    from mlflow import MlflowClient
+
+    run_id = json.loads((second / "mlflow_run.json").read_text())["run_id"]
+    params = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.params
+    assert params["model.init_from_sha256"] == sha and params["model.init_from"] == str(weights)
 
     # a resume takes the checkpoint's weights; a changed file is named
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in start.items()}, weights)
