@@ -861,8 +861,8 @@ class Run:
 
 def apply_changed_settings(saved: dict, cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler, batch: int) -> str:
-    """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
-    optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
+    """Settings of the optimizer, the schedule and train.freeze that changed since the checkpoint are applied to the
+    restored optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
     names them ("" if none). (The model, the data and the global batch cannot change: :func:`check_resumable`
     refuses those.) A warm-up is compared in epochs: auto and the number it stands for are the same. A key the
     saved config lacks came with a later version: the checkpoint ran with its default."""
