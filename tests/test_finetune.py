@@ -172,7 +172,6 @@ def _start_rank(rank: int, world: int, port: int, out, path: str, run_dir: str, 
 
     import torch.distributed as dist
 
-    from pipeline.collective import parameters_digest
     from pipeline.finetune import train_mode
     from pipeline.train import build_net, wrap_ddp
 
@@ -183,7 +182,8 @@ def _start_rank(rank: int, world: int, port: int, out, path: str, run_dir: str, 
     torch.manual_seed(rank)  # the ranks' own weights differ until rank 0's arrive
     model = build_net(cfg.model, torch.device(device), True, world)
     load_init(model, read_init(cfg, rank == 0), rank == 0)
-    digest = parameters_digest(model)  # before DDP, which would send rank 0's weights anyway
+    # before DDP, which sends rank 0's parameters anyway, and its buffers only on some versions (broadcast_buffers)
+    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
     freeze(model, cfg.train.freeze)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.denseblock1.")}
     net = train_mode(wrap_ddp(model, torch.device(device)))
@@ -200,10 +200,14 @@ def _start_rank(rank: int, world: int, port: int, out, path: str, run_dir: str, 
 def two_ranks_start_from_rank_0s_file(tmp_path, device):
     from pipeline.distributed import run_local_ranks
 
-    torch.save(mini().state_dict(), tmp_path / "mini.pt")
+    state = mini().state_dict()
+    for key, value in state.items():  # BatchNorm statistics unlike a new model's, so that they must travel too
+        if key.endswith(("running_mean", "running_var")):
+            value.uniform_(0.5, 1.5)
+    torch.save(state, tmp_path / "mini.pt")
     found = sorted(run_local_ranks(_start_rank, 2, str(tmp_path / "mini.pt"), str(tmp_path / "run"), device,
                                    timeout_s=300))
-    assert found[0][1] == found[1][1]  # the same weights on both ranks
+    assert found[0][1] == found[1][1]  # the same weights and statistics on both ranks
     assert all(kept and layout and training for _, _, kept, layout, _, training in found)
     return found
 
