@@ -195,6 +195,8 @@ def read_init(cfg, is_main: bool) -> InitWeights | None:
                 found = InitWeights(path, file_sha256(path), False, state, note)
         except (InitError, OSError) as err:
             found = str(err)
+        except Exception as err:  # noqa: BLE001 - any error: the other ranks are waiting for this broadcast
+            found = f"model.init_from='{path}' could not be used ({type(err).__name__}: {err})."
     verdict = collective.broadcast_from_main(found if isinstance(found, str) else
                                              (found.sha256, found.resuming) if found else None)
     if isinstance(verdict, str):
