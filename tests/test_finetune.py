@@ -131,6 +131,18 @@ def train_three_steps(model, optimizer, seed=0):
                     train_cfg, cpu, 0, 1, lambda record: None, lambda step, loss, skipped: False)
 
 
+@pytest.mark.slow  # two ranks under torchrun: 30 s on 2 busy cores
+def test_two_ranks_refuse_a_file_of_another_architecture_together_and_leave_nothing(tmp_path):
+    torch.save(torchvision_state("densenet121"), tmp_path / "densenet121.pth")
+    result = subprocess.run([sys.executable, "-m", "launch.local", MINI, "--nproc-per-node", "2",
+                             "tracking.backend=none", f"run.dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                             f"model.init_from={tmp_path / 'densenet121.pth'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("does not fit model.name=densenet_bc") == 2  # each rank, the same words
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_freezing_keeps_the_frozen_weights_and_batchnorm_statistics_bitwise(memory_efficient):
     torch.manual_seed(0)
