@@ -248,7 +248,9 @@ def library_versions() -> dict:
 MUST_MATCH = ("model.", "data.backend", "data.image_size", "data.val_resize", "data.val_image_size", "data.mean",
               "data.std", "data.aug_repeats", "data.progressive.",
               "data.generate.", "run.seed")  # the global batch is checked on its own (with train.batch_per_gpu)
-MAY_CHANGE = ("model.sync_bn",)  # SyncBatchNorm holds the same parameters and statistics as BatchNorm
+# SyncBatchNorm holds the same parameters and statistics as BatchNorm; a resume takes the checkpoint's weights,
+# not model.init_from's (its file's SHA-256 is compared apart)
+MAY_CHANGE = ("model.sync_bn", "model.init_from")
 
 
 def check_resumable(saved_config: dict, config: dict, path: Path) -> None:

@@ -125,6 +125,19 @@ def broadcast_buffers(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def broadcast_weights(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (on the world group: NCCL for CUDA tensors)."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.is_contiguous():
+                    dist.broadcast(tensor, src=0)
+                else:  # channels-last weights: sent in the default layout, kept in theirs
+                    sent = tensor.contiguous()
+                    dist.broadcast(sent, src=0)
+                    tensor.copy_(sent)
+
+
 def parameters_digest(module: nn.Module) -> str:
     """A hash of the exact bytes of every parameter (computed by each rank alone)."""
     digest = hashlib.sha256()

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pipeline.finetune import unknown_prefixes
 from pipeline.models.densenet import MODEL_NAMES
 
 MAX_READ_AHEAD = 16  # data.read_ahead
@@ -42,6 +43,9 @@ class ModelConfig:
     depth: int = 100  # densenet_bc only: L = 6n + 4
     growth_rate: int = 12  # densenet_bc only: k
     sync_bn: bool = False  # BatchNorm over the whole global batch under DDP (SyncBatchNorm; CUDA only)
+    # a new run starts from these weights: a torchvision-layout state_dict (torchvision's or timm's DenseNet file,
+    # a run's model_final.pt) or a checkpoint (its weights); the classifier is replaced if num_classes differs
+    init_from: str = ""
 
 
 @dataclass
@@ -141,6 +145,9 @@ class TrainConfig:
     # warn of a rank whose own time per step (data wait + forward) is this fraction above the ranks' median ...
     straggler_above: float = 0.2
     straggler_intervals: int = 3  # ... for this many log intervals in a row (again each time that doubles); 0: off
+    # modules (model.named_modules() names, with all inside them) that do not train, their BatchNorms in eval mode
+    # (running statistics used and kept), e.g. [features.conv0, features.norm0, features.denseblock1]
+    freeze: list[str] = field(default_factory=list)
     ema: EmaConfig = field(default_factory=EmaConfig)
     mix: MixConfig = field(default_factory=MixConfig)
 
@@ -158,6 +165,7 @@ class OptimConfig:
     bias_weight_decay: float | None = None
     clip_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this (fp16: unscaled first); 0: off
     lars_trust_coefficient: float = 0.001  # LARS's eta (You et al. 2017)
+    backbone_lr_scale: float = 1.0  # the learning rate of every layer but the classifier, times optim.lr's
 
 
 @dataclass
@@ -272,7 +280,7 @@ POSITIVE = (
     "checkpoint.keep_last", "slurm.nodes", "slurm.cpus_per_task", "slurm.array_parallelism",
     "insights.every_steps", "run.dist_timeout_s", "train.ema.every_steps", "optim.lars_trust_coefficient",
     "data.aug_repeats", "data.progressive.min_size", "data.progressive.step", "data.ra_num_ops",
-    "profile.steps", "train.straggler_above",
+    "profile.steps", "train.straggler_above", "optim.backbone_lr_scale",
 )
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "data.val_resize", "data.val_image_size",
                 "data.val_batch_size", "data.read_ahead", "model.drop_rate", "checkpoint.every_steps",
@@ -459,6 +467,10 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.data.random_erase <= 1:
         raise ConfigError(f"'data.random_erase' is {cfg.data.random_erase}: the probability of erasing a box of a "
                           "training image, 0 (off) to 1; torchvision's recipes use 0.1 or 0.25.")
+    if cfg.train.freeze:
+        problem = unknown_prefixes(cfg.model, list(cfg.train.freeze))
+        if problem:
+            raise ConfigError(problem)
     if cfg.data.generate.max_side < cfg.data.generate.min_side:
         raise ConfigError("'data.generate.max_side' must be at least 'data.generate.min_side'.")
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import collective
+from pipeline.finetune import train_mode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -172,7 +173,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
     labels)`` gives the batch to train on and its (soft) targets. ``forward_time()``: the seconds of forwards
     since its last call (read after the log line's sync); with the data wait, this rank's own time per step.
     """
-    model.train()
+    train_mode(model)  # the modules train.freeze froze stay in eval mode
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros(2, device=device)  # the gradients' norms of the applied steps, and how many
     window_images, window_steps, data_wait = 0, 0, 0.0

@@ -211,7 +211,8 @@ class GradientFlow:
     """Per-unit gradient norms of ``model`` after a backward pass: one host sync per sample."""
 
     def __init__(self, model: nn.Module):
-        self.units = gradient_units(model)
+        self.units = {unit: params for unit, params in gradient_units(model).items()  # train.freeze: none
+                      if all(p.requires_grad for p in params)}
 
     def sample(self) -> dict[str, float] | None:
         """``{unit: L2 norm of its weights' gradients}``, or None before any backward (or on inf/NaN)."""

@@ -3,7 +3,10 @@
 Parameters fall into groups as torchvision's reference scripts split them (``set_weight_decay``): with
 ``optim.bias_weight_decay`` set, every bias (normalisation layers' too) is in a group of its own; with
 ``optim.norm_weight_decay`` set, the other parameters of normalisation layers are; the rest are in the first
-group, with ``optim.weight_decay``. The defaults (both null) build the one group of earlier versions.
+group, with ``optim.weight_decay``. The defaults (both null) build the one group of earlier versions. With
+``optim.backbone_lr_scale`` other than 1, the classifier's parameters form groups of their own (first: the logged
+learning rate is the classifier's), and every other group's learning rate is scaled by it. Parameters that
+``train.freeze`` holds still are in no group.
 
 LARS (You et al., "Large Batch Training of Convolutional Networks", 2017) scales each parameter's update by a
 trust ratio ``eta * ||w|| / (||g|| + weight_decay * ||w||)``, then runs SGD with momentum; groups without weight
@@ -14,8 +17,12 @@ reached 8k); LARS trained 32k (You et al.).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+from pipeline.finetune import CLASSIFIER, under
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
@@ -23,22 +30,39 @@ LARS_ABOVE = 8192  # global batch above which plain SGD with linear scaling is k
 FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.SGD(fused=True) has a kernel (CUDA since torch 2.2, CPU 2.4)
 
 
-def parameter_groups(model: nn.Module, optim_cfg) -> list[tuple[list[str], float]]:
-    """(parameter names, weight decay) of each group, in the optimizer's order. ``optim_cfg`` may be a config of
-    a checkpoint from before the kinds' keys (then both are null)."""
+class Group(NamedTuple):
+    """One group of the optimizer: its parameters' names, weight decay, and learning rate as a multiple of the
+    schedule's."""
+
+    names: list[str]
+    weight_decay: float
+    lr_scale: float = 1.0
+
+
+def parameter_groups(model: nn.Module, optim_cfg, freeze=()) -> list[Group]:
+    """The groups in the optimizer's order, without the parameters under the module names ``freeze``.
+    ``optim_cfg`` may be a config of a checkpoint from before some keys (then they have their defaults)."""
     norm_decay, bias_decay = (getattr(optim_cfg, key, None) for key in ("norm_weight_decay", "bias_weight_decay"))
-    groups: dict[str, list[str]] = {"other": [], "norm": [], "bias": []}
+    scale = getattr(optim_cfg, "backbone_lr_scale", None) or 1.0
+    parts = ("head", "backbone") if scale != 1 else ("backbone",)
+    groups: dict[tuple[str, str], list[str]] = {(part, kind): [] for part in parts
+                                                for kind in ("other", "norm", "bias")}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if under(name, freeze):
+                continue
+            part = "head" if scale != 1 and under(name, (CLASSIFIER,)) else "backbone"
             if bias_decay is not None and name.rsplit(".", 1)[-1] == "bias":
-                groups["bias"].append(name)
+                groups[part, "bias"].append(name)
             elif norm_decay is not None and isinstance(module, NORM_LAYERS):
-                groups["norm"].append(name)
+                groups[part, "norm"].append(name)
             else:
-                groups["other"].append(name)
+                groups[part, "other"].append(name)
     decays = {"other": optim_cfg.weight_decay, "norm": norm_decay, "bias": bias_decay}
+    scales = {"head": 1.0, "backbone": scale}
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    return [(sorted(names, key=order.__getitem__), decays[kind]) for kind, names in groups.items() if names]
+    return [Group(sorted(names, key=order.__getitem__), decays[kind], scales[part])
+            for (part, kind), names in groups.items() if names]
 
 
 class Lars(torch.optim.SGD):
@@ -77,17 +101,19 @@ class Lars(torch.optim.SGD):
         return loss
 
 
-def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.SGD:
-    """SGD (or LARS) with the learning rate scaled linearly from 256 images to the global batch.
+def build_optimizer(model: nn.Module, optim_cfg, global_batch: int, freeze=()) -> torch.optim.SGD:
+    """SGD (or LARS) with the learning rate scaled linearly from 256 images to the global batch (times each
+    group's ``lr_scale``), for every parameter not under the module names ``freeze``.
 
     SGD is PyTorch's fused kernel on CUDA and CPU (torch >= 2.4 has both): one kernel for all parameters, and
     the fp16 grad scaler hands it its verdict on the device, so a step is skipped without a host sync. LARS
     steps parameter by parameter; under fp16 the scaler reads its verdict on the host first (a sync per step).
     """
     params = dict(model.named_parameters())
-    groups = [{"params": [params[n] for n in names], "weight_decay": decay}
-              for names, decay in parameter_groups(model, optim_cfg)]
-    sgd = dict(lr=optim_cfg.lr * global_batch / 256, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
+    base = optim_cfg.lr * global_batch / 256
+    groups = [{"params": [params[n] for n in group.names], "weight_decay": group.weight_decay,
+               "lr": base * group.lr_scale} for group in parameter_groups(model, optim_cfg, freeze)]
+    sgd = dict(lr=base, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
     if optim_cfg.name == "lars":
         return Lars(groups, trust_coefficient=optim_cfg.lars_trust_coefficient, **sgd)
     device = next(iter(params.values())).device.type
@@ -125,18 +151,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         prime_momentum(optimizer)  # a checkpoint saved before any step was applied has no buffers
 
 
-def regroup_state(state: dict, model: nn.Module, saved_cfg, optim_cfg) -> dict:
-    """An optimizer state saved with ``saved_cfg``'s groups, laid out for ``optim_cfg``'s (each parameter's
-    momentum follows its name); unchanged when the groups are the same."""
-    saved, current = parameter_groups(model, saved_cfg), parameter_groups(model, optim_cfg)
-    if [names for names, _ in saved] == [names for names, _ in current]:
+def regroup_state(state: dict, model: nn.Module, saved_cfg, optim_cfg, saved_freeze=(), freeze=()) -> dict:
+    """An optimizer state saved with ``saved_cfg``'s groups (and ``saved_freeze``), laid out for ``optim_cfg``'s
+    (and ``freeze``): each parameter's momentum follows its name; one that was frozen starts without. Unchanged
+    when the groups are the same."""
+    saved = parameter_groups(model, saved_cfg, saved_freeze)
+    current = parameter_groups(model, optim_cfg, freeze)
+    if [g.names for g in saved] == [g.names for g in current]:
         return state
-    index = {name: i for i, name in enumerate(n for names, _ in saved for n in names)}
-    order = [n for names, _ in current for n in names]
-    template = state["param_groups"][0]
+    index = {name: i for i, name in enumerate(n for group in saved for n in group.names)}
+    order = [n for group in current for n in group.names]
+    template = state["param_groups"][0]  # the first saved group's settings, its learning rate unscaled
     groups, start = [], 0
-    for names, decay in current:
-        groups.append({**template, "weight_decay": decay, "params": list(range(start, start + len(names)))})
-        start += len(names)
-    per_param = {i: state["state"][index[n]] for i, n in enumerate(order) if index[n] in state["state"]}
+    for group in current:
+        rates = {key: template[key] / saved[0].lr_scale * group.lr_scale for key in ("lr", "initial_lr")
+                 if key in template}
+        groups.append({**template, **rates, "weight_decay": group.weight_decay,
+                       "params": list(range(start, start + len(group.names)))})
+        start += len(group.names)
+    per_param = {i: state["state"][index[n]] for i, n in enumerate(order) if n in index and index[n] in state["state"]}
     return {"state": per_param, "param_groups": groups}

@@ -401,6 +401,13 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - the tracking server's outage is reported, training goes on
             log.warning("Could not tag the MLflow run %s with %s: %s", self.run_id, key, err)
 
+    def log_param(self, key: str, value: str) -> None:
+        """A param of the run (write-once: an attempt after the first logs the same value); a warning on failure."""
+        try:
+            self.client.log_param(self.run_id, key, value)
+        except Exception as err:  # noqa: BLE001 - the tracking server's outage is reported, training goes on
+            log.warning("Could not log the param %s of the MLflow run %s: %s", key, self.run_id, err)
+
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
         self.sender.queue.put(Picture(key, Path(path).read_bytes(), step))

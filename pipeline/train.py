@@ -77,6 +77,7 @@ from pipeline.engine import (
     train_one_epoch,
     tune_backends,
 )
+from pipeline.finetune import InitWeights, compare_on_resume, freeze, load_init, read_init
 from pipeline.hang import HangWatch
 from pipeline.insights import start_insights
 from pipeline.lock import LOCK_FILE, SAME_JOB_GRACE_S, RunDirLock, RunDirLocked, describe, holds_files
@@ -471,7 +472,7 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStac
     """Agree on what to run, lock the run dir, set up, resume, train the epochs, finish."""
     check_ranks_agree(dist, run_fingerprint(cfg))  # before any collective that depends on the config
     lock = lock_run_dir(cfg, dist, held)
-    run = Run(cfg, dist, signals, held, lock)
+    run = Run(cfg, dist, signals, held, lock, read_init(cfg, dist.is_main))  # a bad model.init_from: before the data
     run.resume(find_resume_checkpoint(cfg, dist, run.dataset))
     run.start()
     with finish_on_error(run.tracker, run.run_dir / "train.log"), ExitStack() as closing:
@@ -483,8 +484,9 @@ class Run:
     """One attempt of a training run: what its phases share, and what each step boundary does."""
 
     def __init__(self, cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStack,
-                 lock: RunDirLock | None = None):
-        """Data, model, optimizer, schedule and grad scaler, before any resume. ``lock``: rank 0's on run.dir."""
+                 lock: RunDirLock | None = None, init: InitWeights | None = None):
+        """Data, model, optimizer, schedule and grad scaler, before any resume. ``lock``: rank 0's on run.dir;
+        ``init``: model.init_from as :func:`~pipeline.finetune.read_init` found it."""
         self.cfg, self.dist, self.signals, self.lock, self.held = cfg, dist, signals, lock, held
         self.global_batch = global_batch(cfg.train, dist.world_size)
         self.batch_size = per_rank_batch(self.global_batch, dist.world_size)
@@ -502,9 +504,16 @@ class Run:
         self.device = device = dist.device
         tune_backends(device)
         self.model = build_net(cfg.model, device, cfg.train.channels_last, dist.world_size)
+        self.init = init
+        self.init_from = init.record() if init and not init.resuming else None  # a resume takes its checkpoint's
+        if init and not init.resuming:
+            load_init(self.model, init, dist.is_main)  # before the EMA copies the weights
+        frozen = freeze(self.model, cfg.train.freeze)
+        if frozen and dist.is_main:
+            log.info(frozen)
         self.ema = (WeightsEma(self.model, cfg.train.ema, self.global_batch, self.steps_per_epoch)
                     if cfg.train.ema.enabled else None)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch, cfg.train.freeze)
         schedule = OmegaConf.merge(cfg.schedule, {"warmup_epochs": self.warmup})
         self.scheduler = build_scheduler(self.optimizer, schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = build_scaler(device, cfg.train.precision)
@@ -527,8 +536,13 @@ class Run:
         self.run_dir = prepare_run_dir(cfg, self.dist)  # from here on rank 0's log also goes to train.log
         if resume:
             self.model.load_state_dict(resume["model"])
-            saved_optim = OmegaConf.create(resume["config"]).optim
-            load_optimizer_state(self.optimizer, regroup_state(resume["optimizer"], self.model, saved_optim, cfg.optim))
+            saved_cfg = OmegaConf.create(resume["config"])
+            load_optimizer_state(self.optimizer, regroup_state(resume["optimizer"], self.model, saved_cfg.optim,
+                                                               cfg.optim, saved_cfg.train.get("freeze", ()),
+                                                               cfg.train.freeze))
+            self.init_from = resume.get("init_from")
+            if self.init and self.dist.is_main:
+                compare_on_resume(self.init, self.init_from, resume["path"])
             self.scheduler.load_state_dict(resume["scheduler"])
             saved = flatten(resume["config"])
             if saved.get("train.precision", cfg.train.precision) == cfg.train.precision:
@@ -586,6 +600,8 @@ class Run:
         self.hosts = [host for host, _ in places] if places else None
         self.tracker = start_tracking(cfg, dist, self.run_dir, self.hosts, [local for _, local in places or []],
                                       self.held)
+        if self.tracker and self.init_from:  # the first attempt's file, kept by every checkpoint
+            self.tracker.log_param("model.init_from_sha256", self.init_from["sha256"])
         if self.tracker and self.changed:  # MLflow's params are the first attempt's: a change is a tag
             self.tracker.set_tag(f"changed_at_step_{self.progress.global_step}", self.changed)
         self.insights = start_insights(cfg.insights, model, self.run_dir, self.metrics, self.tracker,
@@ -730,7 +746,7 @@ class Run:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "progress": asdict(progress),
                      "loader": self.train_loader.state_dict(), "dataset": self.dataset,
-                     "ema": self.ema.state_dict() if self.ema else None,
+                     "ema": self.ema.state_dict() if self.ema else None, "init_from": self.init_from,
                      "ranks": ranks, "world_size": dist.world_size, "global_batch": self.global_batch,
                      "metrics_lines": self.metrics.lines,
                      "mlflow_run_id": self.tracker.run_id if self.tracker else None,
@@ -868,8 +884,8 @@ class Run:
 
 def apply_changed_settings(saved: dict, cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler, batch: int) -> str:
-    """Settings of the optimizer and the schedule that changed since the checkpoint are applied to the restored
-    optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
+    """Settings of the optimizer, the schedule and train.freeze that changed since the checkpoint are applied to the
+    restored optimizer and schedule (each named in the log), from the step the run resumes at; returns them as the log
     names them ("" if none). (The model, the data and the global batch cannot change: :func:`check_resumable`
     refuses those.) A warm-up is compared in epochs: auto and the number it stands for are the same. A key the
     saved config lacks came with a later version: the checkpoint ran with its default."""
@@ -879,18 +895,20 @@ def apply_changed_settings(saved: dict, cfg: DictConfig, model: nn.Module, optim
         if "schedule.warmup_epochs" in flat:
             flat["schedule.warmup_epochs"] = warmup_epochs(OmegaConf.create({"warmup_epochs":
                                                                             flat["schedule.warmup_epochs"]}), batch)
-    keys = [k for k in sorted(current) if k.startswith(("optim.", "schedule.")) or k == "train.epochs"]
+    keys = [k for k in sorted(current)
+            if k.startswith(("optim.", "schedule.")) or k in ("train.epochs", "train.freeze")]
     changed = {k: (saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]}
     if not changed:
         return ""
     base = cfg.optim.lr * batch / 256
-    for group, (_, decay) in zip(optimizer.param_groups, parameter_groups(model, cfg.optim), strict=True):
-        group.update(initial_lr=base, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, weight_decay=decay)
-    scheduler.base_lrs = [base for _ in optimizer.param_groups]
+    for group, kind in zip(optimizer.param_groups, parameter_groups(model, cfg.optim, cfg.train.freeze), strict=True):
+        group.update(initial_lr=base * kind.lr_scale, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                     weight_decay=kind.weight_decay)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     # the schedule is computed from the current settings at each step: the learning rate of the resumed step
     for group, factor in zip(optimizer.param_groups, [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas],
                              strict=True):
-        group["lr"] = base * factor
+        group["lr"] = group["initial_lr"] * factor
     names = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
     log.info("Changed since the checkpoint, applied from global step %d on: %s (learning rate now %.4g)",
              scheduler.last_epoch, names, optimizer.param_groups[0]["lr"])

@@ -44,12 +44,12 @@ def test_norm_and_bias_parameters_get_their_own_weight_decay_as_torchvisions_set
     norms = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     # a bias is a bias first (torchvision checks its custom key "bias" before the normalisation classes)
     groups = parameter_groups(net, optim("optim.norm_weight_decay=0", "optim.bias_weight_decay=0.5"))
-    (other, other_decay), (norm, norm_decay), (bias, bias_decay) = groups
+    (other, other_decay, _), (norm, norm_decay, _), (bias, bias_decay, _) = groups
     assert set(norm) == {f"{m}.weight" for m in norms} and norm_decay == 0
     assert set(bias) == {f"{m}.bias" for m in norms} | {"classifier.bias"} and bias_decay == 0.5
     assert all(n.endswith("conv1.weight") or n.endswith("conv2.weight") or n.endswith(".conv.weight")
                or n in ("features.conv0.weight", "classifier.weight") for n in other) and other_decay == 1e-4
-    (_, _), (norm, _) = parameter_groups(net, optim("optim.norm_weight_decay=0"))
+    _, (norm, _, _) = parameter_groups(net, optim("optim.norm_weight_decay=0"))
     assert set(norm) == {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
     # a parameter whose gradient is zero decays only if its group has weight decay
     optimizer = build_optimizer(net, optim("optim.norm_weight_decay=0", "optim.momentum=0", "optim.nesterov=false"),
