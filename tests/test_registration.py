@@ -1,0 +1,104 @@
+"""Registering a run in MLflow: nothing else in the process can break it, a failure names the store's real problem,
+and a run whose registration failed is never left RUNNING or SCHEDULED."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.tracking import RUN_ID_FILE, TrackingError, environment, open_tracker, unreachable
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = str(ROOT / "configs/mini.yaml")
+
+
+def as_a_user_runs_it() -> dict[str, str]:
+    """This environment without what makes MLflow think it runs under a test or CI (it then skips telemetry)."""
+    return {k: v for k, v in environment().items()
+            if k not in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+
+
+def test_mlflow_telemetry_is_off_in_our_processes_and_the_processes_they_start():
+    probe = "import mlflow.telemetry as t; print('telemetry', t.get_telemetry_client())"
+    parent = ("import launch.local, subprocess, sys; " + probe.replace("print(", "print('parent', ")
+              + f"; subprocess.run([sys.executable, '-c', {probe!r}])")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**as_a_user_runs_it(), "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["parent telemetry None", "telemetry None"], out.stdout
+
+
+def test_the_environment_copy_survives_another_thread_adding_and_removing_variables():
+    stop = threading.Event()
+
+    def churn():  # what MLflow's telemetry thread does to _MLFLOW_TELEMETRY_SESSION_ID
+        while not stop.is_set():
+            os.environ["_CHURNED_BY_A_THREAD"] = "x"
+            del os.environ["_CHURNED_BY_A_THREAD"]
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert environment()["PATH"] == os.environ["PATH"]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def config(tmp_path: Path, uri: str, *extra: str):
+    return load_config(MINI, [f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}", "tracking.required=true",
+                              "tracking.system_metrics=false", *extra])
+
+
+def test_a_store_file_that_is_not_sqlite_is_named_with_its_problem_not_sent_to_start_a_server(tmp_path):
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"not a database, a text file someone saved here\n" * 100)
+    with pytest.raises(TrackingError) as caught:
+        open_tracker(config(tmp_path, f"sqlite:///{store}"), tmp_path / "run", 1, ["host"])
+    message = str(caught.value)
+    assert f"Cannot register the run in the MLflow store {store} (a local SQLite file, not a server)" in message
+    assert f"{store} is not an SQLite database: move it aside" in message
+    assert "mlflow server" not in message
+
+
+def test_each_store_gets_the_advice_that_fits_it(tmp_path):
+    error = ConnectionError("refused")
+    assert "Start it (mlflow server ...)" in unreachable("https://mlflow.example.org", error)
+    missing = unreachable(f"sqlite:///{tmp_path}/gone/mlflow.db", error)
+    assert f"Its folder {tmp_path}/gone does not exist" in missing and "mlflow server" not in missing
+    assert "looks sound: the registration itself failed" in unreachable(f"sqlite:///{tmp_path}/mlflow.db",
+                                                                         KeyError("_MLFLOW_TELEMETRY_SESSION_ID"))
+
+
+def test_a_new_run_that_fails_to_register_is_deleted_and_the_message_says_so(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "run" / RUN_ID_FILE).mkdir(parents=True)  # the run id cannot be written: a real OSError
+    with pytest.raises(TrackingError, match=r"The MLflow run (\w+) it had begun is deleted\.") as caught:
+        open_tracker(config(tmp_path, uri), tmp_path / "run", 1, ["host"])
+    run = MlflowClient(uri).get_run(re.search(r"The MLflow run (\w+)", str(caught.value)).group(1))
+    assert run.info.lifecycle_stage == "deleted"
+    assert "IsADirectoryError" in str(caught.value)
+
+
+def test_a_reopened_run_that_fails_to_register_this_attempt_is_marked_failed_not_left_running(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = open_tracker(config(tmp_path, uri), tmp_path / "run", 1, ["host"])
+    first.finish([])
+    other = open_tracker(config(tmp_path, uri, f"run.dir={tmp_path / 'other'}"), tmp_path / "other", 1, ["host"])
+    try:  # MLflow holds one active run per process: reopening the first one now fails after it was reopened
+        with pytest.raises(TrackingError, match=f"The MLflow run {first.run_id} is marked FAILED"):
+            open_tracker(config(tmp_path, uri), tmp_path / "run", 1, ["host"])
+        run = MlflowClient(uri).get_run(first.run_id)
+        assert run.info.status == "FAILED" and run.info.lifecycle_stage == "active"
+        assert mlflow.active_run().info.run_id == other.run_id  # the run that failed ended only itself
+    finally:
+        other.finish([])
