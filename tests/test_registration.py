@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
-from pipeline.config import load_config
+from pipeline.config import flatten, load_config
 from pipeline.tracking import RUN_ID_FILE, TrackingError, environment, open_tracker, unreachable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,24 @@ def test_a_reopened_run_that_fails_to_register_this_attempt_is_marked_failed_not
         assert mlflow.active_run().info.run_id == other.run_id  # the run that failed ended only itself
     finally:
         other.finish([])
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_registers_fifty_times_in_a_row_under_cpu_load(tmp_path):
+    tries = 50
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = subprocess.run([sys.executable, str(ROOT / "tests/register_ranks.py"), str(tmp_path), str(tries)],
+                             capture_output=True, text=True, timeout=1200, cwd=ROOT,
+                             env={**as_a_user_runs_it(), "PYTHONPATH": str(ROOT)})
+    finally:
+        burner.kill()
+        burner.wait()
+    assert out.returncode == 0, out.stdout[-4000:]
+    cfg = config(tmp_path, "sqlite:///x")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              max_results=1000)
+    params = len(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    assert len(runs) == tries and {run.info.status for run in runs} == {"FINISHED"}
+    assert {len(run.data.params) for run in runs} == {params}
