@@ -1,6 +1,7 @@
 """Registering a run in MLflow: nothing else in the process can break it, a failure names the store's real problem,
 and a run whose registration failed is never left RUNNING or SCHEDULED."""
 
+import json
 import os
 import re
 import subprocess
@@ -124,3 +125,25 @@ def test_a_two_rank_run_registers_fifty_times_in_a_row_under_cpu_load(tmp_path):
     params = len(flatten(OmegaConf.to_container(cfg, resolve=True)))
     assert len(runs) == tries and {run.info.status for run in runs} == {"FINISHED"}
     assert {len(run.data.params) for run in runs} == {params}
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_says_so_and_leaves_its_mlflow_run_as_it_ended(tmp_path):
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "pipeline.train", MINI, f"run.dir={run_dir}", "data.backend=synthetic",
+               "data.synthetic_steps=4", "train.batch_size=8", "data.val_batch_size=8", "train.epochs=1",
+               "tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.system_metrics=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, whatever the working directory
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(uri)
+    run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+    ended, summary = client.get_run(run_id).info, (run_dir / "summary.json").read_bytes()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert f"The run in {run_dir} finished already" in said and "choose a new run.dir" in said, said[:4000]
+    run = client.get_run(run_id).info
+    assert (run.status, run.start_time, run.end_time) == ("FINISHED", ended.start_time, ended.end_time)
+    assert (run_dir / "summary.json").read_bytes() == summary
+    assert len(client.search_runs([run.experiment_id])) == 1
