@@ -107,9 +107,24 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_environment())
 
 
+def cluster_says(command: list[str]) -> str:
+    """The output of a query that must answer before anything is submitted; if it fails, so does the submission."""
+    try:
+        result = _run(command)
+        error = None if result.returncode == 0 else f"exit status {result.returncode}: {result.stderr.strip() or '-'}"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        error = str(err)
+    if error:
+        raise LaunchError(f"`{shlex.join(command)}` failed ({error}). Nothing was submitted: the checks before a "
+                          "submission need the SLURM controller to answer. See whether it does (`scontrol ping`; "
+                          f"SLURM_CONF={os.environ.get('SLURM_CONF', '(unset: the default slurm.conf)')}), then "
+                          "submit again.")
+    return result.stdout
+
+
 def check_cluster(cfg: DictConfig) -> None:
     """The checks that ask the cluster: its tools are here, and it knows the partition and account."""
-    missing = [tool for tool in ("sbatch", "squeue", "scontrol") if shutil.which(tool) is None]
+    missing = [tool for tool in ("sbatch", "squeue", "scontrol", "sinfo") if shutil.which(tool) is None]
     if missing:
         raise LaunchError(f"{', '.join(missing)} not found on PATH: run this on a SLURM login node (or load the "
                           "cluster's slurm module). Use --dry-run to see the job script without submitting.")
@@ -119,10 +134,9 @@ def check_cluster(cfg: DictConfig) -> None:
         raise LaunchError(f"'slurm.container_image' {image} does not exist. Build it on a shared filesystem with "
                           "`apptainer build densenet-pipeline.sif docker/apptainer.def` (docker/README.md) and set "
                           "its path, or use a docker:// or oras:// URI.")
-    if s.partition and shutil.which("sinfo"):
-        result = _run(["sinfo", "-h", "-o", "%R"])
-        known = sorted(set(result.stdout.split()))
-        if result.returncode == 0 and s.partition not in known:
+    if s.partition:
+        known = sorted(set(cluster_says(["sinfo", "-h", "-o", "%R"]).split()))
+        if s.partition not in known:
             raise LaunchError(f"Unknown partition 'slurm.partition={s.partition}'. This cluster has: "
                               f"{', '.join(known)}.")
     if s.account and shutil.which("sacctmgr"):
@@ -132,17 +146,13 @@ def check_cluster(cfg: DictConfig) -> None:
         if result.returncode == 0 and accounts and s.account not in accounts:
             raise LaunchError(f"Unknown account 'slurm.account={s.account}' for user {user}. Your accounts: "
                               f"{', '.join(accounts)}.")
-    if shutil.which("sinfo"):
-        check_fit(cfg, partition_nodes(s.partition))
+    check_fit(cfg, partition_nodes(s.partition))
 
 
 def partition_nodes(partition: str) -> list[dict]:
     """The nodes of ``partition`` (the default one if empty): name, CPUs, memory (MB), GPUs."""
-    result = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"])
-    if result.returncode != 0:
-        return []
     nodes = {}
-    for line in result.stdout.splitlines():
+    for line in cluster_says(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"]).splitlines():
         name, part, cpus, memory, gres = (line.split("|") + [""] * 5)[:5]
         default = part.endswith("*")
         if (part.rstrip("*") in partition.split(",")) if partition else default:  # "a,b": either partition
@@ -203,7 +213,8 @@ def check_run_dirs_free(cfgs: list[DictConfig]) -> None:
     if result.returncode != 0 and "Invalid job id" not in result.stderr:
         raise LaunchError(f"squeue could not tell whether job(s) {', '.join(jobs)} still run "
                           f"({result.stderr.strip() or result.returncode}): not submitting into their run dirs "
-                          "while that is unknown. Try again when the controller answers.")
+                          "while that is unknown; nothing was submitted. See whether the controller answers "
+                          "(`scontrol ping`), then submit again.")
     for line in result.stdout.splitlines() if result.returncode == 0 else []:
         listed, _, state = line.partition("|")  # 12, 12_3, or 12_[4-7] for an array's tasks still pending
         mine = [job for job in jobs if job == listed or ("[" in listed and job.split("_")[0] == listed.split("_")[0])]
@@ -446,22 +457,60 @@ def resolve_runs(config: str, overrides: list[str], sweeps: list[str]) -> list[D
     return cfgs
 
 
-def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> str | None:
-    """Create (or reopen) the job's MLflow run now, so its link can be shown; None without tracking."""
+def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str | None]:
+    """Create (or reopen) the job's MLflow run now, so its link can be shown. Returns (link, the id of a run created
+    here: to delete if the submission fails); (None, None) without tracking."""
     if cfg.tracking.backend != "mlflow":
-        return None
+        return None, None
     from pipeline.tracking import connect, open_run, run_link, tracking_uri, unreachable
 
     uri = tracking_uri(cfg)
     try:
-        open_run(connect(uri), cfg, run_dir, uri, status="SCHEDULED")
+        run_id, reopened = open_run(connect(uri), cfg, run_dir, uri, status="SCHEDULED")
     except Exception as err:
         message = unreachable(uri, err)
         if cfg.tracking.required:
             raise LaunchError(message + ".") from None
         print(f"warning: {message}; the job will try again when it starts.", file=sys.stderr)
-        return None
-    return run_link(uri, run_dir)
+        return None, None
+    return run_link(uri, run_dir), None if reopened else run_id
+
+
+class Undo:
+    """What a submission wrote before sbatch accepted it, to take back if it did not: new folders go whole; a
+    folder that existed keeps the files it had (``config.yaml`` with its old content) and loses those added; the
+    MLflow runs created for it are deleted."""
+
+    def __init__(self, folders: list[Path]):
+        self.new = [f for f in folders if not f.exists()]
+        self.had = {f: set(f.rglob("*")) for f in folders if f.is_dir()}
+        self.configs = {f: (f / CONFIG_FILE).read_bytes() for f in self.had if (f / CONFIG_FILE).is_file()}
+        self.runs: list[tuple[DictConfig, str]] = []  # MLflow runs created here: (config, run id)
+
+    def __call__(self) -> str:
+        """Take it all back; says what was done (and what could not be), as sentences."""
+        said = []
+        for cfg, run_id in self.runs:
+            from pipeline.tracking import connect, redact, tracking_uri
+
+            try:
+                connect(tracking_uri(cfg)).delete_run(run_id)
+                said.append(f"MLflow run {run_id} deleted.")
+            except Exception as err:  # noqa: BLE001 - the others are still undone; this one is named
+                said.append(f"MLflow run {run_id} could not be deleted ({redact(str(err))[:200]}): delete it in the "
+                            "UI.")
+        for folder in self.new:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                said.append(f"{folder} removed.")
+        for folder, had in self.had.items():
+            added = sorted(set(folder.rglob("*")) - had, key=lambda p: len(p.parts), reverse=True)
+            for path in added:  # the deepest first: a folder is empty by the time it goes
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            if folder in self.configs:
+                atomic_write_bytes(folder / CONFIG_FILE, self.configs[folder])
+            said.append(f"{folder} holds what it held before.")
+        return " ".join(said)
 
 
 def job_folder(cfgs: list[DictConfig]) -> Path:
@@ -470,18 +519,25 @@ def job_folder(cfgs: list[DictConfig]) -> Path:
 
 
 def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
-    """Write each run dir's config, create the MLflow runs, submit one job (or one array); returns job records."""
+    """Check the run dirs are free, write each one's config, create the MLflow runs, submit one job (or one array);
+    returns job records. If anything fails before sbatch accepts the job, nothing is left behind (:class:`Undo`)."""
     folder = job_folder(cfgs)
+    undo = Undo([Path(cfg.run.dir) for cfg in cfgs] + ([folder.parent] if len(cfgs) > 1 else []))
     links = []
-    for cfg in cfgs:
-        run_dir = Path(cfg.run.dir)
-        (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / CONFIG_FILE, to_yaml(cfg).encode())
-        links.append(open_mlflow_run(cfg, run_dir))
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfgs[0].slurm.max_requeues,
-                                      python=job_python(cfgs[0]))
-    executor.update_parameters(**sbatch_parameters(cfgs[0], minutes, folder))
     try:
+        check_run_dirs_free(cfgs)  # its lock test leaves a lock file in a run dir: taken back with the rest
+        check_tracking_store(cfgs)
+        for cfg in cfgs:
+            run_dir = Path(cfg.run.dir)
+            (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / CONFIG_FILE, to_yaml(cfg).encode())
+            link, created = open_mlflow_run(cfg, run_dir)
+            links.append(link)
+            if created:
+                undo.runs.append((cfg, created))
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfgs[0].slurm.max_requeues,
+                                          python=job_python(cfgs[0]))
+        executor.update_parameters(**sbatch_parameters(cfgs[0], minutes, folder))
         with clean_env():
             if len(cfgs) == 1:
                 jobs = [executor.submit(Training(cfgs[0].run.dir))]
@@ -489,7 +545,12 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
                 with executor.batch():
                     jobs = [executor.submit(Training(cfg.run.dir)) for cfg in cfgs]
     except submitit.core.utils.FailedJobError as err:
-        raise LaunchError(f"sbatch refused the job: {str(err).strip()}") from None
+        raise LaunchError(f"sbatch refused the job: {str(err).strip()} Undone: {undo()}") from None
+    except LaunchError as err:
+        raise LaunchError(f"{err} Undone: {undo()}") from None
+    except BaseException:
+        undo()
+        raise
     remember_runs(folder, {job.job_id: cfg.run.dir for cfg, job in zip(cfgs, jobs, strict=True)})
     records = []
     for cfg, job, link in zip(cfgs, jobs, links, strict=True):
@@ -671,8 +732,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
             return 0
         check_cluster(cfgs[0])
-        check_run_dirs_free(cfgs)
-        check_tracking_store(cfgs)
         records = submit(cfgs, minutes)
     except (ConfigError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,11 +18,12 @@ import platform
 import queue
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,20 @@ from pipeline.signals import StopRequested
 
 log = logging.getLogger(__name__)
 
+
+def telemetry_off() -> None:
+    """Switch MLflow's usage telemetry off in this process and every process it starts. Its config thread deletes
+    ``_MLFLOW_TELEMETRY_SESSION_ID`` from ``os.environ`` when it cannot fetch its config (always, without a
+    network), which breaks any reader iterating the environment at that moment (``KeyError``)."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    if "mlflow" in sys.modules:  # imported before us: its client was set up already
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
+
+
+telemetry_off()  # before any import of mlflow: every process of ours imports this module first (train, launchers)
+
 RUN_ID_FILE = "mlflow_run.json"
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -42,6 +57,14 @@ USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 class TrackingError(RuntimeError):
     """The tracking server is required (``tracking.required``) and cannot be reached."""
+
+
+class RegistrationError(RuntimeError):
+    """The run could not be registered in MLflow; ``cause`` is why, ``outcome`` what became of the MLflow run."""
+
+    def __init__(self, cause: BaseException, outcome: str):
+        super().__init__(str(cause))
+        self.cause, self.outcome = cause, outcome
 
 
 class MetricsFile:
@@ -66,9 +89,17 @@ class MetricsFile:
         self._file.close()
 
 
+def environment() -> dict[str, str]:
+    """A copy of the environment that another thread's changes cannot break: ``dict(os.environ)`` and
+    ``os.environ.items()`` look each listed name up again, and raise ``KeyError`` if it went in between."""
+    names = list(os.environ)  # one atomic copy of the names
+    values = {name: os.environ.get(name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def redact(text: str) -> str:
     """``text`` without the values of secret-looking environment variables or credentials in URLs."""
-    for name, value in os.environ.items():
+    for name, value in environment().items():
         if SECRET_NAME.search(name) and len(value) >= 4:
             text = text.replace(value, "***")
     return USERINFO.sub(r"\1***@", text)
@@ -298,11 +329,70 @@ def connect(uri: str):
     return client
 
 
-def unreachable(uri: str, err: Exception) -> str:
-    """What to tell a person whose tracking server at ``uri`` failed with ``err`` (credentials redacted)."""
-    reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-    return (f"Cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Start it (mlflow server ...), "
-            "fix tracking.uri, or set tracking.backend=none")
+def store_file(uri: str) -> Path | None:
+    """The local file or folder behind a ``sqlite:///`` or file store ``uri``; None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return None if "://" in uri else Path(uri)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(16)
+
+
+def _store_fault(path: Path, sqlite: bool) -> str:
+    """What is wrong with the local store at ``path`` (an SQLite file if ``sqlite``), as far as the filesystem
+    tells, and the fix."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f"its folder {folder} does not exist: create it, or point tracking.uri elsewhere"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"this user cannot read and write {path}: fix its permissions, or point tracking.uri elsewhere"
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        return f"this user cannot create files in {folder}: fix its permissions, or point tracking.uri elsewhere"
+    if sqlite and path.is_file() and path.stat().st_size and _head(path) != b"SQLite format 3\x00":
+        return f"{path} is not an SQLite database: move it aside, or point tracking.uri elsewhere"
+    return (f"check the file (sqlite3 {path} 'PRAGMA integrity_check'), that no other program holds it locked, "
+            "and that its filesystem has room")
+
+
+def unreachable(uri: str, err: BaseException) -> str:
+    """What to tell a person whose MLflow store ``uri`` failed with ``err``: a server that cannot be reached, or a
+    local store file and what is wrong with it; with what became of a half-registered run (credentials redacted)."""
+    outcome = f" {err.outcome}" if isinstance(err, RegistrationError) else ""
+    cause = err.cause if isinstance(err, RegistrationError) else err
+    reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}" if str(cause) else type(cause).__name__
+    path = store_file(uri)
+    if path is None:
+        return (f"Cannot reach the MLflow tracking server at {redact(uri)} ({reason}).{outcome} Start it "
+                "(mlflow server ...), fix tracking.uri, or set tracking.backend=none")
+    sqlite = uri.startswith("sqlite:")
+    fault = _store_fault(path, sqlite)
+    if fault.startswith("check the file") and not isinstance(cause, OSError) and \
+            not type(cause).__module__.startswith(("mlflow", "sqlalchemy", "sqlite3")):
+        fault = (f"{path} looks sound: the registration itself failed; run again, and report it with run.dir's "
+                 "train.log if it repeats")
+    return (f"Cannot register the run in the MLflow store {path} (a local {'SQLite file' if sqlite else 'file store'}"
+            f", not a server) ({reason}).{outcome} {fault[0].upper()}{fault[1:]}; or set tracking.backend=none")
+
+
+def abandon_run(client, run_id: str, run_dir: Path, created: bool) -> str:
+    """End a run whose registration failed so that it is never left RUNNING or SCHEDULED: a run this attempt created
+    is deleted (with its ``mlflow_run.json``: the next attempt registers anew), a reopened one is marked FAILED.
+    Returns what was done, as a sentence."""
+    try:
+        if created:
+            client.delete_run(run_id)
+            with suppress(OSError):
+                (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
+            return f"The MLflow run {run_id} it had begun is deleted."
+        client.set_terminated(run_id, status="FAILED")
+        return f"The MLflow run {run_id} is marked FAILED."
+    except Exception as err:  # noqa: BLE001 - the store that failed may refuse this too: say so
+        return f"The MLflow run {run_id} could not be ended either ({type(err).__name__}: {str(err)[:200]})."
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -328,15 +418,18 @@ def open_run(client, cfg: DictConfig, run_dir: Path, uri: str, status: str | Non
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.run.dir).name)
     from mlflow.entities import Param
 
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    params = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
-    if status:
-        client.update_run(run.info.run_id, status=status)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
-                                            "tracking_uri": redact(uri)}).encode())
+    try:
+        flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+        params = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[start:start + 100])
+        if status:
+            client.update_run(run.info.run_id, status=status)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(id_file, json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
+                                                "tracking_uri": redact(uri)}).encode())
+    except Exception as err:
+        raise RegistrationError(err, abandon_run(client, run.info.run_id, run_dir, created=True)) from err
     return run.info.run_id, False
 
 
@@ -354,12 +447,27 @@ class Tracker:
     def __init__(self, cfg: DictConfig, run_dir: Path, world_size: int, hosts: list[str],
                  nodes: list[str | None] | None = None):
         import mlflow
-        from mlflow.system_metrics import set_system_metrics_node_id
 
         self.cfg, self.run_dir = cfg.tracking, run_dir
         self.uri = tracking_uri(cfg)
         self.client = connect(self.uri)
         self.run_id, resumed = open_run(self.client, cfg, run_dir, self.uri)
+        try:
+            self._begin(world_size, hosts, nodes, resumed)
+        except Exception as err:
+            active = mlflow.active_run()
+            if active and active.info.run_id == self.run_id:  # or the exit handler marks it FINISHED
+                with suppress(Exception):
+                    mlflow.end_run(status="FAILED")
+            raise RegistrationError(err, abandon_run(self.client, self.run_id, run_dir, created=not resumed)) from err
+        log.info("MLflow run %s in experiment '%s' at %s%s", self.run_id, self.cfg.experiment, redact(self.uri),
+                 " (reopened)" if resumed else "")
+
+    def _begin(self, world_size: int, hosts: list[str], nodes: list[str | None] | None, resumed: bool) -> None:
+        """Reopen the registered run for this attempt: its steps so far, system metrics, tags, the sender."""
+        import mlflow
+        from mlflow.system_metrics import set_system_metrics_node_id
+
         self.skip_until = self._logged_steps() if resumed else {}
         mlflow.set_tracking_uri(self.uri)
         if nodes and nodes[0]:  # on several nodes: system/node0/..., system/node1/...
@@ -373,8 +481,6 @@ class Tracker:
             self.client.set_tag(self.run_id, key, value)
         self.sender = _Sender(self.client, self.run_id, self.uri)
         self.sender.start()
-        log.info("MLflow run %s in experiment '%s' at %s%s", self.run_id, self.cfg.experiment, redact(self.uri),
-                 " (reopened)" if resumed else "")
 
     def _logged_steps(self) -> dict[str, int]:
         """The last step the reopened run holds, per metric (the run's latest values carry the highest step)."""

@@ -474,10 +474,32 @@ def _train(cfg: DictConfig, dist: DistInfo, signals: StopSignals, held: ExitStac
     lock = lock_run_dir(cfg, dist, held)
     run = Run(cfg, dist, signals, held, lock, read_init(cfg, dist.is_main))  # a bad model.init_from: before the data
     run.resume(find_resume_checkpoint(cfg, dist, run.dataset))
+    finished = finished_summary(cfg, dist, run.progress.epoch)
+    if finished is not None:  # its MLflow run stays as it ended: not reopened, not restarted
+        return finished
     run.start()
     with finish_on_error(run.tracker, run.run_dir / "train.log"), ExitStack() as closing:
         run.train_epochs(closing)
         return run.finish()
+
+
+def finished_summary(cfg: DictConfig, dist: DistInfo, epoch: int) -> dict | None:
+    """The summary of a run that already trained its ``train.epochs`` and wrote ``summary.json`` (the same command
+    run again), said in the log with how to go on; None for a run with epochs to train (or its summary to write)."""
+    summary = None
+    if epoch >= cfg.train.epochs and dist.is_main:
+        try:
+            summary = json.loads((Path(cfg.run.dir) / "summary.json").read_text())
+        except (OSError, ValueError):
+            pass
+    summary = collective.broadcast_from_main(summary) if epoch >= cfg.train.epochs else None
+    if summary is not None:
+        log.info("The run in %s finished already (%d epochs, val top-1 %.2f%%; summary.json): nothing to do, and its "
+                 "MLflow run stays as it ended. To train it longer, raise train.epochs (it resumes from its last "
+                 "checkpoint); to train again from the start, choose a new run.dir (e.g. run.dir=%s-2) or remove this "
+                 "one.", cfg.run.dir, summary.get("epochs_completed", epoch), summary.get("val_top1", float("nan")),
+                 cfg.run.dir)
+    return summary
 
 
 class Run:

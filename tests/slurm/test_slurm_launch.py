@@ -444,7 +444,7 @@ def test_without_slurm_on_path_nothing_is_submitted(tmp_path, mini_data):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
     result = launch(*job_words(run_dir, mini_data), env=env)
-    assert result.returncode == 2 and "sbatch, squeue, scontrol not found on PATH" in result.stderr
+    assert result.returncode == 2 and "sbatch, squeue, scontrol, sinfo not found on PATH" in result.stderr
     assert not run_dir.exists()
 
 
@@ -533,3 +533,54 @@ def test_failures_at_the_same_checkpoint_count_twice_and_a_job_past_its_budget_i
     assert [(f["attempt"], f["count"], f["requeued"]) for f in recorded] == [(2, 1, False), (3, 3, False),
                                                                             (4, 5, False)]
     assert "ERROR launch.requeue: attempt 4 of job 7 failed" in (run_dir / "train.log").read_text()
+
+
+def mlflow_words(tmp_path):
+    return ["tracking.backend=mlflow", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.required=true"]
+
+
+def active_runs(tmp_path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+
+
+@pytest.mark.slow
+def test_a_refused_submission_leaves_no_mlflow_run_and_no_new_run_dir(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    before = queue()
+    result = launch(*job_words(run_dir, mini_data, *mlflow_words(tmp_path), "slurm.constraint=nosuchfeature"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "sbatch refused the job" in result.stderr and "Invalid feature specification" in result.stderr
+    assert f"{run_dir} removed" in result.stderr and "deleted" in result.stderr, result.stderr
+    assert not run_dir.exists() and queue() == before
+    assert active_runs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_refused_submission_into_an_existing_run_dir_leaves_it_as_it_was(slurm, tmp_path, mini_data):
+    run_dir = tmp_path / "run"
+    (run_dir / "notes").mkdir(parents=True)
+    (run_dir / "notes" / "idea.txt").write_text("try a larger lr")
+    (run_dir / "config.yaml").write_text("# the config of the run that was here\n")
+    had = {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")}
+    result = launch(*job_words(run_dir, mini_data, *mlflow_words(tmp_path), "slurm.constraint=nosuchfeature"))
+    assert result.returncode == 2 and "sbatch refused the job" in result.stderr, result.stdout + result.stderr
+    assert {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")} == had
+    assert active_runs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_controller_that_does_not_answer_stops_the_submission_with_sinfos_error(slurm, tmp_path, mini_data):
+    # the clients ask a port where no controller listens: sinfo fails for real, as with slurmctld down
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("".join(line for line in Path(slurm).read_text().splitlines(keepends=True)
+                            if not line.startswith("SlurmctldPort")) + "SlurmctldPort=6999\n")
+    run_dir = tmp_path / "run"
+    result = launch(*job_words(run_dir, mini_data, *mlflow_words(tmp_path)),
+                    env={**os.environ, "SLURM_CONF": str(conf)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "`sinfo -h -N -o '%N|%P|%c|%m|%G'` failed (exit status 1: " in result.stderr, result.stderr
+    assert "Unable to contact slurm controller" in result.stderr and "scontrol ping" in result.stderr
+    assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists()
