@@ -345,8 +345,8 @@ def bench_boundary(args: argparse.Namespace) -> dict:
     return {"runs": runs, "cpus": usable_cpus()}
 
 
-@command()
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per benchmark."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="training-step speed and peak memory of a model on synthetic tensors")
@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     track.add_argument("--epochs", type=COUNT, default=4)
     track.add_argument("--repeat", type=COUNT, default=2)
     track.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    return parser
+
+
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.json_out and not os.access(Path(args.json_out).absolute().parent, os.W_OK):
         parser.error(f"--json {args.json_out}: its folder is missing or not writable. Pass a path this user can write.")
