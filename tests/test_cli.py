@@ -131,9 +131,11 @@ def test_every_command_has_a_case():
 
 
 def test_each_command_refuses_a_mistake_in_one_line(files):
-    assert run_all(split_cases(files)[0]) == []
+    problems = run_all(split_cases(files)[0])
+    assert not problems, "\n\n".join(problems)
 
 
 @pytest.mark.slow
 def test_each_command_refuses_every_mistake_tried_in_one_line(files):
-    assert run_all(split_cases(files)[1]) == []
+    problems = run_all(split_cases(files)[1])
+    assert not problems, "\n\n".join(problems)
