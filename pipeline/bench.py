@@ -163,7 +163,7 @@ LOADER_RUNS = ("decode_only", "dali_limit", "dali", "dali_packed", "torchvision"
 AUGMENT = ["data.auto_augment=ra", "data.ra_num_ops=2", "data.ra_magnitude=9", "data.random_erase=0.25"]
 
 
-def check_tree(root: Path) -> None:
+def check_tree(root: Path, batch: int) -> None:
     """Refuse a ``--root`` that is not a JPEG tree with a dataset index: every run reads the files the index lists."""
     from pipeline.data.index import has_index, load_index
 
@@ -174,9 +174,13 @@ def check_tree(root: Path) -> None:
         raise DatasetError(f"--root '{root}' has no dataset index. Run `python -m pipeline.data.imagenet verify "
                            f"{root}` first: it decodes every file, leaves out the damaged ones and writes the index "
                            "that the bench reads.")
-    if load_index(root).packed:
+    index = load_index(root)
+    if index.packed:
         raise DatasetError(f"--root '{root}' is a packed dataset. Pass the JPEG tree it was packed from: the bench "
                            "packs its own copy.")
+    if len(index.splits["train"]) < batch:
+        raise DatasetError(f"--root '{root}' indexes {len(index.splits['train'])} train images, fewer than one "
+                           f"--batch ({batch}): the loaders would give no batch. Lower --batch.")
 
 
 def bench_loader(args: argparse.Namespace) -> dict:
@@ -185,7 +189,7 @@ def bench_loader(args: argparse.Namespace) -> dict:
     from pipeline.perf import run_isolated, write_jpegs
 
     if args.root:
-        check_tree(Path(args.root))
+        check_tree(Path(args.root), args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else write_jpegs(Path(tmp) / "jpegs", args.images)
         if not args.root:

@@ -6,6 +6,7 @@ below fails the first test."""
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import bench
+from pipeline.data.imagenet import verify
 
 try:
     import tomllib
@@ -46,12 +48,14 @@ def entry_points() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A JPEG tree without an index, a recipe with an unknown key, a run's config and weights, damaged weights."""
+    """JPEG trees without an index and verified, a recipe with an unknown key, a run's config and weights, junk."""
     tmp = tmp_path_factory.mktemp("mistakes")
     for split in ("train", "val"):
         for cls in ("a", "b"):
             (tmp / "tree" / split / cls).mkdir(parents=True)
             Image.new("RGB", (16, 16)).save(tmp / "tree" / split / cls / "0.JPEG")
+    shutil.copytree(tmp / "tree", tmp / "verified")
+    verify(tmp / "verified", decoder="pillow", workers=1)
     (tmp / "bad.yaml").write_text("train:\n  nope: 1\n")
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text("{}\n")
@@ -77,7 +81,9 @@ def cases(t: Path) -> dict[str, list[tuple[list[str], list[str], dict]]]:
         "pipeline.perf": [(["nokind", "{}"], ["nokind"], {}), (["loader", "[1]"], ["spec"], {})],
         "pipeline.bench model": [(["--model", "nonsense"], ["nonsense"], {})],
         "pipeline.bench loader": [(["--root", str(t / "tree")], ["no dataset index", "verify", str(t / "tree")], {}),
-                                  (["--root", str(t / "nowhere")], ["nowhere", "train/"], {})],
+                                  (["--root", str(t / "nowhere")], ["nowhere", "train/"], {}),
+                                  (["--root", str(t / "verified"), "--batch", "8"], ["4 train images", "--batch"],
+                                   {})],
         "pipeline.bench feed": [(["--images", "4", "--batch", "8"], ["--images", "--batch"], {})],
         "pipeline.bench index": [(["--samples", "0"], ["--samples", "at least 1"], {})],
         "pipeline.bench train": [(["--steps", "10", "--epochs", "1"], ["--steps 10", "--epochs 1", "at least 20"], {}),
