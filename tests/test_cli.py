@@ -82,7 +82,7 @@ def cases(t: Path) -> dict[str, list[tuple[list[str], list[str], dict]]]:
         "pipeline.bench model": [(["--model", "nonsense"], ["nonsense"], {})],
         "pipeline.bench loader": [(["--root", str(t / "tree")], ["no dataset index", "verify", str(t / "tree")], {}),
                                   (["--root", str(t / "nowhere")], ["nowhere", "train/"], {}),
-                                  (["--root", str(t / "verified"), "--batch", "8"], ["4 train images", "--batch"],
+                                  (["--root", str(t / "verified"), "--batch", "8"], ["2 train images", "--batch"],
                                    {})],
         "pipeline.bench feed": [(["--images", "4", "--batch", "8"], ["--images", "--batch"], {})],
         "pipeline.bench index": [(["--samples", "0"], ["--samples", "at least 1"], {})],
