@@ -23,7 +23,8 @@ import torch
 
 from pipeline.boundary import NONFINITE_EXIT_CODE
 from pipeline.checkpoint import RESUME_EXIT_CODE
-from pipeline.config import ConfigError, global_batch, load_config
+from pipeline.cli import command
+from pipeline.config import global_batch, load_config
 from pipeline.distributed import free_port
 from pipeline.train import per_rank_batch
 
@@ -117,16 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if not args.evaluate:
-            world = args.nproc_per_node * args.nnodes
-            per_rank_batch(global_batch(cfg.train, world), world)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if not args.evaluate:
+        world = args.nproc_per_node * args.nnodes
+        per_rank_batch(global_batch(cfg.train, world), world)
     return run_torchrun(torchrun_args(args))
 
 

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.checkpoint import atomic_write_bytes, read_pointer
+from pipeline.cli import command
 
 RUNS_FILE = "runs.json"  # in submitit's folder: job id -> run dir (a sweep's array has one run dir per task)
 FAILURES_FILE = "slurm/failures.json"  # in run.dir
@@ -159,11 +160,31 @@ def note(run_dir: Path, message: str, failed: bool) -> None:
             print(f"warning: could not mark the MLflow run FAILED: {err}", file=sys.stderr)
 
 
+def job_folder_problem(folder: Path, env=os.environ) -> str | None:
+    """Why ``folder`` cannot tell this job's run dir (not in a SLURM job, not a launch.slurm folder), or None."""
+    if not env.get("SLURM_JOB_ID"):
+        return ("SLURM_JOB_ID is not set: this runs in the job script that `python -m launch.slurm` writes, after "
+                "the job's step")
+    path = folder / RUNS_FILE
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return (f"cannot read {path} ({type(err).__name__}): '{folder}' is not the job folder of a job submitted "
+                "with `python -m launch.slurm`")
+    if job_key(env) not in runs:
+        return f"{path} does not name job {job_key(env)}: pass the job folder this job was submitted with"
+    return None
+
+
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.requeue", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="submitit's folder of the job")
     parser.add_argument("status", type=int, help="srun's exit status")
     args = parser.parse_args(argv)
+    problem = job_folder_problem(args.folder) if args.status else None
+    if problem:
+        parser.error(problem)
     message = after_step(args.folder, args.status)
     if message:
         print(message, file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.requeue import attempt, failures, job_key, record_end, remember_runs, requeues_after_failures
 from pipeline.checkpoint import atomic_write_bytes, checkpoint_dir, read_pointer
+from pipeline.cli import command
 from pipeline.config import ConfigError, global_batch, load_config, to_yaml
 from pipeline.lock import RunDirLock, RunDirLocked, holds_files
 from pipeline.train import per_rank_batch
@@ -715,6 +716,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@command(LaunchError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import FORMAT_VERSION, library_versions, load_checkpoint, rng_state, save_checkpoint
+from pipeline.cli import command
 from pipeline.config import Config
 from pipeline.data.index import usable_cpus
+from pipeline.data.layout import DatasetError
 from pipeline.engine import build_scaler
-from pipeline.models import build_model
+from pipeline.models import MODEL_NAMES, build_model
 from pipeline.optim import build_optimizer
 
 
@@ -95,6 +97,22 @@ def bench_tracking(args: argparse.Namespace) -> dict:
     return {"images_per_s_off": off, "images_per_s_on": on, "ratio": on / off, "runs": rates}
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` no smaller than ``low``, refused with the bound otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+COUNT, WHOLE, MS = at_least(1), at_least(0), at_least(0, float)  # a count, one that may be 0, a duration
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Rows as a fixed-width table; ``columns`` are (key, header, format)."""
     widths = [max(len(header), 10, *(len(format(row[key], fmt)) for row in rows)) for key, header, fmt in columns]
@@ -145,10 +163,33 @@ LOADER_RUNS = ("decode_only", "dali_limit", "dali", "dali_packed", "torchvision"
 AUGMENT = ["data.auto_augment=ra", "data.ra_num_ops=2", "data.ra_magnitude=9", "data.random_erase=0.25"]
 
 
+def check_tree(root: Path, batch: int) -> None:
+    """Refuse a ``--root`` that is not a JPEG tree with a dataset index: every run reads the files the index lists."""
+    from pipeline.data.index import has_index, load_index
+
+    if not (root / "train").is_dir():
+        raise DatasetError(f"--root '{root}' has no train/ folder. Pass an ImageNet-style JPEG tree "
+                           "(train/<class>/*.JPEG, val/<class>/*.JPEG), or leave --root out to use generated JPEGs.")
+    if not has_index(root):
+        raise DatasetError(f"--root '{root}' has no dataset index. Run `python -m pipeline.data.imagenet verify "
+                           f"{root}` first: it decodes every file, leaves out the damaged ones and writes the index "
+                           "that the bench reads.")
+    index = load_index(root)
+    if index.packed:
+        raise DatasetError(f"--root '{root}' is a packed dataset. Pass the JPEG tree it was packed from: the bench "
+                           "packs its own copy.")
+    if len(index.splits["train"]) < batch:
+        raise DatasetError(f"--root '{root}' indexes {len(index.splits['train'])} train images, fewer than one "
+                           f"--batch ({batch}): the loaders would give no batch. Lower --batch.")
+
+
 def bench_loader(args: argparse.Namespace) -> dict:
     from pipeline.data.imagenet import pack, verify
+    from pipeline.data.index import load_index
     from pipeline.perf import run_isolated, write_jpegs
 
+    if args.root:
+        check_tree(Path(args.root), args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else write_jpegs(Path(tmp) / "jpegs", args.images)
         if not args.root:
@@ -157,7 +198,7 @@ def bench_loader(args: argparse.Namespace) -> dict:
         pack(root, packed)
         common = {"root": str(root), "workers": args.workers, "epochs": args.epochs, "image_size": args.image_size,
                   "batch": args.batch}
-        loader = {**common, "classes": len([d for d in (root / "train").iterdir() if d.is_dir()])}
+        loader = {**common, "classes": len(load_index(root).classes)}
         specs = {"decode_only": ("decode", common), "dali_limit": ("dali_limit", common),
                  "dali": ("loader", {**loader, "backend": "dali"}),
                  "dali_packed": ("loader", {**loader, "backend": "dali", "root": str(packed)}),
@@ -308,91 +349,110 @@ def bench_boundary(args: argparse.Namespace) -> dict:
     return {"runs": runs, "cpus": usable_cpus()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per benchmark."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="training-step speed and peak memory of a model on synthetic tensors")
-    model.add_argument("--model", default="densenet121")
-    model.add_argument("--batch", type=int, default=32)
-    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--model", choices=MODEL_NAMES, default="densenet121")
+    model.add_argument("--batch", type=COUNT, default=32)
+    model.add_argument("--image-size", type=COUNT, default=224)
     model.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="fp32")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     model.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    model.add_argument("--warmup", type=int, default=3)
+    model.add_argument("--steps", type=COUNT, default=10, help="timed steps (the median is reported)")
+    model.add_argument("--warmup", type=WHOLE, default=3)
     model.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if there is one")
     model.add_argument("--compare", choices=("torchvision", *TOGGLES), default=None,
                        help="torchvision's model, or ours with this setting flipped, in the same way")
-    model.add_argument("--repeat", type=int, default=1, help="alternated runs of each; the median run is shown")
+    model.add_argument("--repeat", type=COUNT, default=1, help="alternated runs of each; the median run is shown")
     loader = sub.add_parser("loader", help="train-loader images/s: DALI vs torchvision vs decode alone")
     loader.add_argument("--root", default=None, help="a JPEG tree (train/<class>/...); default: 400 generated "
                         "500x375 JPEGs")
-    loader.add_argument("--images", type=int, default=400)
-    loader.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    loader.add_argument("--images", type=COUNT, default=400)
+    loader.add_argument("--workers", type=COUNT, default=len(os.sched_getaffinity(0)),
                         help="DALI threads, DataLoader processes and decode processes alike (default: the cores)")
-    loader.add_argument("--batch", type=int, default=32)
-    loader.add_argument("--image-size", type=int, default=224)
-    loader.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
-    loader.add_argument("--repeat", type=int, default=3, help="alternated runs of each; the median is shown")
+    loader.add_argument("--batch", type=COUNT, default=32)
+    loader.add_argument("--image-size", type=COUNT, default=224)
+    loader.add_argument("--epochs", type=COUNT, default=2, help="timed epochs, after one warm-up epoch")
+    loader.add_argument("--repeat", type=COUNT, default=3, help="alternated runs of each; the median is shown")
     loader.add_argument("--augment", action="store_true", help="also both backends with RandAugment (2 ops, "
                         "magnitude 9) and random erasing (p 0.25) on")
     feed = sub.add_parser("feed", help="the share of a fake step's time spent waiting for data, reads delayed by L ms")
-    feed.add_argument("--read-latency-ms", type=float, default=20.0, help="L: each file read (or each batch's "
+    feed.add_argument("--read-latency-ms", type=MS, default=20.0, help="L: each file read (or each batch's "
                       "shard pages) waits this long first, as on a busy network filesystem")
-    feed.add_argument("--step-ms", type=float, default=150.0, help="S: the fake step (a sleep), the GPU's time for "
+    feed.add_argument("--step-ms", type=MS, default=150.0, help="S: the fake step (a sleep), the GPU's time for "
                       "the per-GPU batch")
     feed.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
     feed.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the batches land (cuda: "
                       "DALI decodes with its mixed decoder, the torchvision backend normalises on the GPU)")
     feed.add_argument("--packed", action="store_true", help="read the packed copy (shards) instead of the files")
-    feed.add_argument("--batch", type=int, default=32)
-    feed.add_argument("--read-ahead", type=int, default=Config().data.read_ahead,
+    feed.add_argument("--batch", type=COUNT, default=32)
+    feed.add_argument("--read-ahead", type=WHOLE, default=Config().data.read_ahead,
                       help="data.read_ahead of the feed, compared with 0 (the old loader)")
-    feed.add_argument("--images", type=int, default=640, help="generated 500x375 JPEGs")
-    feed.add_argument("--image-size", type=int, default=224)
-    feed.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    feed.add_argument("--images", type=COUNT, default=640, help="generated 500x375 JPEGs")
+    feed.add_argument("--image-size", type=COUNT, default=224)
+    feed.add_argument("--workers", type=COUNT, default=len(os.sched_getaffinity(0)),
                       help="DALI threads or DataLoader processes (default: the cores)")
-    feed.add_argument("--steps", type=int, default=30, help="timed steps, after the warm-up")
-    feed.add_argument("--warmup", type=int, default=3, help="steps before the timing starts")
+    feed.add_argument("--steps", type=COUNT, default=30, help="timed steps, after the warm-up")
+    feed.add_argument("--warmup", type=WHOLE, default=3, help="steps before the timing starts")
     index = sub.add_parser("index", help="a synthetic ImageNet-sized index: build/save/load time, epoch order, "
                            "memory per rank and per loader worker")
-    index.add_argument("--samples", type=int, default=1_281_167)
-    index.add_argument("--classes", type=int, default=1000)
-    index.add_argument("--world-size", type=int, default=8, help="ranks on this machine sharing the index")
-    index.add_argument("--batch", type=int, default=256, help="per-rank batch")
-    index.add_argument("--workers", type=int, default=4, help="loader workers per rank (one is measured)")
+    index.add_argument("--samples", type=COUNT, default=1_281_167)
+    index.add_argument("--classes", type=COUNT, default=1000)
+    index.add_argument("--world-size", type=COUNT, default=8, help="ranks on this machine sharing the index")
+    index.add_argument("--batch", type=COUNT, default=256, help="per-rank batch")
+    index.add_argument("--workers", type=COUNT, default=4, help="loader workers per rank (one is measured)")
     train = sub.add_parser("train", help="the training loop's overhead over a bare forward/backward/step loop")
-    train.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--window", type=int, default=10, help="steps per logged window")
-    train.add_argument("--repeat", type=int, default=3)
+    train.add_argument("--steps", type=COUNT, default=100, help="steps per epoch")
+    train.add_argument("--epochs", type=COUNT, default=2)
+    train.add_argument("--window", type=COUNT, default=10, help="steps per logged window")
+    train.add_argument("--repeat", type=COUNT, default=3)
     train.add_argument("--added", default="", help="key=value words (one string) of parts whose cost to measure: the "
                        "train loop runs with and without them, e.g. 'train.ema.enabled=true train.mix.mixup_alpha=0.2'")
     train.add_argument("--profile", default="", help="also profile the train loop (with --added's parts) into this "
                        "folder: a trace and the top operators per rank (see the README's profiling section)")
-    train.add_argument("--profile-steps", type=int, default=5, help="steps the profile records, after the first window")
+    train.add_argument("--profile-steps", type=COUNT, default=5,
+                       help="steps the profile records, after the first window")
     train.add_argument("overrides", nargs="*", help="key=value words for the mini config")
     for p in (model, loader, feed, index, train):
         p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     ckpt = sub.add_parser("checkpoint", help="save/load time and size of a training checkpoint")
-    ckpt.add_argument("--model", default="densenet121")
-    ckpt.add_argument("--world-size", type=int, default=8, help="ranks whose loader/RNG state it carries")
-    ckpt.add_argument("--repeat", type=int, default=5)
+    ckpt.add_argument("--model", choices=MODEL_NAMES, default="densenet121")
+    ckpt.add_argument("--world-size", type=COUNT, default=8, help="ranks whose loader/RNG state it carries")
+    ckpt.add_argument("--repeat", type=COUNT, default=5)
     ckpt.add_argument("--dir", default=None, help="where to write (default: the temp folder)")
     ckpt.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     bound = sub.add_parser("boundary", help="the time each step waits on the ranks' decision, by world size")
-    bound.add_argument("--world-size", type=int, nargs="+", default=[2, 4, 8, 16], help="gloo ranks on this machine")
-    bound.add_argument("--step-ms", type=float, default=20.0, help="the emulated step (a sleep)")
-    bound.add_argument("--steps", type=int, default=200, help="timed steps per design")
-    bound.add_argument("--figures-every", type=int, default=10, help="the log steps of the design with the ranks' "
+    bound.add_argument("--world-size", type=COUNT, nargs="+", default=[2, 4, 8, 16], help="gloo ranks on this machine")
+    bound.add_argument("--step-ms", type=MS, default=20.0, help="the emulated step (a sleep)")
+    bound.add_argument("--steps", type=COUNT, default=200, help="timed steps per design")
+    bound.add_argument("--figures-every", type=COUNT, default=10, help="the log steps of the design with the ranks' "
                        "figures in the reduction (train.log_every_steps)")
     bound.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     track = sub.add_parser("tracking", help="mini config images/s with tracking off and on")
-    track.add_argument("--epochs", type=int, default=4)
-    track.add_argument("--repeat", type=int, default=2)
+    track.add_argument("--epochs", type=COUNT, default=4)
+    track.add_argument("--repeat", type=COUNT, default=2)
     track.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    return parser
+
+
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json_out and not os.access(Path(args.json_out).absolute().parent, os.W_OK):
+        parser.error(f"--json {args.json_out}: its folder is missing or not writable. Pass a path this user can write.")
+    if args.command == "checkpoint" and args.dir and not (Path(args.dir).is_dir() and os.access(args.dir, os.W_OK)):
+        parser.error(f"--dir {args.dir} is not a writable folder. Create it, or leave --dir out (the temp folder).")
+    if args.command in ("loader", "feed") and not getattr(args, "root", None) and args.images < args.batch:
+        parser.error(f"bench {args.command}: --images {args.images} is fewer than one --batch ({args.batch}): the "
+                     "loader would give no batch. Raise --images or lower --batch.")
+    if args.command == "train" and args.steps * args.epochs < 2 * args.window:
+        parser.error(f"bench train: --steps {args.steps} x --epochs {args.epochs} is {args.steps * args.epochs} "
+                     f"steps; it needs at least {2 * args.window} (two windows of --window {args.window}: the "
+                     "first warms up). Raise --steps or --epochs, or lower --window.")
     if args.command == "model":
         result = bench_model(args)
         columns = [("impl", "model", ""), ("channels_last", "chan-last", ""), ("compile", "compile", ""),

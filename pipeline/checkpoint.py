@@ -175,10 +175,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"Weights file '{path}' does not exist. Pass a run's model_final.pt or a checkpoint.")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"Weights file '{path}' is empty (0 bytes): a save or copy that did not finish. Copy it "
+                           "again, or pass another model_final.pt or checkpoint.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"Could not read weights file '{path}': {str(err).splitlines()[0]}") from None
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # EOFError: no text
+        raise WeightsError(f"Could not read weights file '{path}': {detail}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.checkpoint import WeightsError, atomic_write_bytes, read_weights
-from pipeline.config import ConfigError, global_batch, load_config
-from pipeline.data.layout import DatasetError
+from pipeline.cli import command, swapped_roles
+from pipeline.config import global_batch, load_config
 from pipeline.data.loaders import build_loaders
-from pipeline.distributed import RankError, init_distributed, shutdown
+from pipeline.distributed import init_distributed, shutdown
 from pipeline.engine import evaluate
 from pipeline.log import setup_logging
 from pipeline.models import build_model
@@ -76,6 +76,7 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
         shutdown(together)
 
 
+@command()
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="the run's config.yaml or a recipe")
@@ -83,16 +84,15 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value words that override the config")
     parser.add_argument("--out", help="where to write eval.json (default: beside the weights)")
     args = parser.parse_intermixed_args(argv)
+    swapped = swapped_roles("python -m pipeline.evaluate CONFIG WEIGHTS [key=value ...]", args.config, args.weights)
+    if swapped:
+        parser.error(swapped)
     out = result_path(args.weights, args.out)
     if not os.access(out.parent, os.W_OK):  # known before any rank spends an evaluation on it
         print(f"error: cannot write {out}: its folder is missing or not writable. Pass --out with a path this "
               "user can write.", file=sys.stderr)
         return 2
-    try:
-        main(load_config(args.config, args.overrides), args.weights, args.out)
-    except (ConfigError, DatasetError, WeightsError, RankError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    main(load_config(args.config, args.overrides), args.weights, args.out)
     return 0
 
 

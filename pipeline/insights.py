@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.checkpoint import WeightsError, read_weights
+from pipeline.cli import command, swapped_roles
 
 log = logging.getLogger(__name__)
 LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
@@ -367,25 +368,23 @@ def start_insights(cfg, model: nn.Module, run_dir: Path, metrics, tracker, epoch
         return None
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.insights", description=__doc__.splitlines()[0])
     parser.add_argument("weights", help="a model_final.pt or a checkpoint")
     parser.add_argument("config", nargs="?", help="the run's config.yaml: checks the weights are that model")
     parser.add_argument("--out", type=Path, default=None, help="default: insights/ beside the weights")
     args = parser.parse_args(argv)
-    from pipeline.config import ConfigError
-
-    try:
-        state = load_state(args.weights, args.config)
-        weights = Path(args.weights)
-        run_dir = weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent
-        metrics = run_dir / "metrics.jsonl"
-        samples = gradient_samples(metrics) if metrics.is_file() else []
-        out = args.out or weights.parent / "insights"
-        written = write_insights(state, out, title=f"{run_dir.name}: {weights.name}", samples=samples)
-    except (WeightsError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    swapped = swapped_roles("python -m pipeline.insights WEIGHTS [CONFIG]", args.config, args.weights)
+    if swapped:
+        parser.error(swapped)
+    state = load_state(args.weights, args.config)
+    weights = Path(args.weights)
+    run_dir = weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent
+    metrics = run_dir / "metrics.jsonl"
+    samples = gradient_samples(metrics) if metrics.is_file() else []
+    out = args.out or weights.parent / "insights"
+    written = write_insights(state, out, title=f"{run_dir.name}: {weights.name}", samples=samples)
     for path in written:
         print(path)
     if not samples:

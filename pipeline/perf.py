@@ -7,6 +7,7 @@ CPU peak of resident memory belongs to that configuration alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.cli import command
 from pipeline.data.samples import SampleBytes
 from pipeline.engine import build_scaler, train_step, tune_backends
 from pipeline.models import build_model
@@ -144,9 +146,18 @@ def _decode(path: str) -> int:
         return image.size[0]
 
 
+def train_files(root: str | Path) -> list[str]:
+    """The train files that the dataset index of ``root`` lists: what the loaders read (verify leaves out the
+    files it could not decode)."""
+    from pipeline.data.index import load_index
+
+    split = load_index(root).splits["train"]
+    return [str(Path(root) / split.name(i)) for i in range(len(split))]
+
+
 def measure_decode(spec: dict) -> dict:
     """Full JPEG decode (Pillow's libjpeg-turbo) of the train files in ``workers`` processes, nothing else."""
-    paths = sorted(str(p) for p in (Path(spec["root"]) / "train").rglob("*.JPEG"))
+    paths = train_files(spec["root"])
     with Pool(spec["workers"]) as pool:
         list(pool.imap_unordered(_decode, paths[:64], chunksize=8))  # warm-up
         began = time.perf_counter()
@@ -262,7 +273,9 @@ def measure_stock_torchvision(spec: dict) -> dict:
 
     transform = transforms.Compose([transforms.RandomResizedCrop(spec["image_size"]), transforms.RandomHorizontalFlip(),
                                     transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    dataset = datasets.ImageFolder(str(Path(spec["root"]) / "train"), transform=transform)
+    indexed = frozenset(train_files(spec["root"]))  # the same files as ours: the tree may hold some verify left out
+    dataset = datasets.ImageFolder(str(Path(spec["root"]) / "train"), transform=transform,
+                                   is_valid_file=indexed.__contains__)
     loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, num_workers=spec["workers"],
                         persistent_workers=True, drop_last=True)
     counts, began = 0, None
@@ -281,7 +294,7 @@ def measure_dali_limit(spec: dict) -> dict:
     decode -> resize to ``image_size``, on ``workers`` threads: about the most a DALI loader can reach here."""
     from nvidia.dali import fn, pipeline_def, types
 
-    paths = sorted(str(p) for p in (Path(spec["root"]) / "train").rglob("*.JPEG"))
+    paths = train_files(spec["root"])
     encoded = [np.fromfile(p, dtype=np.uint8) for p in paths]
     batch = spec["batch"]
 
@@ -467,5 +480,23 @@ def run_isolated(kind: str, spec: dict, timeout: float = 3600) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _spec(text: str) -> dict:
+    spec = json.loads(text)
+    if not isinstance(spec, dict):
+        raise ValueError(text)
+    return spec
+
+
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.perf", description="one measurement of "
+                                     "pipeline.bench, in this process; prints its result as JSON")
+    parser.add_argument("kind", choices=sorted(MEASURES))
+    parser.add_argument("spec", type=_spec, help="the measurement's settings, a JSON object")
+    args = parser.parse_args(argv)
+    print(json.dumps(MEASURES[args.kind](args.spec)))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(MEASURES[sys.argv[1]](json.loads(sys.argv[2]))))
+    sys.exit(main())

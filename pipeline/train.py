@@ -50,6 +50,7 @@ from pipeline.checkpoint import (
     set_rng_state,
     unwritable,
 )
+from pipeline.cli import command
 from pipeline.config import (
     WARMUP_ABOVE,
     ConfigError,
@@ -943,6 +944,7 @@ def weights_finite(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
+@command()
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML recipe, e.g. configs/mini.yaml")
@@ -955,9 +957,6 @@ def cli(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         main(cfg)
-    except REFUSALS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except StopRequested:
         if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun (launch.local) the launcher says it
             print(resume_hint(cfg.run.dir), file=sys.stderr)

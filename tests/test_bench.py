@@ -58,6 +58,19 @@ def test_loader_times_each_pipeline_in_its_own_process_on_the_same_files(tmp_pat
     assert "stock_torchvision" in stdout
 
 
+def test_loader_on_a_verified_tree_reads_the_files_its_index_lists_not_the_broken_one(tmp_path):
+    from pipeline.data.imagenet import verify
+    from pipeline.perf import write_jpegs
+
+    root = write_jpegs(tmp_path / "tree", 16, classes=2, width=64, height=48)
+    source = next((root / "train").rglob("*.JPEG"))
+    (source.parent / "broken.JPEG").write_bytes(source.read_bytes()[:source.stat().st_size // 2])
+    verify(root, decoder="pillow", workers=1)  # leaves broken.JPEG out of the index
+    stdout, result = bench("loader", "--root", str(root), "--batch", "4", "--image-size", "32", "--epochs", "1",
+                           "--repeat", "1", "--workers", "1", tmp_path=tmp_path)
+    assert all(run["images_per_s"] > 0 for run in result["runs"].values()) and "stock_torchvision" in stdout
+
+
 def test_index_measures_an_imagenet_sized_index_shared_by_ranks(tmp_path):
     stdout, result = bench("index", "--samples", "200000", "--classes", "100", "--world-size", "2", tmp_path=tmp_path)
     assert [r["rank"] for r in result["ranks"]] == [0, 1]

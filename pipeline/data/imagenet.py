@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.checkpoint import atomic_write_bytes
+from pipeline.cli import command
 from pipeline.data.index import (
     CMYK,
     GRAYSCALE,
@@ -474,6 +475,7 @@ def summarize(report: dict) -> str:
     return "\n".join(lines)
 
 
+@command()
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.data.imagenet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -494,23 +496,19 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        if args.command == "prepare" and args.val_flat:
-            print(sorted_summary(args.val_flat, sort_val_folder(args.devkit, args.val_flat)))
-        elif args.command == "prepare":
-            out = prepare(args.train_tar, args.val_tar, args.devkit, args.out)
-            print(f"Prepared {out} and its index. Next: python -m pipeline.data.imagenet verify {out}")
-        elif args.command == "pack":
-            packed = pack(args.root, args.out, parse_size(args.shard_size))
-            counts = ", ".join(f"{len(ix)} {split}" for split, ix in packed.splits.items())
-            print(f"Packed {counts} images into {len(packed.shards)} shards in {Path(args.out).absolute()} "
-                  f"(index {packed.hash[:16]}, the same as {Path(args.root).absolute()}'s). Train with "
-                  f"data.root={Path(args.out).absolute()}")
-        else:
-            print(summarize(verify(args.root, args.decoder, args.workers)))
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "prepare" and args.val_flat:
+        print(sorted_summary(args.val_flat, sort_val_folder(args.devkit, args.val_flat)))
+    elif args.command == "prepare":
+        out = prepare(args.train_tar, args.val_tar, args.devkit, args.out)
+        print(f"Prepared {out} and its index. Next: python -m pipeline.data.imagenet verify {out}")
+    elif args.command == "pack":
+        packed = pack(args.root, args.out, parse_size(args.shard_size))
+        counts = ", ".join(f"{len(ix)} {split}" for split, ix in packed.splits.items())
+        print(f"Packed {counts} images into {len(packed.shards)} shards in {Path(args.out).absolute()} "
+              f"(index {packed.hash[:16]}, the same as {Path(args.root).absolute()}'s). Train with "
+              f"data.root={Path(args.out).absolute()}")
+    else:
+        print(summarize(verify(args.root, args.decoder, args.workers)))
     return 0
 
 
