@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shlex
@@ -181,6 +182,35 @@ def test_a_diverging_run_stops_at_the_first_non_finite_value_and_keeps_the_last_
     (run,) = client.search_runs([client.get_experiment_by_name("densenet").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: Stopped: the ")
+
+
+def test_the_first_non_finite_loss_stops_the_run_within_2_steps_naming_the_loss_not_the_weights(tmp_path):
+    """A run trains 5 finite steps (a checkpoint at step 5), then resumes with a learning rate of 1e38: step 6 is
+    computed from finite weights and gives them values near the float32 limit, so step 7's loss is the first
+    non-finite one, while no checkpoint is due (every 5 steps) to find the weights first. The loss alone must
+    stop every rank, by step 9, before the checkpoint of step 10."""
+    from pipeline.boundary import NONFINITE_EXIT_CODE
+    from pipeline.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    words = [f"run.dir={run_dir}", "data.backend=synthetic", "data.synthetic_steps=5", "train.batch_size=8",
+             "checkpoint.every_steps=5", "checkpoint.keep_last=100", "train.log_every_steps=1",
+             "insights.enabled=false"]
+    first = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = train(str(ROOT / "configs/mini.yaml"), *words, "train.epochs=3", "optim.lr=1e38", cwd=tmp_path)
+    assert result.returncode == NONFINITE_EXIT_CODE, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = {e["global_step"]: e["loss"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "train"}
+    first_bad = min(step for step, loss in losses.items() if not math.isfinite(loss))
+    assert first_bad == 7 and all(math.isfinite(losses[step]) for step in range(1, 7)), losses
+    stopped = re.search(r"error: Stopped: the (.*?)\. No checkpoint of it was written", result.stderr)
+    assert stopped, result.stderr[-3000:]
+    assert re.fullmatch(rf"loss at step {first_bad} is (nan|inf|-inf)", stopped.group(1)), stopped.group(1)
+    assert first_bad <= max(losses) <= first_bad + 2  # every rank stopped within the documented 2 steps
+    saved = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    assert [load_checkpoint(p)["progress"]["global_step"] for p in saved] == [5]
+    assert json.loads((run_dir / "checkpoints/latest").read_text())["file"] == saved[-1].name
 
 
 @pytest.mark.slow  # training runs of 20 s and more: `make test` stays under 5 minutes

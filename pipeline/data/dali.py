@@ -229,13 +229,15 @@ def augment_inputs(plan: TrainPlan, epoch: int, keys: np.ndarray) -> list[np.nda
 
 
 def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
-                       val_batch_size: int, device: torch.device,
-                       channels_last: bool) -> tuple[DaliLoader | None, DaliLoader]:
-    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
+                       val_batch_size: int, device: torch.device, channels_last: bool,
+                       seed: int = 0) -> tuple[DaliLoader | None, DaliLoader]:
+    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split. ``seed``:
+    DALI's own generator's, which no operator here draws from (every random choice arrives as data), so it is
+    not in the checkpoint."""
     on_gpu = device.type == "cuda"
     common = dict(num_threads=data_cfg.workers, device_id=device.index if on_gpu else None,
                   prefetch_queue_depth=data_cfg.prefetch, mean=list(data_cfg.mean), std=list(data_cfg.std),
-                  on_gpu=on_gpu, seed=0)
+                  on_gpu=on_gpu, seed=seed)
     val_size, resize = val_sizes(data_cfg)
     root = str(data_cfg.root)
     train_loader = None

@@ -158,6 +158,13 @@ def val_transform(image_size: int, resize: int) -> transforms.Compose:
     return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(image_size)])
 
 
+def own_generator() -> torch.Generator:
+    """A DataLoader's own generator, for the seed each new iterator draws for its workers (who draw nothing from
+    it). Without one the seed comes from torch's global generator, whose state (dropout's) a resume restores: the
+    iterator a resumed run makes after the restore would shift every later dropout mask."""
+    return torch.Generator().manual_seed(0)
+
+
 def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
                          val_batch_size: int, device: torch.device,
                          channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
@@ -174,12 +181,12 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
     train_loader = None
     if plan is not None:
         sampler = StepSampler(plan.ids, lambda: plan.steps, plan.keys)
-        loader = DataLoader(IndexedImages(train, plan), sampler=sampler,
-                            batch_size=plan.per_rank_batch, **common)
+        loader = DataLoader(IndexedImages(train, plan), sampler=sampler, batch_size=plan.per_rank_batch,
+                            generator=own_generator(), **common)
         train_loader = FolderLoader(loader, sampler, root, finish)
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
     val_loader = DataLoader(IndexedImages(val, transform=val_transform(val_size, resize)),
-                            sampler=val_sampler, batch_size=val_batch_size, **common)
+                            sampler=val_sampler, batch_size=val_batch_size, generator=own_generator(), **common)
     return train_loader, FolderLoader(val_loader, val_sampler, root, finish)

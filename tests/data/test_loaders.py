@@ -160,3 +160,34 @@ def test_torchvision_workers_send_uint8_and_the_batch_is_normalised_and_erased_w
     for image, (top, left, height, width) in zip(expected, boxes.tolist(), strict=True):
         image[:, top:top + height, left:left + width] = 0  # torchvision's RandomErasing(value=0), after normalising
     assert images.is_contiguous(memory_format=torch.channels_last) and torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_ranks_own_loader_and_mixer_give_the_same_global_batches_at_world_sizes_1_2_and_3(tree, backend):
+    """The README's "a global batch's samples and crops depend on nothing else: not the world size": every rank
+    builds its own loader (its own plan) and mixer, and the decoded, augmented, erased and mixed tensors of each
+    global batch, gathered in rank order, are bitwise the same at 1, 2 and 3 ranks."""
+    from pipeline.mix import BatchMixer
+
+    cfg = config(tree, backend, **{"data.auto_augment": "ra", "data.random_erase": 0.5, "data.aug_repeats": 2,
+                                   "train.mix.mixup_alpha": 0.8, "train.mix.cutmix_alpha": 1.0,
+                                   "train.mix.mode": "pair"})
+    global_batch, epoch = 12, 1
+    per_world = []
+    for world in (1, 2, 3):
+        parts = []  # per rank: per step (images, mixed images, soft targets)
+        for r in range(world):
+            train, _ = build_loaders(cfg, rank(r, world), global_batch // world)
+            mixer = BatchMixer(cfg.train.mix, cfg.run.seed, r, global_batch // world, world, 10)
+            parts.append([(images, *mixer(images, labels, epoch, step))
+                          for step, (images, labels) in enumerate(batches(train, epoch))])
+            train.close()
+        per_world.append([[torch.cat(column) for column in zip(*steps, strict=True)]
+                          for steps in zip(*parts, strict=True)])
+    assert len(per_world[0]) == train_steps(70, global_batch) == 5
+    for world, batches_at in zip((2, 3), per_world[1:], strict=True):
+        for step, (ours, alone) in enumerate(zip(batches_at, per_world[0], strict=True)):
+            for name, a, b in zip(("images", "mixed images", "soft targets"), ours, alone, strict=True):
+                assert torch.equal(a, b), (f"{backend}: global batch {step} of epoch {epoch}, {name}, differs at "
+                                           f"{world} ranks from 1 rank, first at sample "
+                                           f"{int((a != b).flatten(1).any(1).nonzero()[0])}")
