@@ -139,6 +139,7 @@ def test_every_command_has_a_case():
     assert not tried - found, f"cases for commands that are gone: {sorted(tried - found)}"
 
 
+@pytest.mark.slow  # 11 processes that import torch: 45 s on 2 cores
 def test_each_command_refuses_a_mistake_in_one_line(files):
     problems = run_all(split_cases(files)[0])
     assert not problems, "\n\n".join(problems)
