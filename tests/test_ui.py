@@ -72,10 +72,10 @@ def loaded_image(page, src_part: str, timeout_s: float = 60) -> dict:
 def test_the_run_link_opens_the_training_view_with_train_and_val_charts_before_the_pictures(finished_run, browser):
     page = shot.open_page(browser, shot.tab_link(finished_run, "model-metrics"), 1600, 1200)
     page.wait_for_selector(f"{shot.CARD} {shot.PLOT}", timeout=120_000)
-    assert "workflowType=machine_learning" in page.url
     # the training view's side bar (GenAI's lists Traces, Sessions, Evaluation runs)
-    assert page.get_by_role("link", name="Runs", exact=True).count() >= 1
     assert page.get_by_text("Evaluation runs").count() == 0
+    assert page.get_by_role("link", name="Runs", exact=True).count() >= 1
+    assert "workflowType=machine_learning" in page.url
     headers = page.eval_on_selector_all("[data-testid=experiment-view-compare-runs-section-header]",
                                         "els => els.map(e => e.innerText.split('\\n')[0])")
     assert headers[:4] == ["train", "val", "visual", "visual/grad_norm"], headers
@@ -100,6 +100,17 @@ def test_the_heatmap_shows_in_its_chart_at_the_last_epoch_and_as_a_named_artifac
     logged = [int(m[1]) for a in client.list_artifacts(run_id, "images")
               if (m := re.match(r"images/visual~feature_reuse\+step\+0\+timestamp\+(\d+)\+.*\.png$", a.path))]
     assert len(logged) == 2 and shown == max(logged)  # one per epoch at step 0: the card shows the last
+
+    # the card lists the run's 100-odd params above the picture; the README's way to see it: switch that off
+    card.locator("[data-testid=experiment-view-compare-runs-card-menu]").click()
+    page.get_by_role("menuitem", name="Configure").click()
+    page.get_by_text("Show run parameters").click()
+    page.get_by_role("button", name="Save changes").click()
+    page.wait_for_timeout(2000)
+    card.scroll_into_view_if_needed()
+    picture, frame = card.locator("img").first.bounding_box(), card.bounding_box()
+    assert frame["y"] <= picture["y"] and picture["y"] + picture["height"] <= frame["y"] + frame["height"], \
+        (picture, frame)
 
     page = shot.open_page(browser, shot.tab_link(finished_run, "artifacts"), 1600, 1200)
     page.get_by_text("insights", exact=True).first.click(timeout=120_000)
