@@ -32,7 +32,8 @@ test: venv
 test-slow: venv
 	$(BIN)/python -m pytest -m slow
 
-# screenshot: docs/mlflow-run.png from a real smoke run against a local mlflow server (needs Debian's chromium)
+# screenshot: docs/mlflow-run.png from a real smoke run against a local mlflow server (needs Debian's chromium:
+# apt-get install chromium; playwright, in the dev extra, drives it)
 screenshot: venv
 	$(BIN)/python docs/screenshot.py
 

@@ -1,14 +1,14 @@
 """Takes the README's MLflow screenshot from a real smoke run: ``make screenshot``.
 
 Starts ``mlflow server`` on 127.0.0.1 with a fresh SQLite store, trains ``configs/mini.yaml``
-against it, then photographs the run's metric charts (train and val) with headless Chromium (Debian's ``chromium``
-package) into ``docs/mlflow-run.png``.
+against it, then photographs the run's "Model metrics" tab (train and val charts first) with headless
+Chromium (Debian's ``chromium`` package, driven by playwright) into ``docs/mlflow-run.png``.
+tests/test_ui.py drives the same server, run and browser.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import subprocess
@@ -19,6 +19,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.tracking import run_link  # noqa: E402  (the repository root joins the path first)
+
+CARD = "[data-testid=experiment-view-compare-runs-card]"  # a chart of the "Model metrics" tab
+PLOT = ".js-plotly-plot"  # a drawn line chart
+# the MLflow assistant panel opens by itself on a browser's first visit and covers a third of the page
+QUIET_UI = "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')"
 
 
 def free_port() -> int:
@@ -41,8 +50,29 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
             return server
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"mlflow server did not start; see {folder / 'server.log'}") from None
+                server.kill()
+                raise RuntimeError(f"mlflow server did not start; see {folder / 'server.log'}") from None
             time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=60)
+
+
+def train_mini(run_dir: Path, uri: str, *words: str) -> str:
+    """Train ``configs/mini.yaml`` (with override ``words``) into ``run_dir`` against the server at ``uri``;
+    returns the run's link, as the run itself reports it."""
+    subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs" / "mini.yaml"),
+                    f"run.dir={run_dir}", "tracking.backend=mlflow", f"tracking.uri={uri}",
+                    "tracking.experiment=densenet", *words], check=True, cwd=ROOT)
+    return run_link(uri, run_dir)
+
+
+def tab_link(link: str, tab: str) -> str:
+    """The run link ``link`` opened on the run page's ``tab`` (model-metrics, artifacts; '' for the overview)."""
+    page, _, query = link.partition("?")
+    return f"{page}/{tab}?{query}" if tab else link
 
 
 def chromium() -> str:
@@ -52,16 +82,22 @@ def chromium() -> str:
     raise SystemExit("Chromium not found: install Debian's package (apt-get install chromium).")
 
 
-def screenshot(url: str, out: Path, width: int, height: int) -> None:
-    """A headless Chromium screenshot of ``url`` after 90 s of virtual time (the charts load lazily)."""
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                        "--virtual-time-budget=90000", f"--screenshot={out}", url],
-                       check=True, capture_output=True, timeout=600)
+def launch(playwright):
+    """Headless Chromium from the system's package (playwright downloads no browser of its own)."""
+    return playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+
+
+def open_page(browser, url: str, width: int, height: int):
+    """A page of ``browser`` at ``url``, without the assistant panel."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.add_init_script(QUIET_UI)
+    page.goto(url)
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
+    from playwright.sync_api import sync_playwright
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow-run.png")
     parser.add_argument("--tab", default="model-metrics", help="the run page's tab: model-metrics, or '' for overview")
@@ -72,21 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         folder, port = Path(tmp), free_port()
         server = start_server(folder, port)
         try:
-            uri = f"http://127.0.0.1:{port}"
-            run_dir = folder / "mini"
-            subprocess.run([sys.executable, "-m", "pipeline.train", str(ROOT / "configs" / "mini.yaml"),
-                            f"run.dir={run_dir}", "tracking.backend=mlflow", f"tracking.uri={uri}",
-                            "tracking.experiment=densenet"], check=True, cwd=ROOT)
-            run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-            from mlflow import MlflowClient
-
-            experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
-            page = f"{uri}/#/experiments/{experiment}/runs/{run_id}" + (f"/{args.tab}" if args.tab else "")
-            screenshot(page, args.out, width, height)
+            url = tab_link(train_mini(folder / "mini", f"http://127.0.0.1:{port}"), args.tab)
+            with sync_playwright() as playwright:
+                browser = launch(playwright)
+                page = open_page(browser, url, width, height)
+                if args.tab == "model-metrics":
+                    page.wait_for_selector(f"{CARD} {PLOT}", timeout=120_000)
+                page.wait_for_timeout(5000)  # the other charts draw
+                page.screenshot(path=args.out)
+                browser.close()
         finally:
-            server.terminate()
-            server.wait(timeout=60)
-    print(f"wrote {args.out} ({page})")
+            stop_server(server)
+    print(f"wrote {args.out} ({url})")
     return 0
 
 

@@ -301,12 +301,19 @@ def write_insights(state: dict[str, torch.Tensor], out: Path, title: str = "",
     return written
 
 
+# MLflow's UI groups charts by the key's prefix and sorts the groups by name: "visual" comes after train/ and val/,
+# and "visual/grad_norm" (one chart per layer) after the pictures.
+PICTURES = "visual"
+GRAD_NORMS = f"{PICTURES}/grad_norm"
+
+
 class TrainingInsights:
     """Rank 0 during training: gradient norms every ``every_steps`` steps, pictures at each epoch end.
 
-    The samples go to ``metrics.jsonl`` (event ``grad``) and to MLflow as ``grad_norm/<unit>`` metrics;
-    the pictures of the epoch (its weights' reuse, its gradient samples) to ``run.dir/insights/`` and to
-    the MLflow run's image charts, keyed ``insights/feature_reuse`` and ``insights/gradient_flow``.
+    The samples go to ``metrics.jsonl`` (event ``grad``) and to MLflow as ``visual/grad_norm/<unit>`` metrics;
+    the pictures of the epoch (its weights' reuse, its gradient samples) to ``run.dir/insights/``, to the
+    MLflow run's image charts, keyed ``visual/feature_reuse`` and ``visual/gradient_flow``, and as the
+    artifacts ``insights/feature_reuse.png`` and ``insights/gradient_flow.png`` (replaced each epoch).
     Insights never stop training: a failure (a full disk, say) is reported once and turns them off.
     """
 
@@ -336,7 +343,7 @@ class TrainingInsights:
             if self.metrics:
                 self.metrics.log("grad", norms=norms, global_step=global_step)
             if self.tracker:
-                self.tracker.log_metrics({f"grad_norm/{unit}": value for unit, value in norms.items()}, global_step)
+                self.tracker.log_metrics({f"{GRAD_NORMS}/{unit}": value for unit, value in norms.items()}, global_step)
         except Exception as err:
             self._failed(err)
 
@@ -348,9 +355,10 @@ class TrainingInsights:
             written = write_insights(self.model.state_dict(), self.out, f"epoch {epoch + 1}, step {global_step}",
                                      self.samples)
             if self.tracker:
-                for path in written:
-                    if path.suffix == ".png":
-                        self.tracker.log_image(f"insights/{path.stem}", path, global_step)
+                pictures = [path for path in written if path.suffix == ".png"]
+                for path in pictures:
+                    self.tracker.log_image(f"{PICTURES}/{path.stem}", path, global_step)
+                self.tracker.log_artifacts(pictures, "insights")  # named files the Artifacts tab previews
         except Exception as err:
             self._failed(err)
         self.samples = []

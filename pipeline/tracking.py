@@ -51,6 +51,11 @@ def telemetry_off() -> None:
 telemetry_off()  # before any import of mlflow: every process of ours imports this module first (train, launchers)
 
 RUN_ID_FILE = "mlflow_run.json"
+# MLflow's UI opens an experiment in its GenAI view unless told otherwise. The tag names the experiment's kind
+# (UIs that read it open the runs); MLflow 3.17's own UI follows its workflow switch instead, which a link sets
+# with the query parameter below.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+TRAINING_VIEW = "workflowType=machine_learning"
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
@@ -412,9 +417,12 @@ def open_run(client, cfg: DictConfig, run_dir: Path, uri: str, status: str | Non
         location = None
         if uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in the cwd
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                                 tags=dict([EXPERIMENT_KIND]))
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older version, or by hand
+            client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.run.dir).name)
     from mlflow.entities import Param
 
@@ -434,10 +442,12 @@ def open_run(client, cfg: DictConfig, run_dir: Path, uri: str, status: str | Non
 
 
 def run_link(uri: str, run_dir: Path) -> str:
-    """Where a person finds the run of ``run_dir``: a UI address, or the command that serves a local store."""
+    """Where a person finds the run of ``run_dir``: a UI address (in the training view), or the command that
+    serves a local store."""
     ids = json.loads((run_dir / RUN_ID_FILE).read_text())
     if uri.startswith(("http://", "https://")):
-        return f"{redact(uri).rstrip('/')}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}"
+        return (f"{redact(uri).rstrip('/')}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}"
+                f"?{TRAINING_VIEW}")
     return f"run {ids['run_id']}: mlflow ui --backend-store-uri {redact(uri)}"
 
 
@@ -515,8 +525,12 @@ class Tracker:
             log.warning("Could not log the param %s of the MLflow run %s: %s", key, self.run_id, err)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        """Queue the PNG at ``path`` as image ``key`` at ``step`` (the UI shows a slider over the steps)."""
-        self.sender.queue.put(Picture(key, Path(path).read_bytes(), step))
+        """Queue the PNG at ``path`` as image ``key`` at ``step``, and again at step 0 as the latest: the UI's image
+        card opens at step 0 and shows there the last one logged (a slider reaches the others)."""
+        png = Path(path).read_bytes()
+        self.sender.queue.put(Picture(key, png, step))
+        if step != 0:
+            self.sender.queue.put(Picture(key, png, 0))
 
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
         """Queue the files ``paths`` for the run's artifact folder ``folder``; sent in the background."""

@@ -199,12 +199,14 @@ def test_insights_reach_the_run_as_images_each_epoch_and_gradient_norms_on_the_s
     assert epoch_ends == [10, 20]  # 2 epochs of 10 steps
     names = [a.path for a in client.list_artifacts(run_id, "images")]
     for key in ("feature_reuse", "gradient_flow"):
-        pattern = rf"images/insights[~#]{key}[+%]step[+%](\d+)[+%]"  # then a timestamp and a uuid
+        pattern = rf"images/visual[~#]{key}[+%]step[+%](\d+)[+%]"  # then a timestamp and a uuid
         steps = sorted(int(m[1]) for n in names if (m := re.match(pattern, n)) and not n.endswith("compressed.webp"))
-        assert steps == epoch_ends, (key, names)
-    history = client.get_metric_history(run_id, "grad_norm/block1.layer01")
+        assert steps == [0, 0, *epoch_ends], (key, names)  # each epoch's, and each again at step 0 as the latest
+    assert {a.path for a in client.list_artifacts(run_id, "insights")} == {"insights/feature_reuse.png",
+                                                                           "insights/gradient_flow.png"}
+    history = client.get_metric_history(run_id, "visual/grad_norm/block1.layer01")
     assert [m.step for m in history] == [3, 6, 9, 12, 15, 18] and all(m.value > 0 for m in history)
-    assert {"grad_norm/stem", "grad_norm/block3.layer02", "grad_norm/classifier"} <= set(runs[0].data.metrics)
+    assert {f"visual/grad_norm/{u}" for u in ("stem", "block3.layer02", "classifier")} <= set(runs[0].data.metrics)
 
     # the command on the run's own weights: heatmaps, numbers, and the gradient flow from metrics.jsonl
     out = subprocess.run([sys.executable, "-m", "pipeline.insights", str(run_dir / "model_final.pt"),
