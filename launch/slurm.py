@@ -477,15 +477,27 @@ def open_mlflow_run(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str | N
     return run_link(uri, run_dir), None if reopened else run_id
 
 
-class Undo:
-    """What a submission wrote before sbatch accepted it, to take back if it did not: new folders go whole; a
-    folder that existed keeps the files it had (``config.yaml`` with its old content) and loses those added; the
-    MLflow runs created for it are deleted."""
+# submitit's files for a job not yet accepted: its pickled call and its sbatch script (submitit/core/core.py)
+SUBMITIT_TEMPORARY = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh")
 
-    def __init__(self, folders: list[Path]):
-        self.new = [f for f in folders if not f.exists()]
-        self.had = {f: set(f.rglob("*")) for f in folders if f.is_dir()}
-        self.configs = {f: (f / CONFIG_FILE).read_bytes() for f in self.had if (f / CONFIG_FILE).is_file()}
+
+class Undo:
+    """What a submission wrote before sbatch accepted it, to take back if it did not, and nothing else: a live job
+    in the same folders (a sweep's other points, a run dir's earlier job) may write beside it meanwhile. A folder it
+    created goes whole. In a run dir that existed, ``config.yaml`` gets its old content back (or goes, if new), and
+    ``mlflow_run.json`` and the lock test's ``run.lock`` go if new; in a job folder that existed, submitit's
+    temporary files go. The MLflow runs created for it are deleted."""
+
+    def __init__(self, run_dirs: list[Path], job_folder: Path):
+        from pipeline.lock import LOCK_FILE
+        from pipeline.tracking import RUN_ID_FILE
+
+        self.new = [f for f in dict.fromkeys([*run_dirs, job_folder.parent, job_folder]) if not f.exists()]
+        self.kept = [d for d in run_dirs if d.is_dir()]
+        self.configs = {d: (d / CONFIG_FILE).read_bytes() if (d / CONFIG_FILE).is_file() else None for d in self.kept}
+        self.absent = [d / name for d in self.kept for name in (RUN_ID_FILE, LOCK_FILE) if not (d / name).exists()]
+        self.job_folder = job_folder
+        self.job_files = set(job_folder.iterdir()) if job_folder.is_dir() else None
         self.runs: list[tuple[DictConfig, str]] = []  # MLflow runs created here: (config, run id)
 
     def __call__(self) -> str:
@@ -501,16 +513,21 @@ class Undo:
                 said.append(f"MLflow run {run_id} could not be deleted ({redact(str(err))[:200]}): delete it in the "
                             "UI.")
         for folder in self.new:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                said.append(f"{folder} removed.")
-        for folder, had in self.had.items():
-            added = sorted(set(folder.rglob("*")) - had, key=lambda p: len(p.parts), reverse=True)
-            for path in added:  # the deepest first: a folder is empty by the time it goes
-                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-            if folder in self.configs:
-                atomic_write_bytes(folder / CONFIG_FILE, self.configs[folder])
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                said.append(f"{folder} removed." if not folder.exists() else f"{folder} could not be removed.")
+        for path in self.absent:
+            path.unlink(missing_ok=True)
+        for folder, config in self.configs.items():
+            if config is None:
+                (folder / CONFIG_FILE).unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(folder / CONFIG_FILE, config)
             said.append(f"{folder} holds what it held before.")
+        if self.job_files is not None:
+            for path in set(self.job_folder.iterdir()) - self.job_files:
+                if SUBMITIT_TEMPORARY.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
         return " ".join(said)
 
 
@@ -523,8 +540,8 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
     """Check the run dirs are free, write each one's config, create the MLflow runs, submit one job (or one array);
     returns job records. If anything fails before sbatch accepts the job, nothing is left behind (:class:`Undo`)."""
     folder = job_folder(cfgs)
-    undo = Undo([Path(cfg.run.dir) for cfg in cfgs] + ([folder.parent] if len(cfgs) > 1 else []))
-    links = []
+    undo = Undo([Path(cfg.run.dir) for cfg in cfgs], folder)
+    links, submitting = [], False
     try:
         check_run_dirs_free(cfgs)  # its lock test leaves a lock file in a run dir: taken back with the rest
         check_tracking_store(cfgs)
@@ -539,6 +556,7 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfgs[0].slurm.max_requeues,
                                           python=job_python(cfgs[0]))
         executor.update_parameters(**sbatch_parameters(cfgs[0], minutes, folder))
+        submitting = True  # from here on sbatch may have accepted the job
         with clean_env():
             if len(cfgs) == 1:
                 jobs = [executor.submit(Training(cfgs[0].run.dir))]
@@ -549,8 +567,12 @@ def submit(cfgs: list[DictConfig], minutes: int) -> list[dict]:
         raise LaunchError(f"sbatch refused the job: {str(err).strip()} Undone: {undo()}") from None
     except LaunchError as err:
         raise LaunchError(f"{err} Undone: {undo()}") from None
-    except BaseException:
-        undo()
+    except BaseException as err:
+        if submitting and isinstance(err, KeyboardInterrupt):  # the job may be queued: its files must stay
+            print(f"Interrupted while sbatch was submitting: the job may be queued. See squeue --me; its files in "
+                  f"{folder} and the run dir(s) are kept.", file=sys.stderr)
+        else:
+            undo()
         raise
     remember_runs(folder, {job.job_id: cfg.run.dir for cfg, job in zip(cfgs, jobs, strict=True)})
     records = []

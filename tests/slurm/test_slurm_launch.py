@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import LaunchError, time_minutes
+from launch.slurm import LaunchError, Undo, time_minutes
 
 ROOT = Path(__file__).resolve().parents[2]
 MINI = str(ROOT / "configs/mini.yaml")
@@ -584,3 +584,34 @@ def test_a_controller_that_does_not_answer_stops_the_submission_with_sinfos_erro
     assert "`sinfo -h -N -o '%N|%P|%c|%m|%G'` failed (exit status 1: " in result.stderr, result.stderr
     assert "Unable to contact slurm controller" in result.stderr and "scontrol ping" in result.stderr
     assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_refusal_takes_back_only_what_the_submission_wrote_not_what_a_live_job_writes_meanwhile(tmp_path):
+    sweep = tmp_path / "sweep"
+    point, running, new_point, jobs = sweep / "lr-0.1", sweep / "lr-0.2", sweep / "lr-0.4", sweep / "slurm"
+    for folder in (point, running, jobs):
+        folder.mkdir(parents=True)
+    (point / "config.yaml").write_text("# the config it had\n")
+    (jobs / "12_0_log.out").write_text("an earlier job's log\n")
+    undo = Undo([point, new_point], jobs)
+    # what the submission wrote: configs, the MLflow run's id, the lock test's file, submitit's temporary files
+    (point / "config.yaml").write_text("# the new config\n")
+    (point / "mlflow_run.json").write_text("{}")
+    (point / "run.lock").touch()
+    new_point.mkdir()
+    (new_point / "config.yaml").write_text("# a new point\n")
+    (jobs / f"{'a' * 32}.pkl").write_bytes(b"call")
+    (jobs / f".submission_file_{'b' * 32}.sh").write_text("#!/bin/bash\n")
+    # meanwhile, what live jobs in the same folders write
+    (point / "checkpoints").mkdir()
+    (point / "checkpoints" / "step-5.pt").write_bytes(b"weights")
+    (running / "train.log").write_text("epoch 3\n")
+    (jobs / "13_1_log.out").write_text("a running point's log\n")
+    said = undo()
+    assert f"{new_point} removed." in said and f"{point} holds what it held before." in said, said
+    assert not new_point.exists()
+    assert (point / "config.yaml").read_text() == "# the config it had\n"
+    assert not (point / "mlflow_run.json").exists() and not (point / "run.lock").exists()
+    assert (point / "checkpoints" / "step-5.pt").read_bytes() == b"weights"
+    assert (running / "train.log").read_text() == "epoch 3\n"
+    assert sorted(p.name for p in jobs.iterdir()) == ["12_0_log.out", "13_1_log.out"]
