@@ -170,6 +170,13 @@ class WeightsError(ValueError):
     """A weights file that is missing, unreadable, or of another model."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none (torch.load's EOFError of an empty
+    file)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict in a ``model_final.pt``, or the ``model`` entry of a checkpoint."""
     path = Path(path)
@@ -181,8 +188,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # EOFError: no text
-        raise WeightsError(f"Could not read weights file '{path}': {detail}") from None
+        raise WeightsError(f"Could not read weights file '{path}': {first_line(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

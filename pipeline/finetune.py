@@ -14,7 +14,6 @@ over the world group (NCCL on GPUs), as DDP would at construction, but before th
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -41,14 +40,6 @@ class InitError(ValueError):
     """A weights file that ``model.init_from`` cannot start from."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_file(path: Path) -> object:
     if path.suffix == ".safetensors":
         try:
@@ -62,18 +53,23 @@ def _load_file(path: Path) -> object:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict in ``path``, in torchvision's key layout (see the module's docstring for the files)."""
+    from pipeline.checkpoint import first_line  # (pipeline.config imports this module)
+
     path = Path(path)
     if not path.is_file():
         raise InitError(f"model.init_from='{path}' does not exist. Give the path of a weights file (a torchvision "
                         "or timm DenseNet state_dict, a run's model_final.pt, or a checkpoint), or model.init_from='' "
                         "to start from random weights.")
+    if path.stat().st_size == 0:
+        raise InitError(f"model.init_from='{path}' is empty (0 bytes): a download or copy that did not finish. Copy "
+                        "it again.")
     try:
         state = _load_file(path)
     except InitError:
         raise
     except Exception as err:
         raise InitError(f"model.init_from='{path}' could not be read as a weights file "
-                        f"({str(err).splitlines()[0][:300]}). Give a state_dict saved with torch.save (or a "
+                        f"({first_line(err)[:300]}). Give a state_dict saved with torch.save (or a "
                         ".safetensors file).") from None
     for key in ("model", "state_dict"):  # a checkpoint: its weights only
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -184,15 +180,20 @@ def read_init(cfg, is_main: bool) -> InitWeights | None:
     resume only its SHA-256 is taken: the checkpoint's weights win."""
     if not cfg.model.init_from:
         return None
+    from pipeline.data.samples import file_sha256
+
     path, found = cfg.model.init_from, None
     if is_main:
         resuming = will_resume(cfg.run)
         try:
             if resuming:
-                found = InitWeights(path, file_sha256(path) if Path(path).is_file() else None, True)
+                try:  # a requeued job must not stop for a file it no longer needs: gone or unreadable is noted
+                    found = InitWeights(path, file_sha256(Path(path)), True)
+                except OSError:
+                    found = InitWeights(path, None, True)
             else:
                 state, note = match_state(read_state_dict(path), cfg.model, path)
-                found = InitWeights(path, file_sha256(path), False, state, note)
+                found = InitWeights(path, file_sha256(Path(path)), False, state, note)
         except (InitError, OSError) as err:
             found = str(err)
         except Exception as err:  # noqa: BLE001 - any error: the other ranks are waiting for this broadcast

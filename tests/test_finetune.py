@@ -118,6 +118,23 @@ def test_a_bad_init_from_is_refused_at_start_before_any_data_or_run_dir(tmp_path
     with pytest.raises(ConfigError, match=f"model.init_from='{tmp_path / 'missing.pth'}' does not exist"):
         read_init(load_config(MINI, [f"model.init_from={tmp_path / 'missing.pth'}", f"run.dir={tmp_path / 'run'}"]),
                   is_main=True)
+    (tmp_path / "empty.pth").touch()  # a download cut short
+    with pytest.raises(ConfigError, match=f"model.init_from='{tmp_path / 'empty.pth'}' is empty"):
+        read_init(load_config(MINI, [f"model.init_from={tmp_path / 'empty.pth'}", f"run.dir={tmp_path / 'run'}"]),
+                  is_main=True)
+
+
+def test_a_resume_is_not_stopped_by_an_init_from_file_it_no_longer_needs(tmp_path):
+    """A requeued job resumes from its checkpoint: a weights file since removed or made unreadable is noted, not
+    refused (root reads any file, so unreadable is shown with a folder in place of the file)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-00000005.pt").write_bytes(b"a checkpoint")
+    (tmp_path / "unreadable.pth").mkdir()  # open() raises IsADirectoryError, an OSError, as EACCES or EIO would
+    for name in ("gone.pth", "unreadable.pth"):
+        found = read_init(load_config(MINI, [f"model.init_from={tmp_path / name}", f"run.dir={run_dir}"]),
+                          is_main=True)
+        assert found.resuming and found.sha256 is None, name
 
 
 def train_three_steps(model, optimizer, seed=0):
