@@ -13,8 +13,6 @@ process group would not reach them. When every rank stopped to be resumed (exit 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import signal
 import sys
 
@@ -22,7 +20,7 @@ import psutil
 import torch
 
 from pipeline.boundary import NONFINITE_EXIT_CODE
-from pipeline.checkpoint import RESUME_EXIT_CODE
+from pipeline.checkpoint import RESUME_EXIT_CODE, resume_command
 from pipeline.cli import command
 from pipeline.config import global_batch, load_config
 from pipeline.distributed import free_port
@@ -61,7 +59,7 @@ def torchrun_signal_args() -> list[str]:
     return words if hasattr(parsed, "signals_to_handle") else []
 
 
-def run_torchrun(argv: list[str]) -> int:
+def run_torchrun(argv: list[str], resume: str = "auto") -> int:
     """torchrun in this process; 75 when the ranks stopped to be resumed (exit 75, or SIGTERMed by torchrun
     after another rank did)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -78,15 +76,14 @@ def run_torchrun(argv: list[str]) -> int:
         # watches ended them (pipeline.hang)
         if RESUME_EXIT_CODE in codes and codes <= {RESUME_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}:
             hung = sorted(rank for rank, f in err.failures.items() if f.exitcode == -signal.SIGKILL)
+            again = "the same command again" if resume == "auto" else "the same command with run.resume=auto"
             if hung:
                 print(f"rank(s) {', '.join(map(str, hung))} hung and were killed, the others stopped after "
-                      "run.hang_timeout_s with their stacks in the log; run the same command again to resume from "
-                      f"the last checkpoint (exit {RESUME_EXIT_CODE}), from {os.getcwd()}:\n  "
-                      f"{shlex.join(sys.orig_argv)}", file=sys.stderr)
+                      f"run.hang_timeout_s with their stacks in the log; run {again} to resume from the last "
+                      f"checkpoint (exit {RESUME_EXIT_CODE}), {resume_command(resume)}", file=sys.stderr)
             else:
-                print(f"every rank checkpointed and stopped; run the same command again to resume "
-                      f"(exit {RESUME_EXIT_CODE}), from {os.getcwd()}:\n  {shlex.join(sys.orig_argv)}",
-                      file=sys.stderr)
+                print(f"every rank checkpointed and stopped; run {again} to resume (exit {RESUME_EXIT_CODE}), "
+                      f"{resume_command(resume)}", file=sys.stderr)
             return RESUME_EXIT_CODE
         rank, first = err.get_first_failure()
         if first.exitcode in (USAGE_EXIT_CODE, NONFINITE_EXIT_CODE):  # a refusal, or the run diverged: said above
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.evaluate:
         world = args.nproc_per_node * args.nnodes
         per_rank_batch(global_batch(cfg.train, world), world)
-    return run_torchrun(torchrun_args(args))
+    return run_torchrun(torchrun_args(args), cfg.run.resume)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,18 @@ NAME = re.compile(r"^step-(\d{9})\.pt$")
 RESUME_EXIT_CODE = 75
 
 
-def resume_hint(run_dir: str | Path) -> str:
-    """What to run to resume a run that stopped to be resumed: this process's command line, from this folder."""
+def resume_command(resume: str = "auto") -> str:
+    """This process's command line and folder, to run again to resume from the last checkpoint: with
+    ``run.resume=auto`` added when it ran with another ``run.resume`` (never: refused; a file: that older one)."""
+    words = sys.orig_argv + ([] if resume == "auto" else ["run.resume=auto"])
+    return f"from {os.getcwd()}:\n  {shlex.join(words)}"
+
+
+def resume_hint(run_dir: str | Path, resume: str = "auto") -> str:
+    """What to run to resume a run that stopped to be resumed."""
+    again = "the same command again" if resume == "auto" else "the same command with run.resume=auto"
     return (f"Stopped after checkpointing (exit {RESUME_EXIT_CODE}). To resume the run in {Path(run_dir).absolute()} "
-            f"from its checkpoint, run the same command again from {os.getcwd()}:\n  {shlex.join(sys.orig_argv)}")
+            f"from its last checkpoint, run {again} {resume_command(resume)}")
 
 
 class CheckpointError(ValueError):

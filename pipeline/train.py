@@ -959,7 +959,7 @@ def cli(argv: list[str] | None = None) -> int:
         main(cfg)
     except StopRequested:
         if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun (launch.local) the launcher says it
-            print(resume_hint(cfg.run.dir), file=sys.stderr)
+            print(resume_hint(cfg.run.dir, cfg.run.resume), file=sys.stderr)
         return RESUME_EXIT_CODE
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)

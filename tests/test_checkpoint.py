@@ -13,6 +13,7 @@ from pipeline.checkpoint import (
     check_resumable,
     find_and_load_latest,
     load_checkpoint,
+    resume_hint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -145,3 +146,15 @@ def test_checkpoint_benchmark_prints_save_and_load_figures(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["bytes"] > 2 * 7_978_856 * 4 * 0.95  # weights and momentum, fp32
     assert figures["save_s"] > 0 and figures["load_s"] > 0
+
+
+@pytest.mark.parametrize("resume", ["never", "runs/x/checkpoints/step-00000010.pt"])
+def test_the_resume_hint_adds_run_resume_auto_when_the_run_did_not_resume_automatically(resume, monkeypatch):
+    """Run again as it was, run.resume=never would be refused (the run dir holds files) and a file would resume from
+    that older checkpoint: the hint's command ends with run.resume=auto, which the config's last word wins."""
+    argv = ["python", "-m", "pipeline.train", "configs/mini.yaml", f"run.resume={resume}"]
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    hint = resume_hint("runs/x", resume)
+    assert "run the same command with run.resume=auto" in hint, hint
+    assert hint.endswith(f"python -m pipeline.train configs/mini.yaml run.resume={resume} run.resume=auto"), hint
+    assert resume_hint("runs/x").endswith(f"run.resume={resume}")  # resumed automatically: the same command

@@ -274,7 +274,7 @@ def test_a_stopped_run_names_the_command_that_resumes_it(tmp_path):
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     said = stopped.stderr.splitlines()
     hint = next(i for i, line in enumerate(said) if "To resume the run in" in line)
-    assert f"{tmp_path / 'run'} from its checkpoint, run the same command again from {tmp_path}:" in said[hint]
+    assert f"{tmp_path / 'run'} from its last checkpoint, run the same command again from {tmp_path}:" in said[hint]
     printed = shlex.split(said[hint + 1])
     assert printed == command
     resumed = subprocess.run(printed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
