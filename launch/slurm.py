@@ -741,25 +741,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @command(LaunchError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.command == "status":
-            print(status(args.run_dir, args.lines))
-            return 0
-        if args.command == "cancel":
-            print(cancel(args.run_dir))
-            return 0
-        cfgs = resolve_runs(args.config, args.overrides, args.sweep)
-        minutes = check_job(cfgs[0])
-        if args.dry_run:
-            print(sbatch_script(cfgs[0], job_folder(cfgs), minutes, len(cfgs) if len(cfgs) > 1 else None))
-            for cfg in cfgs:
-                print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
-            return 0
-        check_cluster(cfgs[0])
-        records = submit(cfgs, minutes)
-    except (ConfigError, LaunchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "status":
+        print(status(args.run_dir, args.lines))
+        return 0
+    if args.command == "cancel":
+        print(cancel(args.run_dir))
+        return 0
+    cfgs = resolve_runs(args.config, args.overrides, args.sweep)
+    minutes = check_job(cfgs[0])
+    if args.dry_run:
+        print(sbatch_script(cfgs[0], job_folder(cfgs), minutes, len(cfgs) if len(cfgs) > 1 else None))
+        for cfg in cfgs:
+            print(f"# run dir: {cfg.run.dir}", file=sys.stderr)
+        return 0
+    check_cluster(cfgs[0])
+    records = submit(cfgs, minutes)
     for record in records:
         print(f"submitted job {record['job_id']} ({record['tasks']} tasks)")
         print(f"  run dir  {record['run_dir']}")

@@ -50,7 +50,7 @@ from pipeline.checkpoint import (
     set_rng_state,
     unwritable,
 )
-from pipeline.cli import command
+from pipeline.cli import USER_ERRORS, command
 from pipeline.config import (
     WARMUP_ABOVE,
     ConfigError,
@@ -66,7 +66,7 @@ from pipeline.data.layout import DatasetError
 from pipeline.data.loaders import build_loaders, dataset_index
 from pipeline.data.order import epoch_order, train_image_size
 from pipeline.data.synthetic import ensure_generated
-from pipeline.distributed import DistInfo, RankError, disagreements, init_distributed, placement, shutdown
+from pipeline.distributed import DistInfo, disagreements, init_distributed, placement, shutdown
 from pipeline.ema import WeightsEma
 from pipeline.engine import (
     build_scaler,
@@ -93,8 +93,9 @@ from pipeline.tracking import MetricsFile, TrackingError, finish_on_error, open_
 
 log = logging.getLogger("pipeline.train")
 
-# the errors that refuse a run (exit 2): a config, dataset, checkpoint, tracking, rank or run dir a person must fix
-REFUSALS = (ConfigError, DatasetError, CheckpointError, TrackingError, RankError, RunDirLocked)
+# the errors that refuse a run (exit 2): a config, dataset, checkpoint, weights file, tracking, rank or run dir a
+# person must fix; the same list every command's cli() turns into one line
+REFUSALS = USER_ERRORS
 
 
 @dataclass
@@ -147,7 +148,7 @@ def check_batch_settings(cfg: DictConfig, dist: DistInfo, batch: int, per_rank: 
     if not dist.is_main:
         return
     if per_rank < 32 and not (cfg.model.sync_bn and dist.world_size > 1):
-        if dist.device.type == "cuda":
+        if dist.device.type == "cuda" and dist.world_size > 1:  # on one GPU SyncBatchNorm has no other images
             fix = ", or set model.sync_bn=true to normalise over all ranks' images"
         elif dist.world_size > 1:  # SyncBatchNorm runs on GPUs only
             fix = (f", or run fewer CPU ranks: the same global batch of {batch} on fewer ranks gives each more images "

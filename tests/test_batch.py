@@ -54,7 +54,9 @@ def test_the_small_batch_warning_suggests_sync_bn_on_gpus_and_fewer_ranks_on_cpu
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
         check_batch_settings(load_config(MINI), DistInfo(0, 8, 0, torch.device("cuda", 0)), 128, 16, 0.0)
         check_batch_settings(load_config(MINI), DistInfo(0, 4, 0, torch.device("cpu")), 64, 16, 0.0)
-    on_gpus, on_cpus = [r.getMessage() for r in caplog.records]
+        check_batch_settings(load_config(MINI), DistInfo(0, 1, 0, torch.device("cuda", 0)), 16, 16, 0.0)
+    on_gpus, on_cpus, on_one_gpu = [r.getMessage() for r in caplog.records]
+    assert on_one_gpu.startswith("16 images per GPU") and "sync_bn" not in on_one_gpu  # no other GPU's images
     assert on_gpus.startswith("16 images per GPU") and "model.sync_bn=true" in on_gpus and "CPU" not in on_gpus
     assert on_cpus.startswith("16 images per rank") and "run fewer CPU ranks" in on_cpus
     assert "model.sync_bn=true" not in on_cpus  # refused on CPU ranks
