@@ -110,7 +110,7 @@ def problem(start: list[str], words: list[str], names: list[str], env: dict) -> 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run([sys.executable, *start, *words], cwd=REPO, env={**clean, **env}, capture_output=True,
                             text=True, timeout=300)
-    missing = [n for n in names if n not in result.stderr]
+    missing = [n for n in [*names, "error:"] if n not in result.stderr]  # each refusal is an "error:" line
     if result.returncode != 0 and "Traceback" not in result.stderr and not missing:
         return None
     return (f"{' '.join(start[-2:] if start[0] == '-m' else start[:1])} {' '.join(words)}: exit "
