@@ -150,6 +150,10 @@ def sort_val_folder(devkit: str | Path, folder: str | Path) -> dict[str, int]:
         raise DatasetError(f"--val-flat '{folder}' is not a folder: give the folder that holds the extracted "
                            "ILSVRC2012_val_*.JPEG files.")
     images = sorted(e.name for e in os.scandir(folder) if e.is_file() and RAW_VAL_NAME.fullmatch(e.name))
+    if not images and any(e.is_dir() and e.name.startswith("n") for e in os.scandir(folder)):
+        raise DatasetError(f"--val-flat '{folder}' holds class folders and no ILSVRC2012_val_*.JPEG files beside "
+                           f"them: it is sorted already. Next: python -m pipeline.data.imagenet verify "
+                           f"{folder.parent}")
     if not images:
         raise DatasetError(f"--val-flat '{folder}' holds no ILSVRC2012_val_*.JPEG files: give the folder that the "
                            "val archive (ILSVRC2012_img_val.tar) was extracted into.")

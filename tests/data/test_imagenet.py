@@ -141,6 +141,9 @@ def test_a_flat_val_folder_is_named_by_verify_and_sorted_by_prepare_val_flat(tmp
         expected = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, v in enumerate(val_classes) if v == c]
         assert sorted(p.name for p in (root / "val" / wnid).iterdir()) == expected
     assert verify(root, decoder="pillow", workers=1)["counts"] == {"train": 6, "val": 5, "classes": 3}
+    capsys.readouterr()
+    assert cli(["prepare", "--devkit", str(src / "devkit.tar.gz"), "--val-flat", str(root / "val")]) == 2  # again
+    assert f"it is sorted already. Next: python -m pipeline.data.imagenet verify {root}" in capsys.readouterr().err
 
 
 def test_prepare_names_a_missing_archive(tmp_path):
