@@ -2,7 +2,16 @@
 
 Runs in one process or under torchrun / ``launch.local``; each rank evaluates its own share of
 the split and the counts are summed, so the result does not depend on the world size. Prints
-and writes ``eval.json`` (``top1``, ``top5`` in percent, ``loss``, ``count``) beside the weights.
+and writes ``eval.json`` (``top1``, ``top5`` in percent, ``loss``, ``count``, and the paper's
+``top1_err``, ``top5_err``) beside the weights.
+
+The views, as the DenseNet paper reports ImageNet results: the centre crop of the config's val sizes (the
+default: the numbers training logs), any ``--resize R --crop C``, the paper's ``--crops 10`` (four corners and
+the centre, and the same of the mirror image), ``--flip`` (the centre crop and the mirror image's). Several
+views of an image count as one prediction: the mean of their softmax probabilities, as the paper's Caffe
+models and torchvision's reference do; its loss is the negative log of that mean's true class. When the
+weights sit in a tracked run directory (its ``mlflow_run.json``), the errors are logged to that MLflow run
+as ``eval/top1_err_<views>`` at the step of its last validation, its status untouched.
 """
 
 from __future__ import annotations
@@ -12,20 +21,25 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipeline import collective
 from pipeline.checkpoint import WeightsError, atomic_write_bytes, read_weights
 from pipeline.cli import command, swapped_roles
-from pipeline.config import global_batch, load_config
+from pipeline.config import ConfigError, global_batch, load_config
 from pipeline.data.loaders import build_loaders
+from pipeline.data.order import val_sizes
+from pipeline.data.views import CROPS, Views
 from pipeline.distributed import init_distributed, shutdown
-from pipeline.engine import evaluate
+from pipeline.engine import autocast, evaluate
 from pipeline.log import setup_logging
 from pipeline.models import build_model
+from pipeline.tracking import RUN_ID_FILE, connect, default_uri, redact
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -49,8 +63,89 @@ def result_path(weights: str | Path, out: str | Path | None) -> Path:
     return Path(out) if out else Path(weights).parent / "eval.json"
 
 
-def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) -> dict:
-    """Evaluate ``weights`` on ``cfg``'s validation split; rank 0 writes the result to ``out``."""
+def views_of(cfg: DictConfig, crops: int = 1, flip: bool = False, resize: int = 0, crop: int = 0) -> Views:
+    """The views to evaluate: ``crops`` (1 or 10), ``flip``, and the shorter side ``resize`` and square ``crop``
+    (0: the config's ``data.val_resize`` and ``data.val_image_size``, and their defaults). Bad values are refused
+    by the option's name."""
+    if crops not in CROPS:
+        raise ConfigError(f"--crops {crops}: the paper's modes are --crops 1 (the centre crop) and --crops 10 (four "
+                          "corners and the centre, and the same of the mirror image).")
+    if crops == 10 and flip:
+        raise ConfigError("--flip with --crops 10: the ten crops hold the mirror image's five already. Drop --flip.")
+    if resize < 0 or crop < 0:
+        raise ConfigError(f"--resize {resize} --crop {crop}: sizes are whole numbers of pixels, at least 1.")
+    size, resize_for_size = val_sizes(cfg.data)
+    if crop:  # a crop of its own is resized from 256/224 of it, as torchvision's recipe, unless --resize says
+        size, resize_for_size = crop, round(crop * 256 / 224)
+    resize = resize or resize_for_size
+    if size > resize:
+        raise ConfigError(f"--crop {size} is larger than --resize {resize} (the shorter side of the resized image): "
+                          f"the crop would not fit. Pass --resize {round(size * 256 / 224)} (256/224 of the crop) or "
+                          "more, or a smaller --crop.")
+    return Views(resize, size, crops, flip)
+
+
+def paper_name(views: Views, cfg: DictConfig) -> str:
+    """The views as a metric name's tail: ``1crop``, ``1crop_flip`` or ``10crop``; with sizes other than the
+    config's val sizes, ``_<resize>to<crop>`` after it."""
+    name = f"{views.crops}crop{'_flip' if views.flip else ''}"
+    return name if (views.size, views.resize) == val_sizes(cfg.data) else f"{name}_{views.resize}to{views.size}"
+
+
+@torch.no_grad()
+def evaluate_views(model: nn.Module, loader, views: Views, device: torch.device, precision: str,
+                   channels_last: bool) -> dict[str, float]:
+    """Top-1 / top-5 (percent) and mean loss of each sample's prediction, the mean of its ``views.count`` views'
+    softmax probabilities, over every sample of ``loader`` on all ranks, from summed counts."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, @5, loss sum, count
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.eval()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        probs = logits.float().softmax(dim=1).view(len(labels), views.count, -1).mean(dim=1)
+        hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
+        nll = -probs.gather(1, labels[:, None]).clamp_min(torch.finfo(probs.dtype).tiny).log()
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), nll.sum(),
+                               torch.tensor(labels.numel(), device=device)]).double()
+    collective.all_reduce_sum(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    return {"top1": 100 * correct1 / max(count, 1.0), "top5": 100 * correct5 / max(count, 1.0),
+            "loss": loss_sum / max(count, 1.0), "count": int(count)}
+
+
+def log_to_run(cfg: DictConfig, weights: str | Path, metrics: dict[str, float]) -> str | None:
+    """Log ``metrics`` to the MLflow run of the run directory holding ``weights``, at the step of its last
+    validation, without touching its status; what was done, or None when the weights are not in a tracked run.
+    A store that fails is a warning: the evaluation is written already."""
+    id_file = Path(weights).parent / RUN_ID_FILE
+    if cfg.tracking.backend == "none" or not id_file.is_file():
+        return None
+    uri = cfg.tracking.uri or default_uri(id_file.parent)
+    try:
+        run_id = json.loads(id_file.read_text())["run_id"]
+        client = connect(uri)
+        step = max((m.step for m in client.get_metric_history(run_id, "val/top1")), default=0)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    except Exception as err:  # noqa: BLE001 - the result is on disk; the store's outage is reported, not fatal
+        log.warning("Could not log the evaluation to the MLflow run of %s at %s: %s: %s", id_file, redact(uri),
+                    type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+        return None
+    return f"logged {', '.join(metrics)} to MLflow run {run_id} at step {step}"
+
+
+def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None, views: Views | None = None) -> dict:
+    """Evaluate ``weights`` on ``cfg``'s validation split, through ``views`` (default: the config's centre crop,
+    exactly as training evaluates); rank 0 writes the result to ``out`` and logs it to the weights' MLflow run."""
+    views = views or views_of(cfg)
+    if cfg.data.backend == "synthetic" and views.count > 1:
+        raise ConfigError("data.backend=synthetic has no images to crop or mirror: evaluate with --crops 1 and no "
+                          "--flip, or on a dataset (data.backend=dali or torchvision).")
     dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
     together = False  # every rank finished: leave the group together (see pipeline.distributed.shutdown)
@@ -61,16 +156,30 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None) ->
         load_weights(model, weights, cfg.model)
         model = model.to(dist.device, memory_format=memory_format)
         batch = cfg.data.val_batch_size or max(1, global_batch(cfg.train, dist.world_size) // dist.world_size)
-        _, val_loader = build_loaders(cfg, dist, batch, train=False)
-        result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
+        if views.count == 1:  # one centre crop: the val loader's own, as training evaluates
+            sized = OmegaConf.merge(cfg, {"data": {"val_resize": views.resize, "val_image_size": views.size}})
+            _, val_loader = build_loaders(sized, dist, batch, train=False)
+            result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
+        else:
+            _, val_loader = build_loaders(cfg, dist, batch, train=False, views=views)
+            result = evaluate_views(model, val_loader, views, dist.device, cfg.train.precision,
+                                    cfg.train.channels_last)
         together = True  # the last collective is behind every rank: rank 0's write below cannot strand the others
+        name = paper_name(views, cfg)
+        result.update(top1_err=100 - result["top1"], top5_err=100 - result["top5"], views=name, crops=views.crops,
+                      flip=views.flip, resize=views.resize, crop=views.size)
         if dist.is_main:
             out = result_path(weights, out)
             atomic_write_bytes(out, json.dumps({**result, "weights": str(weights), "world_size": dist.world_size},
                                                indent=2).encode())
-            log.info("top-1 %.2f%%  top-5 %.2f%%  loss %.4f  over %d images; wrote %s", result["top1"],
-                     result["top5"], result["loss"], result["count"], out)
+            log.info("%s (resize %d, crop %d): top-1 error %.2f%%  top-5 error %.2f%%  (top-1 %.2f%%  top-5 %.2f%%)  "
+                     "loss %.4f  over %d images; wrote %s", name, views.resize, views.size, result["top1_err"],
+                     result["top5_err"], result["top1"], result["top5"], result["loss"], result["count"], out)
             print(json.dumps(result))
+            logged = log_to_run(cfg, weights, {f"eval/top1_err_{name}": result["top1_err"],
+                                               f"eval/top5_err_{name}": result["top5_err"]})
+            if logged:
+                log.info("%s", logged)
         return result
     finally:
         shutdown(together)
@@ -83,6 +192,13 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", help="model_final.pt or a checkpoint")
     parser.add_argument("overrides", nargs="*", help="key=value words that override the config")
     parser.add_argument("--out", help="where to write eval.json (default: beside the weights)")
+    parser.add_argument("--crops", type=int, default=1,
+                        help="1: the centre crop; 10: the paper's four corners and centre, and the mirror image's")
+    parser.add_argument("--flip", action="store_true", help="average the centre crop with the mirror image's")
+    parser.add_argument("--resize", type=int, default=0,
+                        help="resize the shorter side to this first (default: the config's data.val_resize)")
+    parser.add_argument("--crop", type=int, default=0,
+                        help="the square crop (default: the config's data.val_image_size, else data.image_size)")
     args = parser.parse_intermixed_args(argv)
     swapped = swapped_roles("python -m pipeline.evaluate CONFIG WEIGHTS [key=value ...]", args.config, args.weights)
     if swapped:
@@ -92,7 +208,8 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {out}: its folder is missing or not writable. Pass --out with a path this "
               "user can write.", file=sys.stderr)
         return 2
-    main(load_config(args.config, args.overrides), args.weights, args.out)
+    cfg = load_config(args.config, args.overrides)
+    main(cfg, args.weights, args.out, views_of(cfg, args.crops, args.flip, args.resize, args.crop))
     return 0
 
 

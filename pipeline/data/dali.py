@@ -8,11 +8,13 @@ flips, applies the ops to the uint8 image, normalises, then erases. Those inputs
 ``data.read_ahead`` batches ahead on threads of the loader (:mod:`pipeline.data.feed`), not on the training
 thread when DALI asks. Each pipeline is built once and reset for every pass.
 Val: decode, resize the shorter side to ``val_resize``, centre crop. Both emit HWC, which a
-``permute`` turns into a channels-last NCHW view without a copy.
+``permute`` turns into a channels-last NCHW view without a copy. An evaluation's views (several crops, mirrored:
+:mod:`pipeline.data.views`) are cut by torch from the resized images that the val views pipeline emits.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -24,9 +26,11 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.data import dali_augment
 from pipeline.data.augment import dali_params
 from pipeline.data.feed import BatchFeed
+from pipeline.data.folder import normalise_views
 from pipeline.data.layout import DatasetError, decode_error, short_reason
 from pipeline.data.order import TrainPlan, val_sizes
 from pipeline.data.samples import SampleBytes
+from pipeline.data.views import Views
 
 
 def _normalize(images, image_size: int, mean: list[float], std: list[float], mirror=None, crop: bool = False):
@@ -80,6 +84,19 @@ def val_pipeline(source, image_size: int, resize: int, mean: list[float], std: l
     return images, labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded)
 
 
+@pipeline_def
+def val_views_pipeline(source, resize: int, on_gpu: bool):
+    """The resized images (uint8), padded at the bottom and right to the batch's largest, and each one's size
+    before padding: the views (:mod:`pipeline.data.views`) are cut from them where the batch lands."""
+    encoded, labels, ids = fn.external_source(source=source, num_outputs=3, batch=True,
+                                              dtype=[types.UINT8, types.INT32, types.INT64])
+    images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                               adjust_orientation=False)
+    images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_TRIANGULAR)
+    size = images.shape()  # on the host (DALI's dynamic executor) even for images on the GPU
+    return fn.pad(images, axes=(0, 1)), labels.gpu() if on_gpu else labels, ids, _stored_shape(encoded), size
+
+
 class DaliLoader:
     """Iterates ``(images, labels)``: images a float NCHW tensor (channels-last unless told otherwise).
 
@@ -89,13 +106,16 @@ class DaliLoader:
     ``size_of(epoch)``. The pipeline is built once and reset for each pass, and built again only when the size
     changes, when a pass was left unfinished (its prefetched batches are stale) or after an error (a failed
     pipeline is never reused). State: the epoch and the steps consumed. ``last_ids`` are the sample ids of the
-    batch last yielded, as DALI returned them with it; ``builds`` counts the pipelines built.
+    batch last yielded, as DALI returned them with it; ``builds`` counts the pipelines built. ``finish``: what makes
+    the images from the pipeline's ``data`` and ``size`` outputs (the views of :func:`val_views_pipeline`).
     """
 
     def __init__(self, make_pipeline: Callable[[BatchFeed, int], object], size_of: Callable[[int], int],
                  batches: Callable[[int, int], Callable], steps: Callable[[], int], reader: SampleBytes,
-                 channels_last: bool, root: str, prefetch: int, read_ahead: int, name: str = "feed"):
+                 channels_last: bool, root: str, prefetch: int, read_ahead: int, name: str = "feed",
+                 finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self._make_pipeline, self._size_of, self._batches, self._steps = make_pipeline, size_of, batches, steps
+        self._finish = finish
         self.reader, self.channels_last, self.root = reader, channels_last, root
         self.epoch, self.start, self._consumed = 0, 0, 0
         self._it: DALIGenericIterator | None = None
@@ -148,7 +168,8 @@ class DaliLoader:
             pipe = self._make_pipeline(self._feed, self.epoch)
             pipe.build()
             self.builds += 1
-            self._it = DALIGenericIterator(pipe, ["data", "label", "id", "shape"], prepare_first_batch=False)
+            outputs = ["data", "label", "id", "shape", *(["size"] if self._finish else [])]
+            self._it = DALIGenericIterator(pipe, outputs, prepare_first_batch=False)
         return self._it
 
     def _begin(self) -> None:
@@ -179,6 +200,9 @@ class DaliLoader:
                 if len(wrong):  # another image than the one indexed, though DALI could crop it
                     i, (height, width) = int(ids[wrong[0]]), shape[wrong[0], :2].tolist()
                     raise DatasetError(self.reader.size_problem(i, width, height))
+                if self._finish:
+                    yield self._finish(batch[0]["data"], batch[0]["size"][:, :2]), batch[0]["label"].view(-1).long()
+                    continue
                 images = batch[0]["data"].permute(0, 3, 1, 2)  # HWC -> channels-last NCHW view, no copy
                 if not self.channels_last:
                     images = images.contiguous()
@@ -229,11 +253,12 @@ def augment_inputs(plan: TrainPlan, epoch: int, keys: np.ndarray) -> list[np.nda
 
 
 def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
-                       val_batch_size: int, device: torch.device, channels_last: bool,
-                       seed: int = 0) -> tuple[DaliLoader | None, DaliLoader]:
+                       val_batch_size: int, device: torch.device, channels_last: bool, seed: int = 0,
+                       views: Views | None = None) -> tuple[DaliLoader | None, DaliLoader]:
     """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split. ``seed``:
     DALI's own generator's, which no operator here draws from (every random choice arrives as data), so it is
-    not in the checkpoint."""
+    not in the checkpoint. With ``views`` the val loader yields each image's views
+    (:class:`~pipeline.data.views.Views`) instead of its centre crop."""
     on_gpu = device.type == "cuda"
     common = dict(num_threads=data_cfg.workers, device_id=device.index if on_gpu else None,
                   prefetch_queue_depth=data_cfg.prefetch, mean=list(data_cfg.mean), std=list(data_cfg.std),
@@ -271,6 +296,17 @@ def build_dali_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val
             return val.read_many(ids), val.split.label[ids].astype(np.int32), ids.astype(np.int64)
         return batch
 
+    if views is not None:
+        mean, std = (255 * torch.tensor(list(v), dtype=torch.float32, device=device)
+                     for v in (data_cfg.mean, data_cfg.std))
+        finish = functools.partial(normalise_views, views=views, device=device, mean=mean, std=std,
+                                   channels_last=channels_last)
+        plain = {k: v for k, v in common.items() if k not in ("mean", "std")}  # normalised after the cut
+        return train_loader, DaliLoader(
+            lambda feed, epoch: val_views_pipeline(source=feed, batch_size=val_batch_size, resize=views.resize,
+                                                   **plain),
+            lambda epoch: views.resize, val_batches, lambda: val_steps, val, channels_last, root, data_cfg.prefetch,
+            data_cfg.read_ahead, "val-feed", finish)
     val_loader = DaliLoader(
         lambda feed, epoch: val_pipeline(source=feed, batch_size=val_batch_size, image_size=val_size, resize=resize,
                                          **common),

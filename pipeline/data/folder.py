@@ -21,6 +21,7 @@ from pipeline.data.augment import apply_ops, erase
 from pipeline.data.layout import DatasetError, DecodeError, decode_error
 from pipeline.data.order import TrainPlan, val_sizes
 from pipeline.data.samples import SampleBytes
+from pipeline.data.views import Views
 from pipeline.signals import end_workers_at_exit, ignore_stop_signals
 
 _MARK = "undecodable image file: "
@@ -154,6 +155,26 @@ class FolderLoader:
             raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
 
 
+def stack_padded(samples: list[tuple[torch.Tensor, int, int, np.ndarray]]) -> tuple[torch.Tensor, ...]:
+    """:func:`stack` for images of different sizes (resized, not cropped): each padded at the bottom and right to
+    the batch's largest, with each image's (height, width) in the place of the erase boxes."""
+    height, width = (max(image.shape[k] for image, *_ in samples) for k in (0, 1))
+    images = torch.zeros(len(samples), height, width, 3, dtype=torch.uint8)
+    for k, (image, *_) in enumerate(samples):
+        images[k, :image.shape[0], :image.shape[1]] = image
+    sizes = torch.tensor([image.shape[:2] for image, *_ in samples], dtype=torch.int64)
+    return images, torch.tensor([label for _, label, _, _ in samples]), torch.tensor([i for _, _, i, _ in samples]), \
+        sizes
+
+
+def normalise_views(images: torch.Tensor, sizes: torch.Tensor, views: Views, device: torch.device,
+                    mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The ``views`` of a padded batch of resized NHWC uint8 images (:func:`stack_padded`), cut on ``device`` and
+    normalised: ``views.count`` images per sample, sample by sample."""
+    crops = views.cut(images.to(device, non_blocking=True), sizes.numpy())
+    return normalise(crops, torch.from_numpy(np.tile(NO_BOX, (len(crops), 1))), device, mean, std, channels_last)
+
+
 def val_transform(image_size: int, resize: int) -> transforms.Compose:
     return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(image_size)])
 
@@ -166,9 +187,11 @@ def own_generator() -> torch.Generator:
 
 
 def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, val: SampleBytes, val_ids: range,
-                         val_batch_size: int, device: torch.device,
-                         channels_last: bool) -> tuple[FolderLoader | None, FolderLoader]:
-    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split."""
+                         val_batch_size: int, device: torch.device, channels_last: bool,
+                         views: Views | None = None) -> tuple[FolderLoader | None, FolderLoader]:
+    """Train (None without a plan) and val loaders; ``val_ids`` is this rank's share of the val split. With
+    ``views`` the val loader yields each image's views (:class:`~pipeline.data.views.Views`) instead of its
+    centre crop."""
     val_size, resize = val_sizes(data_cfg)
     mean, std = (255 * torch.tensor(list(v), dtype=torch.float32, device=device) for v in (data_cfg.mean, data_cfg.std))
     finish = functools.partial(normalise, device=device, mean=mean, std=std, channels_last=channels_last)
@@ -187,6 +210,13 @@ def build_folder_loaders(data_cfg, plan: TrainPlan | None, train: SampleBytes, v
     val_steps = -(-len(val_ids) // val_batch_size)
     val_sampler = StepSampler(lambda epoch, k: np.asarray(val_ids[k * val_batch_size:(k + 1) * val_batch_size]),
                               lambda: val_steps)
-    val_loader = DataLoader(IndexedImages(val, transform=val_transform(val_size, resize)),
-                            sampler=val_sampler, batch_size=val_batch_size, generator=own_generator(), **common)
+    if views is None:
+        val_images = IndexedImages(val, transform=val_transform(val_size, resize))
+    else:  # the resized images, of different sizes: the views are cut where the batch lands
+        val_images = IndexedImages(val, transform=transforms.Resize(views.resize, antialias=True))
+        common["collate_fn"] = stack_padded
+        finish = functools.partial(normalise_views, views=views, device=device, mean=mean, std=std,
+                                   channels_last=channels_last)
+    val_loader = DataLoader(val_images, sampler=val_sampler, batch_size=val_batch_size, generator=own_generator(),
+                            **common)
     return train_loader, FolderLoader(val_loader, val_sampler, root, finish)

@@ -17,6 +17,7 @@ from pipeline.data.layout import DatasetError
 from pipeline.data.order import TrainPlan, train_image_size, train_steps, val_range
 from pipeline.data.samples import SampleBytes, check_shards
 from pipeline.data.synthetic import RandomBatches
+from pipeline.data.views import Views
 from pipeline.distributed import DistInfo
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,13 @@ def dataset_index(cfg: DictConfig, dist: DistInfo) -> DatasetIndex:
 
 
 def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: DatasetIndex | None = None, *,
-                  train: bool = True, reader: Callable[..., SampleBytes] = SampleBytes):
+                  train: bool = True, reader: Callable[..., SampleBytes] = SampleBytes, views: Views | None = None):
     """This rank's (train, val) loaders; ``batch_size`` is the per-rank batch. ``train=False``: train is None.
 
     ``index`` defaults to :func:`dataset_index`; the synthetic backend needs none. ``reader``: what reads the
     samples' bytes, called as ``reader(root, index, split)`` (``bench feed`` gives one whose reads wait like a
-    network filesystem's).
+    network filesystem's). ``views``: the val loader yields each image's views instead of its centre crop
+    (:mod:`pipeline.data.views`), ``views.count`` images per sample, sample by sample.
     """
     backend = resolve_backend(cfg.data.backend)
     if cfg.data.backend == "dali":  # a node without DALI must not decode differently from the rest
@@ -157,7 +159,8 @@ def build_loaders(cfg: DictConfig, dist: DistInfo, batch_size: int, index: Datas
         from pipeline.data.dali import build_dali_loaders
 
         return build_dali_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.device,
-                                  cfg.train.channels_last)
+                                  cfg.train.channels_last, views=views)
     from pipeline.data.folder import build_folder_loaders
 
-    return build_folder_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.device, cfg.train.channels_last)
+    return build_folder_loaders(cfg.data, plan, *readers, val_ids, val_batch, dist.device, cfg.train.channels_last,
+                                views)
