@@ -35,17 +35,12 @@ def tree(tmp_path_factory):
 
 
 def make_model():
-    """A small DenseNet whose predictions differ from image to image and from crop to crop (a freshly built one
-    predicts about the same for any input): random BatchNorm statistics, a sharp classifier."""
+    """A small untrained DenseNet, its classifier sharpened: its predictions differ from image to image and from
+    crop to crop."""
     torch.manual_seed(0)
     model = build_model("densenet_bc", num_classes=10, depth=10, growth_rate=4)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.3, 2)
-        model.classifier.weight.mul_(30)
+        model.classifier.weight.mul_(5)
     return model.eval()
 
 
@@ -94,7 +89,7 @@ def test_several_views_give_the_mean_softmax_of_torchvisions_crops_computed_by_h
     result = main(cfg, weights, tmp_path / "eval.json", views_of(cfg, crops, flip, resize=34, crop=24))
     top1, top5, loss, count = by_hand(tree, 34, 24, crops, flip)
     assert (result["top1"], result["top5"], result["count"]) == (top1, top5, count)
-    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["loss"] == pytest.approx(loss, rel=1e-6)  # float32 sums in another order
     assert (result["top1_err"], result["top5_err"]) == (100 - top1, 100 - top5)
     centre = by_hand(tree, 34, 24, 1, False)
     assert centre[2] != pytest.approx(loss, rel=1e-3)  # the views do change the prediction: a real comparison

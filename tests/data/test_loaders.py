@@ -11,6 +11,7 @@ from pipeline.data.index import load_index
 from pipeline.data.loaders import build_loaders
 from pipeline.data.order import epoch_order, train_steps
 from pipeline.data.synthetic import class_names, write_synthetic_imagenet
+from pipeline.data.views import Views
 from pipeline.distributed import DistInfo
 
 BACKENDS = ["dali", "torchvision"]
@@ -191,3 +192,29 @@ def test_each_ranks_own_loader_and_mixer_give_the_same_global_batches_at_world_s
                 assert torch.equal(a, b), (f"{backend}: global batch {step} of epoch {epoch}, {name}, differs at "
                                            f"{world} ranks from 1 rank, first at sample "
                                            f"{int((a != b).flatten(1).any(1).nonzero()[0])}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_views_come_image_by_image_each_image_once_whatever_the_world_size(id_tree, backend, world):
+    views = Views(resize=30, size=24, crops=10)
+    read = []
+    for r in range(world):
+        _, val = build_loaders(config(id_tree, backend), rank(r, world), 4, train=False, views=views)
+        for images, labels in val:
+            assert images.shape == (10 * len(labels), 3, 24, 24)
+            seen = identities(images)
+            read += seen[::10]
+            assert seen == [s for s in seen[::10] for _ in range(10)]  # an image's ten views, then the next's
+    assert read == [(c, i) for c in range(10) for i in range(3)]
+
+
+def test_dali_and_torchvision_cut_the_same_views_of_their_resized_images(tree):
+    views = Views(resize=40, size=24, crops=10)
+    batch = {}
+    for backend in BACKENDS:
+        _, val = build_loaders(config(tree, backend), rank(0, 1), 4, train=False, views=views)
+        batch[backend] = next(iter(val))[0]
+    dali, folder = batch["dali"], batch["torchvision"]
+    assert (dali - folder).abs().mean().item() < 0.05  # different resamplers, the same windows
+    assert (dali - folder.roll(1, 0)).abs().mean().item() > 0.1  # another view would not agree
