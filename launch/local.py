@@ -2,7 +2,7 @@
 
     python -m launch.local CONFIG [--nproc-per-node N] [key=value ...]
     python -m launch.local CONFIG --nnodes 2 --node-rank 0 --master-addr HOST [--master-port P] [key=value ...]
-    python -m launch.local CONFIG --evaluate WEIGHTS [key=value ...]
+    python -m launch.local CONFIG --evaluate WEIGHTS [--crops 1|10] [--resize R --crop C] [--flip] [key=value ...]
 
 The config is checked here, before any process starts; then torchrun runs in this process. This
 launcher forwards the stop signals (SIGTERM, and SIGUSR1 and SIGUSR2: a scheduler's warning before
@@ -33,10 +33,20 @@ def torchrun_args(args: argparse.Namespace) -> list[str]:
     """torchrun's arguments for ``args``; static rendezvous on the master address and port."""
     port = args.master_port or (free_port() if args.nnodes == 1 else 29500)
     module = ["-m", "pipeline.evaluate"] if args.evaluate else ["-m", "pipeline.train"]
-    program_args = [args.config, *([args.evaluate] if args.evaluate else []), *args.overrides]
+    program_args = [args.config, *([args.evaluate, *evaluation_args(args)] if args.evaluate else []),
+                    *args.overrides]
     return [f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
             f"--master-addr={args.master_addr}", f"--master-port={port}", "--no-python", sys.executable,
             *module, *program_args]
+
+
+EVALUATION_OPTIONS = ("crops", "resize", "crop", "out")  # pipeline.evaluate's, passed on with --evaluate
+
+
+def evaluation_args(args: argparse.Namespace) -> list[str]:
+    """``pipeline.evaluate``'s own options given to the launcher (it checks them)."""
+    words = [f"--{name}={getattr(args, name)}" for name in EVALUATION_OPTIONS if getattr(args, name) is not None]
+    return words + (["--flip"] if args.flip else [])
 
 
 def forward_to_ranks(signum, frame) -> None:
@@ -105,7 +115,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master-port", type=int, default=None,
                         help="default: a free port on one node, 29500 on several")
     parser.add_argument("--evaluate", metavar="WEIGHTS", help="evaluate these weights instead of training")
+    views = parser.add_argument_group("with --evaluate: the views (python -m pipeline.evaluate --help)")
+    views.add_argument("--crops", type=int, help="1 (the centre crop) or 10 (the paper's)")
+    views.add_argument("--flip", action="store_true", help="average the centre crop with the mirror image's")
+    views.add_argument("--resize", type=int, help="the shorter side before the crops")
+    views.add_argument("--crop", type=int, help="the square crop")
+    views.add_argument("--out", help="where to write eval.json (default: beside the weights)")
     args = parser.parse_intermixed_args(argv)
+    given = [f"--{name}" for name in (*EVALUATION_OPTIONS, "flip") if getattr(args, name) not in (None, False)]
+    if given and not args.evaluate:
+        parser.error(f"{', '.join(given)}: the views of an evaluation, given without --evaluate WEIGHTS")
     if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         parser.error(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes; got "
                      f"{args.nproc_per_node}, {args.nnodes}, {args.node_rank}")
@@ -122,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.evaluate:
         world = args.nproc_per_node * args.nnodes
         per_rank_batch(global_batch(cfg.train, world), world)
+    else:  # views that cannot be made are refused here, before any rank starts
+        from pipeline.evaluate import views_of
+
+        views_of(cfg, args.crops or 1, args.flip, args.resize or 0, args.crop or 0)
     return run_torchrun(torchrun_args(args), cfg.run.resume)
 
 

@@ -152,17 +152,22 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "model_final.pt"
     torch.save(build_model("densenet_bc", num_classes=10, depth=16, growth_rate=12).state_dict(), weights)
-    results = []
+    results = {}
     for world in (1, 2, 3):  # 8 images per rank: a per-GPU training batch sets the validation batch
-        result = launch(MINI, "--nproc-per-node", str(world), "--evaluate", str(weights), f"data.root={root}",
-                        "train.batch_size=null", "train.batch_per_gpu=8", "data.workers=1",
-                        "data.generate.enabled=false", cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        results.append(json.loads((tmp_path / "eval.json").read_text()))
-    assert [r["count"] for r in results] == [101, 101, 101]
-    assert [r["world_size"] for r in results] == [1, 2, 3]
-    assert len({(r["top1"], r["top5"]) for r in results}) == 1
-    assert max(r["loss"] for r in results) - min(r["loss"] for r in results) < 1e-4
+        for views in ([], ["--crops", "10"]):  # the centre crop, and the paper's ten crops
+            out = tmp_path / f"eval-{world}-{len(views)}.json"
+            result = launch(MINI, "--nproc-per-node", str(world), "--evaluate", str(weights), *views, "--out",
+                            str(out), f"data.root={root}", "train.batch_size=null", "train.batch_per_gpu=8",
+                            "data.workers=1", "data.generate.enabled=false", cwd=tmp_path)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            results.setdefault(views and "10crop" or "1crop", []).append(json.loads(out.read_text()))
+    for name, runs in results.items():
+        assert [r["views"] for r in runs] == [name] * 3
+        assert [r["count"] for r in runs] == [101, 101, 101]
+        assert [r["world_size"] for r in runs] == [1, 2, 3]
+        assert len({(r["top1"], r["top5"]) for r in runs}) == 1
+        assert max(r["loss"] for r in runs) - min(r["loss"] for r in runs) < 1e-4
+    assert abs(results["10crop"][0]["loss"] - results["1crop"][0]["loss"]) > 1e-3  # ten views, not one
 
 
 def test_evaluation_to_a_folder_it_cannot_write_is_refused_before_it_starts(tmp_path, capsys):

@@ -141,3 +141,16 @@ def test_a_tracked_runs_weights_get_the_errors_at_its_last_step_and_the_run_stay
     assert client.get_metric_history(run.info.run_id, "eval/top5_err_10crop")[0].value == result["top5_err"]
     after = client.get_run(run.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", ended)
+
+
+def test_the_launcher_passes_the_views_on_and_refuses_bad_ones_before_any_rank_starts(tmp_path, capsys):
+    from launch.local import main as launch_main
+    from launch.local import parse_args, torchrun_args
+
+    words = torchrun_args(parse_args([MINI, "--evaluate", "w.pt", "--crops", "1", "--crop", "32", "--flip"]))
+    assert words[words.index("pipeline.evaluate") + 1:] == [MINI, "w.pt", "--crops=1", "--crop=32", "--flip"]
+    assert launch_main([MINI, "--evaluate", str(tmp_path / "model_final.pt"), "--crops", "5"]) == 2
+    assert "error: --crops 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch_main([MINI, "--crops", "10"])
+    assert "--crops: the views of an evaluation, given without --evaluate" in capsys.readouterr().err
