@@ -118,6 +118,7 @@ def test_views_that_cannot_be_made_are_refused_by_the_options_name(tmp_path, cap
     assert err.startswith("error: ") and named in err
 
 
+@pytest.mark.slow  # an MLflow SQLite store takes seconds to create
 def test_a_tracked_runs_weights_get_the_errors_at_its_last_step_and_the_run_stays_finished(tree, tmp_path):
     from mlflow import MlflowClient
 
@@ -134,6 +135,9 @@ def test_a_tracked_runs_weights_get_the_errors_at_its_last_step_and_the_run_stay
     client.set_terminated(run.info.run_id, status="FINISHED")
     ended = client.get_run(run.info.run_id).info.end_time
     (run_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment}))
+    untracked = config(tree, "torchvision", "tracking.backend=none")
+    main(untracked, run_dir / "model_final.pt", views=views_of(untracked, 10))
+    assert client.get_metric_history(run.info.run_id, "eval/top1_err_10crop") == []
     cfg = config(tree, "torchvision", f"run.dir={tmp_path / 'elsewhere'}")
     result = main(cfg, run_dir / "model_final.pt", views=views_of(cfg, 10))
     history = client.get_metric_history(run.info.run_id, "eval/top1_err_10crop")
@@ -154,3 +158,18 @@ def test_the_launcher_passes_the_views_on_and_refuses_bad_ones_before_any_rank_s
     with pytest.raises(SystemExit):
         launch_main([MINI, "--crops", "10"])
     assert "--crops: the views of an evaluation, given without --evaluate" in capsys.readouterr().err
+
+
+def test_a_tracking_store_that_cannot_be_reached_is_a_warning_after_the_result_is_written(tree, weights, tmp_path,
+                                                                                         capsys):
+    from pipeline.distributed import free_port
+    from pipeline.tracking import RUN_ID_FILE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_final.pt").write_bytes(weights.read_bytes())
+    (run_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": "0123456789abcdef", "experiment_id": "1"}))
+    cfg = config(tree, "torchvision", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    result = main(cfg, run_dir / "model_final.pt", views=views_of(cfg, 1, True))
+    assert json.loads((run_dir / "eval.json").read_text())["top1_err"] == result["top1_err"]
+    assert "Could not log the evaluation to the MLflow run" in capsys.readouterr().out
