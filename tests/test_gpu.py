@@ -312,3 +312,36 @@ def test_the_gpu_dali_pipeline_is_built_once_and_gives_the_batches_of_pipelines_
         assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(once, rebuilt, strict=True))
     assert train.builds == 1
     train.close()
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_the_ten_views_are_cut_on_the_gpu_as_on_the_cpu_and_evaluate_in_bf16(tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from pipeline.config import load_config
+    from pipeline.data.imagenet import verify
+    from pipeline.data.loaders import build_loaders
+    from pipeline.data.synthetic import write_synthetic_imagenet
+    from pipeline.data.views import Views
+    from pipeline.distributed import DistInfo
+    from pipeline.evaluate import evaluate_views
+
+    root = write_synthetic_imagenet(tmp_path / "tree", 4, 1, 5, 20, 60)
+    verify(root, workers=2)
+    cfg = load_config(None, [f"data.root={root}", f"data.backend={backend}", "data.image_size=24",
+                             "data.workers=2", "model.num_classes=4"])
+    views = Views(resize=34, size=24, crops=10)
+    batches = {}
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        _, val = build_loaders(cfg, DistInfo(0, 1, 0, device), 4, train=False, views=views)
+        batches[device.type] = [(x.cpu(), y.cpu(), x.is_cuda) for x, y in val]
+        if device.type == "cuda":
+            model = build_model("densenet_bc", num_classes=4, depth=10, growth_rate=4).cuda()
+            result = evaluate_views(model.to(memory_format=torch.channels_last), val, views, device, "bf16", True)
+            assert result["count"] == 20 and math.isfinite(result["loss"])
+    for (a, y, _), (b, z, on_gpu) in zip(batches["cpu"], batches["cuda"], strict=True):
+        assert on_gpu and a.shape == b.shape == (10 * len(y), 3, 24, 24) and torch.equal(y, z)
+        if backend == "torchvision":  # the same bytes, cut and normalised on either device
+            assert torch.equal(a, b)
+        else:  # nvJPEG and DALI's GPU resize against its CPU decoder and resize: the same windows, nearly the pixels
+            assert (a - b).abs().mean().item() < 0.05
