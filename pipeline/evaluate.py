@@ -94,10 +94,11 @@ def paper_name(views: Views, cfg: DictConfig) -> str:
 
 @torch.no_grad()
 def evaluate_views(model: nn.Module, loader, views: Views, device: torch.device, precision: str,
-                   channels_last: bool) -> dict[str, float]:
-    """Top-1 / top-5 (percent) and mean loss of each sample's prediction, the mean of its ``views.count`` views'
-    softmax probabilities, over every sample of ``loader`` on all ranks, from summed counts."""
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, @5, loss sum, count
+                   channels_last: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Top-1 / top-5 (percent) and mean loss over every sample of ``loader`` on all ranks, from summed counts, of
+    each sample's prediction: the mean of its ``views.count`` views' softmax probabilities; and the same of its
+    centre crop alone (the single-crop view), from the same forward pass."""
+    totals = torch.zeros(2, 4, dtype=torch.float64, device=device)  # (views, centre) x (correct@1, @5, loss, count)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.eval()
     for images, labels in loader:
@@ -105,15 +106,21 @@ def evaluate_views(model: nn.Module, loader, views: Views, device: torch.device,
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images)
-        probs = logits.float().softmax(dim=1).view(len(labels), views.count, -1).mean(dim=1)
-        hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
-        nll = -probs.gather(1, labels[:, None]).clamp_min(torch.finfo(probs.dtype).tiny).log()
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), nll.sum(),
-                               torch.tensor(labels.numel(), device=device)]).double()
+        probs = logits.float().softmax(dim=1).view(len(labels), views.count, -1)
+        for k, prediction in enumerate((probs.mean(dim=1), probs[:, views.centre])):
+            hits = prediction.topk(min(5, prediction.shape[1]), dim=1).indices == labels[:, None]
+            nll = -prediction.gather(1, labels[:, None]).clamp_min(torch.finfo(prediction.dtype).tiny).log()
+            totals[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), nll.sum(),
+                                      torch.tensor(labels.numel(), device=device)]).double()
     collective.all_reduce_sum(totals)
-    correct1, correct5, loss_sum, count = totals.tolist()
-    return {"top1": 100 * correct1 / max(count, 1.0), "top5": 100 * correct5 / max(count, 1.0),
-            "loss": loss_sum / max(count, 1.0), "count": int(count)}
+    return tuple({"top1": 100 * correct1 / max(count, 1.0), "top5": 100 * correct5 / max(count, 1.0),
+                  "loss": loss_sum / max(count, 1.0), "count": int(count)}
+                 for correct1, correct5, loss_sum, count in totals.tolist())
+
+
+def with_errors(result: dict[str, float]) -> dict[str, float]:
+    """``result`` with the paper's top-1 and top-5 error (percent) beside the accuracy."""
+    return {**result, "top1_err": 100 - result["top1"], "top5_err": 100 - result["top5"]}
 
 
 def log_to_run(cfg: DictConfig, weights: str | Path, metrics: dict[str, float]) -> str | None:
@@ -156,28 +163,34 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None, vi
         load_weights(model, weights, cfg.model)
         model = model.to(dist.device, memory_format=memory_format)
         batch = cfg.data.val_batch_size or max(1, global_batch(cfg.train, dist.world_size) // dist.world_size)
+        name = paper_name(views, cfg)
         if views.count == 1:  # one centre crop: the val loader's own, as training evaluates
             sized = OmegaConf.merge(cfg, {"data": {"val_resize": views.resize, "val_image_size": views.size}})
             _, val_loader = build_loaders(sized, dist, batch, train=False)
-            result = evaluate(model, val_loader, dist.device, cfg.train.precision, cfg.train.channels_last)
+            result = with_errors(evaluate(model, val_loader, dist.device, cfg.train.precision,
+                                          cfg.train.channels_last))
+            table = {name: result}
         else:
             _, val_loader = build_loaders(cfg, dist, batch, train=False, views=views)
-            result = evaluate_views(model, val_loader, views, dist.device, cfg.train.precision,
-                                    cfg.train.channels_last)
+            result, centre = map(with_errors, evaluate_views(model, val_loader, views, dist.device,
+                                                             cfg.train.precision, cfg.train.channels_last))
+            table = {paper_name(Views(views.resize, views.size), cfg): centre, name: result}
+            result["single_crop"] = centre
         together = True  # the last collective is behind every rank: rank 0's write below cannot strand the others
-        name = paper_name(views, cfg)
-        result.update(top1_err=100 - result["top1"], top5_err=100 - result["top5"], views=name, crops=views.crops,
-                      flip=views.flip, resize=views.resize, crop=views.size)
+        result.update(views=name, crops=views.crops, flip=views.flip, resize=views.resize, crop=views.size)
         if dist.is_main:
             out = result_path(weights, out)
             atomic_write_bytes(out, json.dumps({**result, "weights": str(weights), "world_size": dist.world_size},
                                                indent=2).encode())
-            log.info("%s (resize %d, crop %d): top-1 error %.2f%%  top-5 error %.2f%%  (top-1 %.2f%%  top-5 %.2f%%)  "
-                     "loss %.4f  over %d images; wrote %s", name, views.resize, views.size, result["top1_err"],
-                     result["top5_err"], result["top1"], result["top5"], result["loss"], result["count"], out)
+            log.info("%d images, shorter side resized to %d, crops of %d; wrote %s", result["count"], views.resize,
+                     views.size, out)
+            for row, numbers in table.items():  # the paper's table: errors, then the accuracy beside them
+                log.info("%-16s top-1 error %6.2f%%  top-5 error %6.2f%%   (top-1 %6.2f%%  top-5 %6.2f%%  loss %.4f)",
+                         row, numbers["top1_err"], numbers["top5_err"], numbers["top1"], numbers["top5"],
+                         numbers["loss"])
             print(json.dumps(result))
-            logged = log_to_run(cfg, weights, {f"eval/top1_err_{name}": result["top1_err"],
-                                               f"eval/top5_err_{name}": result["top5_err"]})
+            logged = log_to_run(cfg, weights, {f"eval/{kind}_err_{row}": numbers[f"{kind}_err"]
+                                               for row, numbers in table.items() for kind in ("top1", "top5")})
             if logged:
                 log.info("%s", logged)
         return result

@@ -91,10 +91,14 @@ def test_several_views_give_the_mean_softmax_of_torchvisions_crops_computed_by_h
     assert (result["top1"], result["top5"], result["count"]) == (top1, top5, count)
     assert result["loss"] == pytest.approx(loss, rel=1e-6)  # float32 sums in another order
     assert (result["top1_err"], result["top5_err"]) == (100 - top1, 100 - top5)
-    centre = by_hand(tree, 34, 24, 1, False)
-    assert centre[2] != pytest.approx(loss, rel=1e-3)  # the views do change the prediction: a real comparison
+    top1, top5, loss, count = by_hand(tree, 34, 24, 1, False)  # the single crop, from the same pass
+    single = result["single_crop"]
+    assert (single["top1"], single["top5"], single["count"]) == (top1, top5, count)
+    assert single["loss"] == pytest.approx(loss, rel=1e-6)
+    assert single["loss"] != pytest.approx(result["loss"], rel=1e-3)  # the views change the prediction
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["views"] == ("10crop_34to24" if crops == 10 else "1crop_flip_34to24")
+    assert written["single_crop"]["top1_err"] == 100 - top1
 
 
 def test_the_default_evaluation_gives_the_numbers_training_logs(tree, weights, tmp_path):
@@ -143,6 +147,8 @@ def test_a_tracked_runs_weights_get_the_errors_at_its_last_step_and_the_run_stay
     history = client.get_metric_history(run.info.run_id, "eval/top1_err_10crop")
     assert [(m.step, m.value) for m in history] == [(20, result["top1_err"])]
     assert client.get_metric_history(run.info.run_id, "eval/top5_err_10crop")[0].value == result["top5_err"]
+    single = client.get_metric_history(run.info.run_id, "eval/top1_err_1crop")
+    assert [(m.step, m.value) for m in single] == [(20, result["single_crop"]["top1_err"])]
     after = client.get_run(run.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", ended)
 

@@ -31,6 +31,11 @@ class Views:
         """Views per image."""
         return 10 if self.crops == 10 else 1 + self.flip
 
+    @property
+    def centre(self) -> int:
+        """Which view is the image's own centre crop (the single-crop view)."""
+        return 4 if self.crops == 10 else 0
+
     def windows(self, height: int, width: int) -> list[tuple[int, int, bool]]:
         """Each view's (top, left, mirrored) in an image of ``height`` x ``width`` (resized): the window's
         top-left pixel in the image itself; a mirrored view is that window mirrored."""
