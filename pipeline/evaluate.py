@@ -11,7 +11,8 @@ the centre, and the same of the mirror image), ``--flip`` (the centre crop and t
 views of an image count as one prediction: the mean of their softmax probabilities, as the paper's Caffe
 models and torchvision's reference do; its loss is the negative log of that mean's true class. When the
 weights sit in a tracked run directory (its ``mlflow_run.json``), the errors are logged to that MLflow run
-as ``eval/top1_err_<views>`` at the step of its last validation, its status untouched.
+as ``eval/top1_err_<views>`` at the step of its last validation, its status untouched. With several views the
+centre crop alone (single-crop) is measured in the same pass and reported beside them, as the paper's table.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def views_of(cfg: DictConfig, crops: int = 1, flip: bool = False, resize: int = 
                           "corners and the centre, and the same of the mirror image).")
     if crops == 10 and flip:
         raise ConfigError("--flip with --crops 10: the ten crops hold the mirror image's five already. Drop --flip.")
+    if cfg.data.backend == "synthetic" and (crops > 1 or flip):
+        raise ConfigError(f"--{'crops 10' if crops > 1 else 'flip'} with data.backend=synthetic: random tensors have "
+                          "no images to crop or mirror. Evaluate on a dataset (data.backend=dali or torchvision).")
     if resize < 0 or crop < 0:
         raise ConfigError(f"--resize {resize} --crop {crop}: sizes are whole numbers of pixels, at least 1.")
     size, resize_for_size = val_sizes(cfg.data)
@@ -150,9 +154,6 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None, vi
     """Evaluate ``weights`` on ``cfg``'s validation split, through ``views`` (default: the config's centre crop,
     exactly as training evaluates); rank 0 writes the result to ``out`` and logs it to the weights' MLflow run."""
     views = views or views_of(cfg)
-    if cfg.data.backend == "synthetic" and views.count > 1:
-        raise ConfigError("data.backend=synthetic has no images to crop or mirror: evaluate with --crops 1 and no "
-                          "--flip, or on a dataset (data.backend=dali or torchvision).")
     dist = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(dist.rank, dist.world_size)
     together = False  # every rank finished: leave the group together (see pipeline.distributed.shutdown)

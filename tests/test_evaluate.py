@@ -115,6 +115,7 @@ def test_the_default_evaluation_gives_the_numbers_training_logs(tree, weights, t
     (["--crops", "10", "--flip"], "--flip with --crops 10"),
     (["--resize", "32", "--crop", "40"], "--crop 40 is larger than --resize 32"),
     (["--crop", "-3"], "--crop -3"),
+    (["--flip", "data.backend=synthetic"], "--flip with data.backend=synthetic"),
 ])
 def test_views_that_cannot_be_made_are_refused_by_the_options_name(tmp_path, capsys, words, named):
     assert cli([MINI, str(tmp_path / "model_final.pt"), *words]) == 2
