@@ -167,6 +167,7 @@ def test_evaluation_gives_the_same_numbers_at_world_size_1_2_and_3(tmp_path):
         assert [r["world_size"] for r in runs] == [1, 2, 3]
         assert len({(r["top1"], r["top5"]) for r in runs}) == 1
         assert max(r["loss"] for r in runs) - min(r["loss"] for r in runs) < 1e-4
+    assert len({(r["single_crop"]["top1"], r["single_crop"]["top5"]) for r in results["10crop"]}) == 1
     assert abs(results["10crop"][0]["loss"] - results["1crop"][0]["loss"]) > 1e-3  # ten views, not one
 
 
