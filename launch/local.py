@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master-port", type=int, default=None,
                         help="default: a free port on one node, 29500 on several")
     parser.add_argument("--evaluate", metavar="WEIGHTS", help="evaluate these weights instead of training")
-    views = parser.add_argument_group("with --evaluate: the views (python -m pipeline.evaluate --help)")
+    views = parser.add_argument_group("with --evaluate (python -m pipeline.evaluate --help)")
     views.add_argument("--crops", type=int, help="1 (the centre crop) or 10 (the paper's)")
     views.add_argument("--flip", action="store_true", help="average the centre crop with the mirror image's")
     views.add_argument("--resize", type=int, help="the shorter side before the crops")
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     given = [f"--{name}" for name in (*EVALUATION_OPTIONS, "flip") if getattr(args, name) not in (None, False)]
     if given and not args.evaluate:
-        parser.error(f"{', '.join(given)}: the views of an evaluation, given without --evaluate WEIGHTS")
+        parser.error(f"{', '.join(given)}: options of an evaluation, given without --evaluate WEIGHTS")
     if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         parser.error(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes; got "
                      f"{args.nproc_per_node}, {args.nnodes}, {args.node_rank}")

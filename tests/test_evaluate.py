@@ -164,7 +164,7 @@ def test_the_launcher_passes_the_views_on_and_refuses_bad_ones_before_any_rank_s
     assert "error: --crops 5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         launch_main([MINI, "--crops", "10"])
-    assert "--crops: the views of an evaluation, given without --evaluate" in capsys.readouterr().err
+    assert "--crops: options of an evaluation, given without --evaluate" in capsys.readouterr().err
 
 
 def test_a_tracking_store_that_cannot_be_reached_is_a_warning_after_the_result_is_written(tree, weights, tmp_path,
