@@ -186,7 +186,7 @@ def main(cfg: DictConfig, weights: str | Path, out: str | Path | None = None, vi
             log.info("%d images, shorter side resized to %d, crops of %d; wrote %s", result["count"], views.resize,
                      views.size, out)
             for row, numbers in table.items():  # the paper's table: errors, then the accuracy beside them
-                log.info("%-16s top-1 error %6.2f%%  top-5 error %6.2f%%   (top-1 %6.2f%%  top-5 %6.2f%%  loss %.4f)",
+                log.info("%-20s top-1 error %6.2f%%  top-5 error %6.2f%%   (top-1 %6.2f%%  top-5 %6.2f%%  loss %.4f)",
                          row, numbers["top1_err"], numbers["top5_err"], numbers["top1"], numbers["top5"],
                          numbers["loss"])
             print(json.dumps(result))
