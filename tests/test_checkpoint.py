@@ -136,6 +136,7 @@ def test_metrics_file_keeps_the_lines_a_checkpoint_counted(tmp_path):
     assert steps == [0, 1, 2, 3] and resumed.lines == 4
 
 
+@pytest.mark.slow  # a benchmark run: 26 s on 2 cores
 def test_checkpoint_benchmark_prints_save_and_load_figures(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "pipeline.bench", "checkpoint", "--model", "densenet121",
