@@ -2,6 +2,7 @@
 Debian's chromium driven by playwright (the helpers of ``docs/screenshot.py``, which takes the README's picture)."""
 
 import importlib.util
+import os
 import re
 import shutil
 import time
@@ -29,7 +30,10 @@ shot = _screenshot_module()
 def finished_run(tmp_path_factory):
     """The link of a finished mini run (2 epochs of 5 steps, pictures at each epoch end) on a server of its own."""
     if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("needs Chromium to look at the UI: apt-get install chromium (Debian's package)")
+        missing = "needs Chromium to look at the UI: apt-get install chromium (Debian's package)"
+        if os.environ.get("CI"):  # .ci/run installs it: there its absence is a failure
+            pytest.fail(missing)
+        pytest.skip(missing)
     folder, port = tmp_path_factory.mktemp("ui"), shot.free_port()
     server = shot.start_server(folder, port)
     try:
