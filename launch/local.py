@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from pipeline.boundary import NONFINITE_EXIT_CODE
-from pipeline.checkpoint import RESUME_EXIT_CODE, resume_command
+from pipeline.checkpoint import RESUME_EXIT_CODE, resume_command, run_again
 from pipeline.cli import command
 from pipeline.config import global_batch, load_config
 from pipeline.distributed import free_port
@@ -86,7 +86,7 @@ def run_torchrun(argv: list[str], resume: str = "auto") -> int:
         # watches ended them (pipeline.hang)
         if RESUME_EXIT_CODE in codes and codes <= {RESUME_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}:
             hung = sorted(rank for rank, f in err.failures.items() if f.exitcode == -signal.SIGKILL)
-            again = "the same command again" if resume == "auto" else "the same command with run.resume=auto"
+            again = run_again(resume)
             if hung:
                 print(f"rank(s) {', '.join(map(str, hung))} hung and were killed, the others stopped after "
                       f"run.hang_timeout_s with their stacks in the log; run {again} to resume from the last "

@@ -45,9 +45,14 @@ def resume_command(resume: str = "auto") -> str:
     return f"from {os.getcwd()}:\n  {shlex.join(words)}"
 
 
+def run_again(resume: str = "auto") -> str:
+    """The words for what :func:`resume_command` gives."""
+    return "the same command again" if resume == "auto" else "the same command with run.resume=auto"
+
+
 def resume_hint(run_dir: str | Path, resume: str = "auto") -> str:
     """What to run to resume a run that stopped to be resumed."""
-    again = "the same command again" if resume == "auto" else "the same command with run.resume=auto"
+    again = run_again(resume)
     return (f"Stopped after checkpointing (exit {RESUME_EXIT_CODE}). To resume the run in {Path(run_dir).absolute()} "
             f"from its last checkpoint, run {again} {resume_command(resume)}")
 
